@@ -1,0 +1,377 @@
+"""Typed, frozen views of params.yaml.
+
+Every knob lives in params.yaml, one section per stage plus `base`. `load_params` turns the
+file into frozen dataclasses and refuses unknown keys, wrong types and out-of-range values
+with the key's full path (e.g. `train.lr`) and the allowed range in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+def num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
+    """A number in [lo, hi] ((lo, hi] when open_lo); tuples are checked element-wise."""
+    return field(default=default, metadata={"range": (lo, hi, open_lo)})
+
+
+def prob(default: float):
+    return num(default, 0.0, 1.0)
+
+
+def choice(default: str, *options: str):
+    return field(default=default, metadata={"choices": (default, *options)})
+
+
+def pair(default: tuple, lo: float | None = None, hi: float | None = None):
+    """A (low, high) pair with low <= high, both in [lo, hi]."""
+    return field(default=default, metadata={"range": (lo, hi, False), "ordered": True})
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = num(0, 0)
+    image_size: int = num(16, 4, 1024)  # px; every image becomes image_size x image_size
+    channels: int = num(1, 1, 3)  # 1 = grayscale, 3 = RGB
+    resize: str = choice("pad", "stretch")  # pad: keep aspect ratio, letterbox with black
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    flip_fraction: float = prob(0.15)  # share of labeled images given a wrong label
+    test_fraction: float = num(0.2, 0.05, 0.5)
+    labeled_fraction: float = num(0.5, 0.05, 0.9)  # of what is left after the test split
+    pools: int = num(2, 1, 10)  # the rest is split into this many unlabeled pools
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_image_pixels: int = num(20_000_000, 1)  # decompression-bomb limit (width * height)
+    min_images_per_class: int = num(2, 1)
+    test_fraction: float = num(0.2, 0.05, 0.5)  # only used when data/test/ does not exist
+
+
+@dataclass(frozen=True)
+class RotateConfig:
+    p: float = prob(0.5)
+    limit: float = num(15.0, 0.0, 180.0)  # degrees, both directions
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    p: float = prob(0.5)
+    scale: tuple[float, float] = pair((0.8, 1.0), 0.05, 1.0)  # share of the area kept
+    ratio: tuple[float, float] = pair((0.9, 1.1), 0.2, 5.0)  # aspect ratio range
+
+
+@dataclass(frozen=True)
+class ShearConfig:
+    p: float = prob(0.3)
+    limit: float = num(10.0, 0.0, 45.0)  # degrees, both directions
+
+
+@dataclass(frozen=True)
+class HsvConfig:
+    p: float = prob(0.0)  # needs base.channels: 3
+    hue: float = num(10.0, 0.0, 180.0)
+    saturation: float = num(20.0, 0.0, 255.0)
+    value: float = num(20.0, 0.0, 255.0)
+
+
+@dataclass(frozen=True)
+class BrightnessContrastConfig:
+    p: float = prob(0.3)
+    brightness: float = num(0.2, 0.0, 1.0)
+    contrast: float = num(0.2, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class FlipConfig:
+    p: float = prob(0.0)
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    p: float = prob(0.0)
+    std: tuple[float, float] = pair((0.02, 0.08), 0.0, 1.0)  # share of the pixel range
+
+
+@dataclass(frozen=True)
+class BlurConfig:
+    p: float = prob(0.0)
+    limit: int = num(3, 3, 31)  # largest kernel size, odd
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotate: RotateConfig = field(default_factory=RotateConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    shear: ShearConfig = field(default_factory=ShearConfig)
+    hsv: HsvConfig = field(default_factory=HsvConfig)
+    brightness_contrast: BrightnessContrastConfig = field(default_factory=BrightnessContrastConfig)
+    hflip: FlipConfig = field(default_factory=FlipConfig)
+    vflip: FlipConfig = field(default_factory=FlipConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    blur: BlurConfig = field(default_factory=BlurConfig)
+    # class name -> transform names never applied to it (a flip turns a 6 into a 9)
+    exclude: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    offline_copies: int = num(0, 0, 20)  # augmented copies per training image stored on disk
+    preview_rows: int = num(8, 1, 64)
+    preview_copies: int = num(6, 1, 16)
+
+    def __post_init__(self) -> None:
+        names = transform_names()
+        for class_name, excluded in self.exclude.items():
+            for name in excluded:
+                if name not in names:
+                    raise PipelineError(
+                        f"augment.exclude.{class_name}: unknown transform {name!r}; "
+                        f"allowed: {', '.join(names)}"
+                    )
+
+
+def transform_names() -> tuple[str, ...]:
+    """The transform sections of `augment`, in the order they are applied."""
+    return ("crop", "rotate", "shear", "hflip", "vflip", "hsv", "brightness_contrast", "noise", "blur")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    width: int = num(16, 4, 512)  # channels of the first stage; doubled at every next stage
+    blocks: tuple[int, ...] = num((1, 1, 1), 0, 16)  # residual blocks per stage
+    kernel_size: int = num(3, 1, 7)
+    norm: str = choice("batch", "group", "none")
+    dropout: float = num(0.2, 0.0, 0.9)
+    activation: str = choice("relu", "leaky_relu")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: str = choice("adamw", "adam", "sgd")
+    lr: float = num(3e-3, 0.0, 10.0, open_lo=True)
+    betas: tuple[float, float] = num((0.9, 0.999), 0.0, 0.9999)
+    momentum: float = num(0.9, 0.0, 0.9999)  # SGD only
+    weight_decay: float = num(5e-4, 0.0, 1.0)  # L2
+    l1: float = num(0.0, 0.0, 1.0)  # L1 penalty on weights, added to the loss
+    batch_size: int = num(64, 1, 65536)
+    epochs: int = num(15, 1, 10000)
+    schedule: str = choice("cosine", "constant", "step", "exponential")
+    step_every: int = num(5, 1)  # epochs between decays ("step")
+    gamma: float = num(0.5, 0.0, 1.0, open_lo=True)  # decay factor ("step", "exponential")
+    monitor: str = choice("val_loss", "val_acc")  # what early stopping and top-k rank by
+    patience: int = num(5, 1)  # epochs without improvement before stopping
+    val_fraction: float = num(0.15, 0.05, 0.5)  # of the human-labeled rows
+    top_k: int = num(3, 1, 100)  # checkpoints averaged into the round's prediction
+    num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    folds: int = num(5, 2, 20)
+    epochs: int = num(10, 1, 1000)  # the short schedule used for each fold
+    filter_by: str = choice(
+        "prune_by_noise_rate",
+        "prune_by_class",
+        "both",
+        "confident_learning",
+        "predicted_neq_given",
+        "low_normalized_margin",
+        "low_self_confidence",
+    )
+    policy: str = choice("drop", "relabel", "flag")
+    relabel_threshold: float = prob(0.9)  # out-of-sample confidence needed to relabel
+    near_duplicate_distance: float = num(0.005, 0.0, 1.0)  # cosine distance of embeddings
+    outlier_quantile: float = num(0.01, 0.0, 0.5)  # lowest outlier scores flagged
+    quality_z: float = num(4.0, 1.0, 100.0)  # robust z-score for dark/light/blurry/low-info
+    gallery_size: int = num(200, 1, 100000)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    calibration_bins: int = num(10, 2, 100)
+    slice_bins: int = num(4, 2, 20)
+    gallery_size: int = num(200, 1, 100000)
+
+
+@dataclass(frozen=True)
+class PseudolabelConfig:
+    policy: str = choice("fixed", "flexmatch")
+    threshold: float = prob(0.95)  # fixed tau; flexmatch's upper bound
+    per_class_cap: int = num(0, 0)  # most accepted per class and round; 0 = no cap
+    balance: bool = False  # cap classes to the labeled class distribution
+    agreement: bool = False  # every ensemble member must predict the same class
+    gallery_size: int = num(60, 1, 10000)
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    pool: str = ""
+    pseudo_in: str = ""
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseConfig = field(default_factory=BaseConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
+    rounds: dict[str, RoundConfig] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.augment.hsv.p > 0 and self.base.channels != 3:
+            raise PipelineError(
+                f"augment.hsv.p: HSV shifts need colour images; set base.channels: 3 "
+                f"(it is {self.base.channels}) or augment.hsv.p: 0"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` maps dotted keys to values (tests, lr-find)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"params file not found: {path} (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = {} if raw is None else raw
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return parse(Params, raw, path.name)
+
+
+def parse(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from plain data, validating as it goes."""
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{where}: expected a mapping, got {_describe(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, raw)) - set(fields))
+    if unknown:
+        raise PipelineError(
+            f"{where}: unknown key {_join(where, unknown[0])!r}; allowed: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {
+        name: _convert(hints[name], raw[name], _join(where, name), fields[name].metadata)
+        for name in fields
+        if name in raw
+    }
+    return cls(**values)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, JSON-friendly data from a config object (saved beside every artifact)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _convert(hint: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(inner, value, where, meta)
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise PipelineError(f"{where}: expected a mapping, got {_describe(value)}")
+        return {
+            _convert(key_type, k, where, {}): _convert(value_type, v, _join(where, str(k)), meta)
+            for k, v in value.items()
+        }
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise PipelineError(f"{where}: expected a list, got {_describe(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [_convert(args[0], v, f"{where}[{i}]", meta) for i, v in enumerate(value)]
+        else:
+            if len(value) != len(args):
+                raise PipelineError(f"{where}: expected {len(args)} values, got {len(value)}")
+            items = [_convert(a, v, f"{where}[{i}]", meta) for i, (a, v) in enumerate(zip(args, value))]
+        if meta.get("ordered") and items != sorted(items):
+            raise PipelineError(f"{where}: expected [low, high] with low <= high, got {value}")
+        return tuple(items)
+    return _check_scalar(hint, value, where, meta)
+
+
+def _check_scalar(hint: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise PipelineError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PipelineError(f"{where}: expected an integer, got {_describe(value)}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PipelineError(f"{where}: expected a number, got {_describe(value)}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise PipelineError(f"{where}: expected a finite number, got {value}")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise PipelineError(f"{where}: expected a string, got {_describe(value)}")
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise PipelineError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return value
+    if "range" in meta:
+        lo, hi, open_lo = meta["range"]
+        below = lo is not None and (value <= lo if open_lo else value < lo)
+        above = hi is not None and value > hi
+        if below or above:
+            low = "-inf" if lo is None else lo
+            high = "inf" if hi is None else hi
+            bracket = "(" if open_lo else "["
+            raise PipelineError(f"{where}: {value} is out of range; allowed {bracket}{low}, {high}]")
+    return value
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise PipelineError(f"cannot override {dotted}: {key} is not a mapping")
+    node[last] = value
+
+
+def _join(where: str, key: str) -> str:
+    return key if where.endswith(".yaml") else f"{where}.{key}"
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
