@@ -57,6 +57,72 @@ def ingest(
     return stage.run(data_dir, out, _params(params))
 
 
+@app.command()
+def clean(
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    data_dir: DataOpt = Path("data"),
+    out: OutOpt = Path("artifacts/clean"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """K-fold out-of-sample probabilities, cleanlab label issues, decisions and a gallery."""
+    from pipeline import clean as stage
+
+    return stage.run(ingest_dir, data_dir, out, _params(params))
+
+
+@app.command()
+def augment(
+    table: Annotated[Path, typer.Option(help="training table (cleaned)")] = Path(
+        "artifacts/clean/train.csv"
+    ),
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    out: OutOpt = Path("artifacts/augment"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """Build the albumentations policy from params, save it, render a preview sheet."""
+    from pipeline import augment as stage
+
+    return stage.run(
+        table, ingest_dir / "images.npy", ingest_dir / "classes.json", out, _params(params)
+    )
+
+
+@app.command()
+def train(
+    table: Annotated[Path, typer.Option(help="training table (cleaned)")] = Path(
+        "artifacts/clean/train.csv"
+    ),
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    augment_dir: Annotated[Path, typer.Option("--augment", help="augment stage output")] = Path(
+        "artifacts/augment"
+    ),
+    pseudo: Annotated[Path | None, typer.Option(help="pseudo-label folder of this round")] = None,
+    model: Annotated[Path, typer.Option(help="where the checkpoint ensemble goes")] = Path(
+        "artifacts/rounds/r000/model"
+    ),
+    report: Annotated[Path, typer.Option(help="where diagnostics go")] = Path(
+        "artifacts/reports/r000/train"
+    ),
+    live: Annotated[Path, typer.Option(help="dvclive folder")] = Path("artifacts/rounds/r000/live"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """Train the residual CNN; keep the top-k checkpoints as an ensemble; resume after a crash."""
+    from pipeline import train as stage
+
+    return stage.run(
+        table_path=table,
+        images_path=ingest_dir / "images.npy",
+        classes_path=ingest_dir / "classes.json",
+        augment_dir=augment_dir,
+        pseudo_dir=pseudo,
+        model_dir=model,
+        report_dir=report,
+        live_dir=live,
+        state_dir=model.parent / f".{model.name}.state",
+        params=_params(params),
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "dvclive", "dvc", "urllib3", "filelock"):

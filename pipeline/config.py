@@ -146,7 +146,17 @@ class AugmentConfig:
 
 def transform_names() -> tuple[str, ...]:
     """The transform sections of `augment`, in the order they are applied."""
-    return ("crop", "rotate", "shear", "hflip", "vflip", "hsv", "brightness_contrast", "noise", "blur")
+    return (
+        "crop",
+        "rotate",
+        "shear",
+        "hflip",
+        "vflip",
+        "hsv",
+        "brightness_contrast",
+        "noise",
+        "blur",
+    )
 
 
 @dataclass(frozen=True)
@@ -248,7 +258,9 @@ class Params:
 # Loading
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
     """Read and validate params.yaml; `overrides` maps dotted keys to values (tests, lr-find)."""
     path = Path(path)
     if not path.is_file():
@@ -319,7 +331,9 @@ def _convert(hint: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) 
         else:
             if len(value) != len(args):
                 raise PipelineError(f"{where}: expected {len(args)} values, got {len(value)}")
-            items = [_convert(a, v, f"{where}[{i}]", meta) for i, (a, v) in enumerate(zip(args, value))]
+            items = [
+                _convert(a, v, f"{where}[{i}]", meta) for i, (a, v) in enumerate(zip(args, value))
+            ]
         if meta.get("ordered") and items != sorted(items):
             raise PipelineError(f"{where}: expected [low, high] with low <= high, got {value}")
         return tuple(items)
@@ -355,7 +369,9 @@ def _check_scalar(hint: Any, value: Any, where: str, meta: typing.Mapping[str, A
             low = "-inf" if lo is None else lo
             high = "inf" if hi is None else hi
             bracket = "(" if open_lo else "["
-            raise PipelineError(f"{where}: {value} is out of range; allowed {bracket}{low}, {high}]")
+            raise PipelineError(
+                f"{where}: {value} is out of range; allowed {bracket}{low}, {high}]"
+            )
     return value
 
 

@@ -90,17 +90,25 @@ def run(data_dir: Path, params: Params, *, register: bool = True) -> dict:
     counts["flipped"] = int((noisy != labels[parts["labeled"]]).sum())
     log.info("demo-data: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
     if register:
-        tracked = ["labeled", "test", "truth.csv"] + [f"unlabeled/{p}" for p in parts if p.startswith("pool")]
+        tracked = ["labeled", "test", "truth.csv"] + [
+            f"unlabeled/{p}" for p in parts if p.startswith("pool")
+        ]
         dvc_add(data_dir, tracked)
     return counts
 
 
 def dvc_add(data_dir: Path, paths: list[str]) -> None:
     """Track data folders with DVC (not git), when data_dir lies in a DVC repo."""
-    if not any((parent / ".dvc").is_dir() for parent in [data_dir.resolve(), *data_dir.resolve().parents]):
-        log.warning("not inside a DVC repo: %s is not tracked (run `dvc init` and `dvc add`)", data_dir)
+    if not any(
+        (parent / ".dvc").is_dir() for parent in [data_dir.resolve(), *data_dir.resolve().parents]
+    ):
+        log.warning(
+            "not inside a DVC repo: %s is not tracked (run `dvc init` and `dvc add`)", data_dir
+        )
         return
     targets = [str(data_dir / p) for p in paths]
-    result = subprocess.run([sys.executable, "-m", "dvc", "add", "--quiet", *targets], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "add", "--quiet", *targets], capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise PipelineError(f"dvc add failed: {result.stderr.strip().splitlines()[-1:]}")

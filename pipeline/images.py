@@ -37,9 +37,7 @@ class Decoded:
     note: str  # what normalization did, for the manifest ("" when nothing notable)
 
 
-def decode(
-    data: bytes, *, image_size: int, channels: int, resize: str, max_pixels: int
-) -> Decoded:
+def decode(data: bytes, *, image_size: int, channels: int, resize: str, max_pixels: int) -> Decoded:
     """Decode file bytes into a normalized array, or raise Rejected with the reason."""
     if not data:
         raise Rejected("empty file (0 bytes)")

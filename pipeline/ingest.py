@@ -20,6 +20,7 @@ import csv
 import hashlib
 import logging
 import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,7 +30,7 @@ import pandas as pd
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from pipeline.config import BaseConfig, IngestConfig, Params, to_dict
+from pipeline.config import BaseConfig, Params, to_dict
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS, SYSTEM_FILES, Rejected, decode
 from pipeline.io import atomic_path, read_array, write_json, write_table
@@ -74,7 +75,9 @@ def scan_folder(data_dir: Path, sub: str, *, by_class: bool) -> tuple[list[Candi
     return candidates, quarantine
 
 
-def read_csv_manifest(data_dir: Path, csv_path: Path, sub: str) -> tuple[list[Candidate], list[dict]]:
+def read_csv_manifest(
+    data_dir: Path, csv_path: Path, sub: str
+) -> tuple[list[Candidate], list[dict]]:
     """Rows of a `path,label` CSV whose paths stay inside data/; the rest are quarantined."""
     try:
         with open(csv_path, newline="", encoding="utf-8") as f:
@@ -126,7 +129,9 @@ def _walk(data_dir: Path, root: Path, sub: str) -> tuple[list[str], list[dict]]:
             if _is_hidden(name) or (here / name).is_symlink():
                 why = "hidden folder" if _is_hidden(name) else "symlinked folder (not followed)"
                 quarantine.append(_row(_rel(data_dir, here / name), sub, why))
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d) and not (here / d).is_symlink())
+        dirnames[:] = sorted(
+            d for d in dirnames if not _is_hidden(d) and not (here / d).is_symlink()
+        )
         for name in sorted(filenames):
             path = here / name
             rel = _rel(data_dir, path)
@@ -178,7 +183,9 @@ def pack(
     splits = [split] * len(candidates) if isinstance(split, str) else split
     shape = (max(len(candidates), 1), base.image_size, base.image_size, base.channels)
     records, quarantine, kept = [], [], []
-    with atomic_path(out_array.with_suffix(".partial.npy")) as scratch_path:
+    out_array.parent.mkdir(parents=True, exist_ok=True)
+    scratch_path = Path(tempfile.mkstemp(prefix=".pack.", suffix=".npy", dir=out_array.parent)[1])
+    try:
         scratch = open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=shape)
         for index, cand in enumerate(tqdm(candidates, desc=desc, unit="img", mininterval=1.0)):
             try:
@@ -194,7 +201,9 @@ def pack(
                 quarantine.append(_row(cand.path, splits[index], str(exc)))
                 continue
             except OSError as exc:
-                quarantine.append(_row(cand.path, splits[index], f"unreadable: {exc.strerror or exc}"))
+                quarantine.append(
+                    _row(cand.path, splits[index], f"unreadable: {exc.strerror or exc}")
+                )
                 continue
             scratch[index] = image.pixels
             kept.append(index)
@@ -214,12 +223,16 @@ def pack(
         scratch.flush()
         write_rows(out_array, scratch, kept)
         del scratch
+    finally:
+        scratch_path.unlink(missing_ok=True)
     table = pd.DataFrame(records, columns=MANIFEST_COLUMNS[:-1])
     table["row"] = np.arange(len(table))
     return table, quarantine
 
 
-def write_rows(path: Path, source: np.ndarray, rows: list[int] | np.ndarray, chunk: int = 8192) -> None:
+def write_rows(
+    path: Path, source: np.ndarray, rows: list[int] | np.ndarray, chunk: int = 8192
+) -> None:
     """Write source[rows] to a new .npy file at path, chunk by chunk (atomically)."""
     with atomic_path(path) as tmp:
         out = open_memmap(tmp, mode="w+", dtype=source.dtype, shape=(len(rows), *source.shape[1:]))
@@ -230,7 +243,18 @@ def write_rows(path: Path, source: np.ndarray, rows: list[int] | np.ndarray, chu
         del out
 
 
-MANIFEST_COLUMNS = ["id", "path", "sha256", "label", "split", "width", "height", "mode", "note", "row"]
+MANIFEST_COLUMNS = [
+    "id",
+    "path",
+    "sha256",
+    "label",
+    "split",
+    "width",
+    "height",
+    "mode",
+    "note",
+    "row",
+]
 
 
 def image_id(path: str) -> str:
@@ -273,13 +297,17 @@ def resolve_duplicates(table: pd.DataFrame) -> tuple[pd.Series, list[dict], dict
             counts["label_conflicts"] += 1
             for idx, row in group.iterrows():
                 keep[idx] = False
-                quarantine.append(_row(row["path"], row["split"], f"same image under labels {labels}"))
+                quarantine.append(
+                    _row(row["path"], row["split"], f"same image under labels {labels}")
+                )
         else:
             winner = group.iloc[0]
             for idx, row in group.iloc[1:].iterrows():
                 keep[idx] = False
                 counts["duplicates"] += 1
-                quarantine.append(_row(row["path"], row["split"], f"exact duplicate of {winner['path']}"))
+                quarantine.append(
+                    _row(row["path"], row["split"], f"exact duplicate of {winner['path']}")
+                )
     return keep, quarantine, dict(counts)
 
 
@@ -300,16 +328,16 @@ def drop_small_classes(table: pd.DataFrame, minimum: int) -> tuple[pd.Series, li
     return keep, quarantine
 
 
-def carve_test_split(labels: pd.Series, fraction: float, seed: int) -> pd.Series:
-    """Stratified, seeded choice of test rows: a boolean mask aligned with `labels`."""
+def stratified_holdout(labels: pd.Series, fraction: float, seed: int) -> pd.Series:
+    """Stratified, seeded choice of held-out rows: a boolean mask aligned with `labels`."""
     rng = np.random.default_rng(seed)
-    is_test = pd.Series(False, index=labels.index)
+    held = pd.Series(False, index=labels.index)
     for _, idx in labels.groupby(labels).groups.items():
         idx = np.array(sorted(idx))
         n_test = int(round(len(idx) * fraction))
         n_test = min(n_test, len(idx) - 1)  # a class never loses all its training images
-        is_test[rng.permutation(idx)[:n_test]] = True
-    return is_test
+        held[rng.permutation(idx)[:n_test]] = True
+    return held
 
 
 def attach_truth(table: pd.DataFrame, data_dir: Path) -> tuple[pd.DataFrame, int]:
@@ -383,7 +411,7 @@ def run(data_dir: Path, out_dir: Path, params: Params) -> dict:
     ]
     table = table[~unknown]
     if not has_test:
-        is_test = carve_test_split(table["label"], params.ingest.test_fraction, params.base.seed)
+        is_test = stratified_holdout(table["label"], params.ingest.test_fraction, params.base.seed)
         table.loc[is_test, "split"] = "test"
 
     # One packed array in manifest order; the scratch array with rejected rows goes away.
@@ -398,7 +426,9 @@ def run(data_dir: Path, out_dir: Path, params: Params) -> dict:
     write_table(out_dir / "manifest.csv", table)
     write_table(out_dir / "quarantine.csv", quarantine_table)
     write_json(out_dir / "classes.json", classes)
-    write_json(out_dir / "params.json", {"base": to_dict(params.base), "ingest": to_dict(params.ingest)})
+    write_json(
+        out_dir / "params.json", {"base": to_dict(params.base), "ingest": to_dict(params.ingest)}
+    )
     write_json(out_dir / "metrics.json", metrics)
     log.info(
         "ingest: %d train, %d test images, %d classes, %d quarantined (see %s)",
@@ -412,7 +442,11 @@ def run(data_dir: Path, out_dir: Path, params: Params) -> dict:
 
 
 def summarize(
-    table: pd.DataFrame, quarantine: pd.DataFrame, dup_counts: dict, classes: list[str], n_truth: int
+    table: pd.DataFrame,
+    quarantine: pd.DataFrame,
+    dup_counts: dict,
+    classes: list[str],
+    n_truth: int,
 ) -> dict:
     split_counts = table["split"].value_counts()
     return {
@@ -425,11 +459,18 @@ def summarize(
         "test_leakage": dup_counts.get("test_leakage", 0),
         "truth_rows": n_truth,
         "per_class": {
-            split: {str(k): int(v) for k, v in table[table["split"] == split]["label"].value_counts().sort_index().items()}
+            split: {
+                str(k): int(v)
+                for k, v in table[table["split"] == split]["label"]
+                .value_counts()
+                .sort_index()
+                .items()
+            }
             for split in ("train", "test")
         },
         "quarantine_reasons": {
-            str(kind): int(n) for kind, n in quarantine["reason"].map(_reason_kind).value_counts().items()
+            str(kind): int(n)
+            for kind, n in quarantine["reason"].map(_reason_kind).value_counts().items()
         },
     }
 

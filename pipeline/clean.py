@@ -1,0 +1,470 @@
+"""clean stage: find wrong labels and bad samples with cleanlab on out-of-sample probabilities.
+
+Reads   <ingest>/manifest.csv, images.npy, classes.json; data/overrides.csv (path,label|keep|drop)
+Writes  <out>/train.csv        the cleaned training table the train stage reads
+        <out>/issues.csv       every training row: scores, issue types, decision and reason
+        <out>/pred_probs.npy   (N, K) out-of-sample probabilities, rows as in issues.csv
+        <out>/embeddings.npy   (N, D) out-of-sample penultimate features
+        <out>/metrics.json     issues per type, noise estimate, label health, truth precision/recall
+        <out>/report.html      gallery of flagged samples, worst first
+Params  base, clean, train (the model family), augment (the K-fold models train with it)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from cleanlab.count import estimate_joint
+from cleanlab.dataset import find_overlapping_classes, overall_label_health_score
+from cleanlab.filter import find_label_issues
+from cleanlab.outlier import OutOfDistribution
+from cleanlab.rank import get_label_quality_scores
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import NearestNeighbors
+from tqdm import tqdm
+
+from pipeline import report
+from pipeline.augment import build_policies
+from pipeline.config import Params, to_dict
+from pipeline.errors import PipelineError
+from pipeline.ingest import confine
+from pipeline.io import (
+    read_array,
+    read_json,
+    read_table,
+    write_array,
+    write_json,
+    write_table,
+    write_text,
+)
+from pipeline.model import build_model
+from pipeline.train import Samples, fit, pick_device, predict_proba
+
+log = logging.getLogger(__name__)
+
+QUALITY_CHECKS = ("dark", "light", "blurry", "low_information", "odd_size")
+
+
+# --------------------------------------------------------------------------------------------
+# 1) Out-of-sample probabilities
+
+
+def kfold_pred_probs(
+    images: np.ndarray, labels: np.ndarray, n_classes: int, params: Params, *, policies: dict | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """pred_probs (N, K) and embeddings (N, D), each row from the fold model that never saw it."""
+    folds = params.clean.folds
+    counts = np.bincount(labels, minlength=n_classes)
+    if counts.min() < folds:
+        raise PipelineError(
+            f"class #{int(counts.argmin())} has {int(counts.min())} labeled images, fewer than "
+            f"clean.folds ({folds}): lower clean.folds or add images to that class"
+        )
+    device = pick_device()
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.base.seed)
+    pred_probs = np.zeros((len(labels), n_classes), np.float32)
+    embeddings = None
+    for fold, (train_idx, held_idx) in enumerate(
+        tqdm(list(splitter.split(np.zeros(len(labels)), labels)), desc="clean: K-fold", unit="fold")
+    ):
+        torch.manual_seed(params.base.seed + fold)
+        model = build_model(params.train.model, params.base.channels, n_classes)
+        fit(
+            model,
+            Samples(images[train_idx], labels[train_idx]),
+            None,
+            params.train,
+            seed=params.base.seed + fold,
+            device=device,
+            policies=policies,
+            epochs=params.clean.epochs,
+            desc=f"  fold {fold + 1}/{folds}",
+        )
+        probs, feats = predict_proba([model], images[held_idx], device, embeddings=True)
+        pred_probs[held_idx] = probs
+        if embeddings is None:
+            embeddings = np.zeros((len(labels), feats.shape[1]), np.float32)
+        embeddings[held_idx] = feats
+    return pred_probs, embeddings
+
+
+# --------------------------------------------------------------------------------------------
+# 2) Finding issues (pure functions over labels (N,), pred_probs (N, K), features)
+
+
+def find_issues(labels: np.ndarray, pred_probs: np.ndarray, *, filter_by: str) -> pd.DataFrame:
+    """cleanlab's label issues and quality scores, plus the model's suggested class."""
+    if pred_probs.shape != (len(labels), pred_probs.shape[1]):
+        raise ValueError(f"pred_probs has shape {pred_probs.shape}, labels has {len(labels)} rows")
+    is_issue = find_label_issues(labels, pred_probs, filter_by=filter_by)
+    quality = get_label_quality_scores(labels, pred_probs)
+    others = pred_probs.copy()
+    others[np.arange(len(labels)), labels] = -1.0
+    return pd.DataFrame(
+        {
+            "label_issue": is_issue,
+            "label_quality": quality,
+            "suggested": others.argmax(1),
+            "suggested_prob": others.max(1),
+            "given_prob": pred_probs[np.arange(len(labels)), labels],
+        }
+    )
+
+
+def near_duplicates(embeddings: np.ndarray, max_distance: float) -> tuple[np.ndarray, np.ndarray]:
+    """(is_duplicate (N,) bool, partner (N,) int or -1): later members of close pairs."""
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    unit = embeddings / np.maximum(norms, 1e-12)
+    nn = NearestNeighbors(n_neighbors=2, metric="cosine").fit(unit)
+    distances, neighbors = nn.kneighbors(unit)
+    partner = np.where(distances[:, 1] <= max_distance, neighbors[:, 1], -1)
+    # Flag only the later index of each pair, so one copy of every duplicate stays unflagged.
+    is_dup = (partner >= 0) & (partner < np.arange(len(partner)))
+    return is_dup, partner
+
+
+def outlier_scores(embeddings: np.ndarray) -> np.ndarray:
+    """cleanlab's out-of-distribution score per row (lower = more unusual)."""
+    k = min(10, len(embeddings) - 1)
+    return OutOfDistribution(params={"k": k}).fit_score(features=embeddings, verbose=False)
+
+
+def image_properties(images: np.ndarray) -> pd.DataFrame:
+    """Brightness, contrast, sharpness (Laplacian variance) and entropy of each image."""
+    gray = images.astype(np.float32).mean(axis=-1)
+    lap = (
+        -4 * gray[:, 1:-1, 1:-1]
+        + gray[:, :-2, 1:-1]
+        + gray[:, 2:, 1:-1]
+        + gray[:, 1:-1, :-2]
+        + gray[:, 1:-1, 2:]
+    )
+    hist = np.stack([np.bincount(g.astype(np.uint8).ravel() // 16, minlength=16) for g in gray])
+    p = hist / hist.sum(1, keepdims=True)
+    entropy = -(p * np.log2(np.where(p > 0, p, 1))).sum(1)
+    return pd.DataFrame(
+        {
+            "brightness": gray.mean((1, 2)) / 255.0,
+            "contrast": gray.std((1, 2)) / 255.0,
+            "sharpness": np.log1p(lap.var((1, 2))),
+            "entropy": entropy,
+        }
+    )
+
+
+def quality_flags(props: pd.DataFrame, sizes: pd.DataFrame, z: float) -> pd.DataFrame:
+    """Image-quality flags where a property is a robust outlier (|robust z| > z) for this set."""
+    rz = {name: _robust_z(props[name].to_numpy()) for name in props}
+    area = _robust_z(np.log(sizes["width"].astype(float) * sizes["height"].astype(float)))
+    aspect = _robust_z(np.log(sizes["width"].astype(float) / sizes["height"].astype(float)))
+    return pd.DataFrame(
+        {
+            "dark": rz["brightness"] < -z,
+            "light": rz["brightness"] > z,
+            "blurry": rz["sharpness"] < -z,
+            "low_information": rz["entropy"] < -z,
+            "odd_size": (np.abs(area) > z) | (np.abs(aspect) > z),
+        }
+    )
+
+
+def _robust_z(values: np.ndarray) -> np.ndarray:
+    median = np.median(values)
+    mad = np.median(np.abs(values - median)) * 1.4826
+    spread = mad if mad > 1e-9 else (values.std() or 1.0)
+    return (values - median) / spread
+
+
+# --------------------------------------------------------------------------------------------
+# 3) Decisions
+
+
+def decide(
+    issues: pd.DataFrame, classes: list[str], *, policy: str, relabel_threshold: float
+) -> pd.DataFrame:
+    """A decision (keep, flag, drop, relabel) and a reason for each row."""
+    decision = np.full(len(issues), "keep", dtype=object)
+    reason = np.full(len(issues), "", dtype=object)
+    final = issues["given_label"].to_numpy(dtype=object).copy()
+    for i, row in enumerate(issues.itertuples()):
+        other_types = [t for t in row.issue_types.split(";") if t and t != "label_issue"]
+        if row.label_issue:
+            said = f"given {row.given_label!r}, model says {row.suggested_label!r} (p={row.suggested_prob:.2f})"
+            if policy == "flag":
+                decision[i], reason[i] = "flag", f"label_issue: {said}"
+            elif policy == "relabel" and row.suggested_prob >= relabel_threshold:
+                decision[i], reason[i] = "relabel", f"relabel_confident: {said}"
+                final[i] = row.suggested_label
+            elif policy == "relabel":
+                decision[i] = "drop"
+                reason[i] = (
+                    f"drop_not_confident: {said} < clean.relabel_threshold {relabel_threshold}"
+                )
+            else:
+                decision[i], reason[i] = "drop", f"label_issue: {said}"
+        elif other_types:
+            decision[i], reason[i] = "flag", ", ".join(other_types)
+    out = issues.copy()
+    out["decision"], out["reason"], out["label"] = decision, reason, final
+    return out
+
+
+def read_overrides(data_dir: Path, classes: list[str]) -> pd.DataFrame:
+    """data/overrides.csv as (path, action): action is keep, drop or a class name."""
+    path = data_dir / "overrides.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["path", "action"])
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=["path", "action"])
+    if not {"path", "label"} <= set(table.columns):
+        raise PipelineError(
+            f"{path} needs the columns path,label; it has {','.join(table.columns)}"
+        )
+    table = table.assign(path=table["path"].str.strip(), action=table["label"].str.strip())
+    for line, row in enumerate(table.itertuples(), start=2):
+        _, why = confine(data_dir, row.path)
+        if why:
+            raise PipelineError(f"{path}:{line}: {row.path!r}: {why}")
+        if row.action not in ("keep", "drop") and row.action not in classes:
+            raise PipelineError(
+                f"{path}:{line}: {row.action!r} is not keep, drop or a class ({', '.join(classes)})"
+            )
+    conflicts = table.groupby("path")["action"].nunique()
+    if (conflicts > 1).any():
+        first = conflicts[conflicts > 1].index[0]
+        actions = sorted(table.loc[table["path"] == first, "action"])
+        raise PipelineError(f"{path}: {first!r} is overridden twice, as {' and '.join(actions)}")
+    return table[["path", "action"]].drop_duplicates()
+
+
+def apply_overrides(decided: pd.DataFrame, overrides: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """User overrides win over every decision; returns (table, overrides that matched nothing)."""
+    out = decided.copy()
+    by_path = dict(zip(overrides["path"], overrides["action"]))
+    matched = 0
+    for idx, path in out["path"].items():
+        action = by_path.get(path)
+        if action is None:
+            continue
+        matched += 1
+        if action == "keep":
+            out.loc[idx, ["decision", "label"]] = ["keep", out.loc[idx, "given_label"]]
+        elif action == "drop":
+            out.loc[idx, "decision"] = "drop"
+        else:
+            out.loc[idx, ["decision", "label"]] = [
+                "relabel" if action != out.loc[idx, "given_label"] else "keep",
+                action,
+            ]
+        out.loc[idx, "reason"] = f"override: {action} (data/overrides.csv)"
+    return out, len(by_path) - matched
+
+
+def truth_scores(flagged: np.ndarray, given: pd.Series, truth: pd.Series) -> dict:
+    """Precision and recall of flagged label issues against data/truth.csv, where known."""
+    known = (truth != "").to_numpy()
+    if not known.any():
+        return {}
+    wrong = (given != truth).to_numpy() & known
+    hits = int((flagged & wrong).sum())
+    return {
+        "truth_rows": int(known.sum()),
+        "truly_wrong": int(wrong.sum()),
+        "precision": hits / max(int((flagged & known).sum()), 1),
+        "recall": hits / max(int(wrong.sum()), 1),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 4) The stage
+
+
+def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict:
+    manifest = read_table(ingest_dir / "manifest.csv")
+    classes = read_json(ingest_dir / "classes.json")
+    images = read_array(ingest_dir / "images.npy")
+    table = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    if len(classes) < 2:
+        raise PipelineError(f"cleaning needs at least 2 classes; {ingest_dir} has {len(classes)}")
+    overrides = read_overrides(Path(data_dir), classes)
+    labels = table["label"].map(classes.index).to_numpy(np.int64)
+    train_images = np.ascontiguousarray(images[table["row"].astype(int).to_numpy()])
+
+    # Out-of-sample probabilities, with the augmentation policy the final model will use.
+    policies = build_policies(params.augment, params.base, classes)
+    pred_probs, embeddings = kfold_pred_probs(
+        train_images, labels, len(classes), params, policies=policies
+    )
+
+    found = find_issues(labels, pred_probs, filter_by=params.clean.filter_by)
+    is_dup, partner = near_duplicates(embeddings, params.clean.near_duplicate_distance)
+    ood = outlier_scores(embeddings)
+    is_outlier = (
+        ood <= np.quantile(ood, params.clean.outlier_quantile)
+        if params.clean.outlier_quantile > 0
+        else np.zeros(len(ood), bool)
+    )
+    props = image_properties(train_images)
+    flags = quality_flags(props, table[["width", "height"]], params.clean.quality_z)
+
+    issues = pd.DataFrame(
+        {
+            "id": table["id"],
+            "path": table["path"],
+            "row": table["row"],
+            "given_label": table["label"],
+            "suggested_label": [classes[i] for i in found["suggested"]],
+            "suggested_prob": found["suggested_prob"],
+            "given_prob": found["given_prob"],
+            "label_quality": found["label_quality"],
+            "label_issue": found["label_issue"],
+            "near_duplicate_of": [table["path"][p] if d else "" for d, p in zip(is_dup, partner)],
+            "outlier_score": ood,
+            **{k: props[k] for k in props},
+            "true_label": table.get("true_label", pd.Series([""] * len(table))),
+        }
+    )
+    types = {
+        "label_issue": found["label_issue"].to_numpy(),
+        "near_duplicate": is_dup,
+        "outlier": is_outlier,
+    }
+    types.update({k: flags[k].to_numpy() for k in QUALITY_CHECKS})
+    issues["issue_types"] = [";".join(t for t in types if types[t][i]) for i in range(len(issues))]
+    decided = decide(
+        issues,
+        classes,
+        policy=params.clean.policy,
+        relabel_threshold=params.clean.relabel_threshold,
+    )
+    decided, unmatched = apply_overrides(decided, overrides)
+
+    kept = decided[decided["decision"] != "drop"]
+    if kept.empty:
+        raise PipelineError(
+            "every training image was dropped: check data/overrides.csv, or set clean.policy: flag"
+        )
+    emptied = sorted(set(classes) - set(kept["label"]))
+    if emptied:
+        raise PipelineError(
+            f"cleaning would leave class {emptied[0]!r} with no training images: "
+            f"set clean.policy: flag or keep some of its images in data/overrides.csv"
+        )
+    cleaned = kept[["id", "path", "row", "label", "given_label", "decision"]]
+
+    metrics = clean_metrics(labels, pred_probs, decided, types, classes, unmatched)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(out_dir / "train.csv", cleaned)
+    write_table(out_dir / "issues.csv", decided)
+    write_array(out_dir / "pred_probs.npy", pred_probs)
+    write_array(out_dir / "embeddings.npy", embeddings)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(
+        out_dir / "params.json", {"base": to_dict(params.base), "clean": to_dict(params.clean)}
+    )
+    write_text(out_dir / "report.html", render(decided, images, metrics, params.clean.gallery_size))
+    truth = metrics.get("truth", {})
+    log.info(
+        "clean: %d label issues of %d (%s), %d dropped, %d relabeled%s",
+        metrics["label_issues"],
+        len(decided),
+        f"estimated noise {metrics['estimated_noise_rate']:.1%}",
+        metrics["decisions"].get("drop", 0),
+        metrics["decisions"].get("relabel", 0),
+        f"; vs truth: precision {truth['precision']:.2f}, recall {truth['recall']:.2f}"
+        if truth
+        else "",
+    )
+    return metrics
+
+
+def clean_metrics(labels, pred_probs, decided, types, classes, unmatched) -> dict:
+    joint = estimate_joint(labels, pred_probs)
+    overlapping = find_overlapping_classes(labels=labels, pred_probs=pred_probs, class_names=None)
+    top_pairs = [
+        {
+            "classes": [classes[int(r["Class Index A"])], classes[int(r["Class Index B"])]],
+            "joint": float(r["Joint Probability"]),
+        }
+        for _, r in overlapping.head(5).iterrows()
+    ]
+    metrics = {
+        "train_rows": len(decided),
+        "label_issues": int(decided["label_issue"].sum()),
+        "issues_by_type": {t: int(np.asarray(v).sum()) for t, v in types.items()},
+        "decisions": {str(k): int(v) for k, v in decided["decision"].value_counts().items()},
+        "estimated_noise_rate": float(1.0 - np.trace(joint)),
+        "label_health_score": float(overall_label_health_score(labels, pred_probs, verbose=False)),
+        "noise_per_class": {
+            classes[k]: float(1.0 - joint[k, k] / max(joint[k].sum(), 1e-12))
+            for k in range(len(classes))
+        },
+        "overlapping_classes": top_pairs,
+        "out_of_sample_accuracy": float((pred_probs.argmax(1) == labels).mean()),
+        "overrides_unmatched": unmatched,
+    }
+    truth = truth_scores(
+        decided["label_issue"].to_numpy(), decided["given_label"], decided["true_label"]
+    )
+    if truth:
+        metrics["truth"] = truth
+    return metrics
+
+
+def render(decided: pd.DataFrame, images: np.ndarray, metrics: dict, limit: int) -> str:
+    flagged = decided[decided["issue_types"] != ""].sort_values("label_quality")
+    truth = metrics.get("truth")
+    summary = [
+        ("training images", metrics["train_rows"]),
+        ("label issues", metrics["label_issues"]),
+        ("estimated noise", f"{metrics['estimated_noise_rate']:.1%}"),
+        ("label health", f"{metrics['label_health_score']:.2f}"),
+        ("out-of-sample accuracy", f"{metrics['out_of_sample_accuracy']:.1%}"),
+    ]
+    if truth:
+        summary += [
+            ("precision vs truth", f"{truth['precision']:.2f}"),
+            ("recall vs truth", f"{truth['recall']:.2f}"),
+        ]
+    tiles = []
+    for row in flagged.head(limit).itertuples():
+        verdict = ""
+        if row.true_label:
+            ok = row.true_label != row.given_label
+            verdict = f"<div class='{'good' if ok == row.label_issue else 'bad'}'>truth: {report.esc(row.true_label)}</div>"
+        tiles.append(
+            "<div class='tile'>"
+            f"<img alt='' src='{report.image_uri(images[int(row.row)])}'>"
+            f"<div>given <b>{report.esc(row.given_label)}</b> &rarr; suggested <b>{report.esc(row.suggested_label)}</b> "
+            f"({row.suggested_prob:.2f})</div>"
+            f"<div>quality {row.label_quality:.3f} &middot; {report.esc(row.issue_types.replace(';', ', '))}</div>"
+            f"<div>decision: <b>{report.esc(row.decision)}</b></div>{verdict}"
+            f"<div class='path'>{report.esc(row.path)}</div></div>"
+        )
+    by_type = report.table(["issue type", "count"], sorted(metrics["issues_by_type"].items()))
+    per_class = report.table(
+        ["class", "estimated noise"], [(k, v) for k, v in metrics["noise_per_class"].items()]
+    )
+    pairs = report.table(
+        ["classes", "joint probability"],
+        [(" / ".join(p["classes"]), p["joint"]) for p in metrics["overlapping_classes"]],
+    )
+    body = (
+        "<h1>Label issues and sample quality</h1>"
+        "<p class='muted'>Out-of-sample probabilities from K-fold training; cleanlab finds the labels "
+        "the models disagree with. Worst label quality first.</p>"
+        + report.cards(summary)
+        + f"<h2>Issues by type</h2>{by_type}<h2>Estimated noise per class</h2>{per_class}"
+        + f"<h2>Most overlapping classes</h2>{pairs}"
+        + f"<h2>Flagged samples ({len(flagged)}, showing {min(limit, len(flagged))})</h2>"
+        + f"<div class='gallery'>{''.join(tiles)}</div>"
+    )
+    return report.page("Label issues", body)

@@ -1,0 +1,748 @@
+"""train stage: the residual CNN on the cleaned table plus the round's pseudo-labels.
+
+Reads   the cleaned training table + packed images, classes.json, the augment stage's policy,
+        the round's pseudo-label input folder (table.csv + images.npy; empty in round 0)
+Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at prediction
+        <report>/diagnostics.json, diagnostics.png, warnings.json, config.json
+        <live>/                                dvclive metrics and per-epoch plots
+Params  base, train
+
+The loop is a few small functions: `train_one_epoch`, `evaluate`, `fit`. Every epoch reseeds
+from (seed, epoch), so a run resumed from its last checkpoint equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.augment import apply_policy, load_transforms, reseed
+from pipeline.config import ModelConfig, Params, TrainConfig, parse, to_dict
+from pipeline.errors import PipelineError
+from pipeline.ingest import stratified_holdout
+from pipeline.io import atomic_dir, atomic_path, read_array, read_json, read_table, write_json
+from pipeline.model import ResNet, build_model
+
+log = logging.getLogger(__name__)
+
+DEAD_WARNING = 0.5  # share of dead units in a layer that earns a warning
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1] on `device`."""
+    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@dataclass
+class Samples:
+    """Images (N, H, W, C) uint8 and their class indices (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class AugmentedSamples(Dataset):
+    def __init__(self, samples: Samples, policies: dict | None):
+        self.samples = samples
+        self.policies = policies
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        image, label = self.samples.images[i], int(self.samples.labels[i])
+        if self.policies is not None:
+            image = apply_policy(self.policies, image, label)
+        return torch.from_numpy(np.ascontiguousarray(image)), label
+
+
+def _seed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    if info.dataset.policies is not None:
+        reseed(info.dataset.policies, torch.initial_seed() % 2**31)
+
+
+def make_loader(
+    dataset: AugmentedSamples, cfg: TrainConfig, seed: int, device: torch.device
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=cfg.num_workers,
+        worker_init_fn=_seed_worker if cfg.num_workers else None,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Optimization
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Weight decay on conv/linear weights only: decaying norm scales and biases only hurts.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer == "adam":
+        # Adam's weight_decay is the classic L2 term added to the gradient.
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def lr_factor(cfg: TrainConfig, epochs: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at the start of each epoch."""
+    if cfg.schedule == "step":
+        return lambda e: cfg.gamma ** (e // cfg.step_every)
+    if cfg.schedule == "exponential":
+        return lambda e: cfg.gamma**e
+    if cfg.schedule == "cosine":
+        return lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
+    return lambda e: 1.0
+
+
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    return sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    *,
+    progress: bool = False,
+) -> dict:
+    """One pass over `loader`; returns loss, accuracy, mean gradient norm, update ratios."""
+    model.train()
+    use_amp = device.type == "cuda"
+    total_loss, correct, seen, grad_norms = 0.0, 0, 0, []
+    batches = tqdm(loader, desc="  batches", leave=False, disable=not progress, mininterval=1.0)
+    last = len(loader) - 1
+    ratios: dict[str, float] = {}
+    for step, (images, labels) in enumerate(batches):
+        x, y = to_input(images, device), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        objective = loss + cfg.l1 * l1_penalty(model) if cfg.l1 > 0 else loss
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        if step == last:  # update-to-weight ratio, measured on the last step of the epoch
+            before = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim > 1}
+        optimizer.step()
+        if step == last:
+            for name, p in model.named_parameters():
+                if name in before:
+                    ratios[name] = (
+                        (p.detach() - before[name]).norm() / (before[name].norm() + 1e-12)
+                    ).item()
+        if not math.isfinite(loss.item()):
+            raise PipelineError(
+                f"training diverged (loss is {loss.item()}): lower train.lr (it is {cfg.lr})"
+            )
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+        "update_ratio": ratios,
+    }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module, samples: Samples, device: torch.device, batch_size: int = 1024
+) -> dict:
+    """Loss and accuracy on samples, without augmentation."""
+    model.eval()
+    probs = predict_proba([model], samples.images, device, batch_size)
+    labels = torch.from_numpy(samples.labels)
+    loss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), labels).item()
+    return {"val_loss": loss, "val_acc": float((probs.argmax(1) == samples.labels).mean())}
+
+
+@torch.inference_mode()
+def predict_proba(
+    models: list[nn.Module],
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int = 1024,
+    *,
+    members: bool = False,
+    embeddings: bool = False,
+):
+    """Average softmax of `models` over images (N, H, W, C), streamed in chunks.
+
+    Returns probs (N, K); with members, also each model's probs (M, N, K); with embeddings,
+    also the averaged penultimate features (N, D).
+    """
+    for m in models:
+        m.eval()
+    outs, member_outs, embeds = [], [], []
+    for start in range(0, len(images), batch_size):
+        x = to_input(
+            torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])), device
+        )
+        feats = [m.embed(x) for m in models]
+        per_model = torch.stack(
+            [F.softmax(m.head(f).float(), dim=1) for m, f in zip(models, feats)]
+        )
+        outs.append(per_model.mean(0).cpu())
+        if members:
+            member_outs.append(per_model.cpu())
+        if embeddings:
+            embeds.append(torch.stack(feats).mean(0).float().cpu())
+    k = models[0].head.out_features
+    probs = torch.cat(outs).numpy() if outs else np.zeros((0, k), np.float32)
+    result = [probs]
+    if members:
+        result.append(
+            torch.cat(member_outs, dim=1).numpy() if member_outs else np.zeros((len(models), 0, k))
+        )
+    if embeddings:
+        dim = models[0].embedding_dim
+        result.append(torch.cat(embeds).numpy() if embeds else np.zeros((0, dim), np.float32))
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+# --------------------------------------------------------------------------------------------
+# Diagnostics
+
+
+@torch.inference_mode()
+def activation_stats(model: nn.Module, x: torch.Tensor, bins: np.ndarray) -> dict:
+    """Per activation layer: pre-activation mean/std/histogram and the share of dead units."""
+    stats, hooks = {}, []
+
+    def hook(name):
+        def record(module, inputs, output):
+            pre = inputs[0].float()
+            alive = (pre > 0).any(dim=(0, 2, 3)) if pre.ndim == 4 else (pre > 0).any(dim=0)
+            stats[name] = {
+                "mean": pre.mean().item(),
+                "std": pre.std().item(),
+                "dead_fraction": 1.0 - alive.float().mean().item(),
+                "hist": np.histogram(pre.cpu().numpy(), bins=bins)[0].tolist(),
+            }
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU | nn.LeakyReLU):
+            hooks.append(module.register_forward_hook(hook(name)))
+    model.eval()
+    model(x)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+def diagnose(history: list[dict], cfg: TrainConfig) -> list[str]:
+    """Plain-language warnings from the tuning checklist."""
+    warnings = []
+    losses = [h["train_loss"] for h in history]
+    rises = [i for i in range(1, len(losses)) if losses[i] > losses[i - 1] * 1.001]
+    streak = _longest_streak(rises)
+    if streak >= 3 or (len(losses) >= 3 and losses[-1] > losses[0]):
+        warnings.append(
+            f"Training loss rose for {max(streak, 1)} epochs in a row (from {losses[0]:.3f} to "
+            f"{losses[-1]:.3f}): the learning rate train.lr={cfg.lr:g} is probably too high. "
+            f"Try a third of it, or run `python -m pipeline lr-find`."
+        )
+    if len(losses) >= 3 and abs(losses[0] - losses[-1]) < 0.01 * abs(losses[0]):
+        warnings.append(
+            f"Training loss stayed flat ({losses[0]:.3f} -> {losses[-1]:.3f}): the learning rate "
+            f"train.lr={cfg.lr:g} is probably too low, or the model cannot fit the labels."
+        )
+    if history and history[-1].get("activations"):
+        for layer, s in history[-1]["activations"].items():
+            if s["dead_fraction"] >= DEAD_WARNING:
+                warnings.append(
+                    f"{s['dead_fraction']:.0%} of the units after layer {layer} never activate "
+                    f"(dead ReLUs): lower the learning rate or use train.model.activation: leaky_relu."
+                )
+    return warnings
+
+
+def _longest_streak(indices: list[int]) -> int:
+    best = run = 0
+    for a, b in zip([None, *indices], indices):
+        run = run + 1 if a is not None and b == a + 1 else 1
+        best = max(best, run)
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and the ensemble
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses pickled code with an UnpicklingError
+        raise PipelineError(
+            f"refusing to load {path}: not a plain weights checkpoint ({type(exc).__name__})"
+        ) from None
+
+
+@dataclass
+class Ensemble:
+    models: list[ResNet]
+    classes: list[str]
+    info: dict
+
+    def predict(self, images: np.ndarray, device: torch.device | None = None, **kw):
+        device = device or pick_device()
+        for m in self.models:
+            m.to(device)
+        return predict_proba(self.models, images, device, **kw)
+
+
+def load_ensemble(model_dir: Path) -> Ensemble:
+    """The top-k checkpoints a train run kept, ready to predict."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "ensemble.json").is_file():
+        raise PipelineError(
+            f"missing input {model_dir / 'ensemble.json'}: run the train stage first"
+        )
+    info = read_json(model_dir / "ensemble.json")
+    cfg = parse(ModelConfig, info["model"], "ensemble.json model")
+    models = []
+    for member in info["members"]:
+        ckpt = load_checkpoint(model_dir / member["file"])
+        model = build_model(cfg, info["channels"], len(info["classes"]))
+        model.load_state_dict(ckpt["state_dict"])
+        models.append(model)
+    return Ensemble(models, info["classes"], info)
+
+
+def _better(a: dict, b: dict, monitor: str) -> bool:
+    return a[monitor] > b[monitor] if monitor == "val_acc" else a[monitor] < b[monitor]
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    kept: list[dict] = field(default_factory=list)  # [{epoch, file, val_loss, val_acc}] best first
+    warnings: list[str] = field(default_factory=list)
+
+
+def fit(
+    model: ResNet,
+    train: Samples,
+    val: Samples | None,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    policies: dict | None = None,
+    state_dir: Path | None = None,
+    fingerprint: str = "",
+    on_epoch: Callable[[dict], None] | None = None,
+    desc: str = "train",
+    epochs: int | None = None,
+) -> FitResult:
+    """Train for cfg.epochs (or `epochs`), early-stopping on `val`; keeps the top-k in state_dir.
+
+    With state_dir, every epoch saves a resumable state there; a later call with the same
+    fingerprint continues after the last finished epoch.
+    """
+    epochs = epochs or cfg.epochs
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg)
+    factor = lr_factor(cfg, epochs)
+    history: list[dict] = []
+    kept: list[dict] = []
+    start = 0
+    if state_dir is not None:
+        state = _load_state(state_dir, fingerprint)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history, kept, start = state["history"], state["kept"], state["epoch"] + 1
+            log.info("%s: resuming after epoch %d from %s", desc, state["epoch"] + 1, state_dir)
+            for record in history:
+                if on_epoch:
+                    on_epoch(record)
+    dataset = AugmentedSamples(train, policies)
+    probe = (val if val is not None and len(val) else train).images[:256]
+    bins = np.linspace(-4, 4, 41)
+    bar = tqdm(
+        range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs, mininterval=0.5
+    )
+    for epoch in bar:
+        if _should_stop(history, cfg):
+            break
+        # 1) reseed everything from (seed, epoch): resuming reproduces an uninterrupted run
+        torch.manual_seed(seed * 100_003 + epoch)
+        if policies is not None:
+            reseed(policies, seed * 100_003 + epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * factor(epoch)
+        # 2) train, 3) validate, 4) diagnose
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        record.update(
+            train_one_epoch(
+                model,
+                make_loader(dataset, cfg, seed * 7919 + epoch, device),
+                optimizer,
+                cfg,
+                device,
+            )
+        )
+        if val is not None and len(val):
+            record.update(evaluate(model, val, device))
+        x = to_input(torch.from_numpy(np.ascontiguousarray(probe)), device)
+        record["activations"] = activation_stats(model, x, bins)
+        history.append(record)
+        bar.set_postfix(
+            {k: f"{record[k]:.3f}" for k in ("train_loss", "val_loss", "val_acc") if k in record}
+        )
+        # 5) keep the top-k checkpoints and a resumable state
+        if state_dir is not None and "val_loss" in record:
+            kept = _keep_top_k(state_dir, model, record, kept, cfg)
+        if state_dir is not None:
+            _save_state(state_dir, model, optimizer, epoch, history, kept, fingerprint)
+        if on_epoch:
+            on_epoch(record)
+    bar.close()
+    return FitResult(history, kept, diagnose(history, cfg))
+
+
+def _should_stop(history: list[dict], cfg: TrainConfig) -> bool:
+    if not history or cfg.monitor not in history[-1]:
+        return False
+    best = 0
+    for i, record in enumerate(history):
+        if _better(record, history[best], cfg.monitor):
+            best = i
+    return len(history) - 1 - best >= cfg.patience
+
+
+def _keep_top_k(
+    state_dir: Path, model: nn.Module, record: dict, kept: list[dict], cfg: TrainConfig
+) -> list[dict]:
+    entry = {k: record[k] for k in ("epoch", "val_loss", "val_acc")}
+    entry["file"] = f"epoch_{record['epoch']:03d}.pt"
+    ranked = sorted(
+        [*kept, entry],
+        key=lambda e: -e[cfg.monitor] if cfg.monitor == "val_acc" else e[cfg.monitor],
+    )
+    ranked, dropped = ranked[: cfg.top_k], ranked[cfg.top_k :]
+    if entry in ranked:
+        save_checkpoint(state_dir / entry["file"], model, entry)
+    for old in dropped:
+        (state_dir / old["file"]).unlink(missing_ok=True)
+    return ranked
+
+
+def _save_state(state_dir, model, optimizer, epoch, history, kept, fingerprint) -> None:
+    with atomic_path(state_dir / "last.pt") as tmp:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "kept": kept,
+                "fingerprint": fingerprint,
+            },
+            tmp,
+        )
+
+
+def _load_state(state_dir: Path, fingerprint: str) -> dict | None:
+    path = state_dir / "last.pt"
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: start over rather than trust it
+        log.warning("ignoring unreadable resume state %s", path)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.info("resume state in %s is for other data or params: starting over", state_dir)
+        return None
+    return state
+
+
+def fingerprint_of(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(
+            part.tobytes()
+            if isinstance(part, np.ndarray)
+            else json.dumps(part, sort_keys=True).encode()
+        )
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def load_training_samples(
+    table_path: Path,
+    images_path: Path,
+    classes: list[str],
+    pseudo_dir: Path | None,
+    augment_dir: Path | None,
+    val_fraction: float,
+    seed: int,
+) -> tuple[Samples, Samples, dict]:
+    """Human rows (minus a stratified validation split), offline copies and pseudo-labels."""
+    table = read_table(table_path)
+    images = read_array(images_path)
+    unknown = sorted(set(table["label"]) - set(classes))
+    if unknown:
+        raise PipelineError(f"{table_path}: label {unknown[0]!r} is not in classes.json")
+    labels = table["label"].map(classes.index).to_numpy(np.int64)
+    is_val = stratified_holdout(table["label"], val_fraction, seed).to_numpy()
+    rows = table["row"].astype(int).to_numpy()
+    parts_x = [images[rows[~is_val]]]
+    parts_y = [labels[~is_val]]
+    counts = {"human": int((~is_val).sum()), "val": int(is_val.sum()), "offline": 0, "pseudo": 0}
+    if augment_dir is not None and (augment_dir / "offline" / "table.csv").is_file():
+        offline = read_table(augment_dir / "offline" / "table.csv")
+        offline = offline[offline["source_id"].isin(table.loc[~is_val, "id"])]  # no val leakage
+        if len(offline):
+            parts_x.append(
+                read_array(augment_dir / "offline" / "images.npy")[
+                    offline["row"].astype(int).to_numpy()
+                ]
+            )
+            parts_y.append(offline["label"].map(classes.index).to_numpy(np.int64))
+            counts["offline"] = len(offline)
+    if pseudo_dir is not None and (pseudo_dir / "table.csv").is_file():
+        pseudo = read_table(pseudo_dir / "table.csv")
+        if len(pseudo):
+            pseudo = pseudo[pseudo["label"].isin(classes)]
+            parts_x.append(
+                read_array(pseudo_dir / "images.npy")[pseudo["row"].astype(int).to_numpy()]
+            )
+            parts_y.append(pseudo["label"].map(classes.index).to_numpy(np.int64))
+            counts["pseudo"] = len(pseudo)
+    train = Samples(np.concatenate(parts_x), np.concatenate(parts_y))
+    val = Samples(np.ascontiguousarray(images[rows[is_val]]), labels[is_val])
+    return train, val, counts
+
+
+def run(
+    *,
+    table_path: Path,
+    images_path: Path,
+    classes_path: Path,
+    augment_dir: Path,
+    pseudo_dir: Path | None,
+    model_dir: Path,
+    report_dir: Path,
+    live_dir: Path,
+    state_dir: Path,
+    params: Params,
+) -> dict:
+    from dvclive import Live
+
+    cfg, base = params.train, params.base
+    classes = read_json(classes_path)
+    train, val, counts = load_training_samples(
+        table_path, images_path, classes, pseudo_dir, augment_dir, cfg.val_fraction, base.seed
+    )
+    policies = load_transforms(augment_dir / "transforms", classes)
+    device = pick_device()
+    torch.manual_seed(base.seed)
+    model = build_model(cfg.model, base.channels, len(classes))
+    config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
+    fingerprint = fingerprint_of(config, train.images, train.labels, val.labels)
+    log.info(
+        "train: %d human + %d offline + %d pseudo images, %d validation, device %s",
+        counts["human"],
+        counts["offline"],
+        counts["pseudo"],
+        counts["val"],
+        device,
+    )
+    shutil.rmtree(live_dir, ignore_errors=True)
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+
+    def log_epoch(record: dict) -> None:
+        live.log_metric("lr", record["lr"], plot=True)
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "grad_norm"):
+            if key in record:
+                live.log_metric(key.replace("_", "/", 1), record[key])
+        live.next_step()
+
+    result = fit(
+        model,
+        train,
+        val,
+        cfg,
+        seed=base.seed,
+        device=device,
+        policies=policies,
+        state_dir=state_dir,
+        fingerprint=fingerprint,
+        on_epoch=log_epoch,
+    )
+    if not result.kept:
+        raise PipelineError("training kept no checkpoint: the validation split is empty")
+
+    # The ensemble's own validation score, next to the best single checkpoint's.
+    with atomic_dir(model_dir) as tmp:
+        for entry in result.kept:
+            shutil.copy2(state_dir / entry["file"], tmp / entry["file"])
+        info = {
+            "members": result.kept,
+            "classes": classes,
+            "model": to_dict(cfg.model),
+            "channels": base.channels,
+            "image_size": base.image_size,
+            "config": config,
+        }
+        write_json(tmp / "ensemble.json", info)
+        ensemble = load_ensemble(tmp)
+    ens_metrics = evaluate_ensemble(ensemble, val, device)
+    summary = {
+        "epochs_run": len(result.history),
+        "best_val_acc": max(h["val_acc"] for h in result.history),
+        "ensemble_val_acc": ens_metrics["val_acc"],
+        "ensemble_val_loss": ens_metrics["val_loss"],
+        "train_size": len(train),
+        **{f"train_size_{k}": v for k, v in counts.items()},
+    }
+    for key, value in summary.items():
+        live.summary[key] = value
+    live.end()
+    write_report(report_dir, result, config, summary)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    for warning in result.warnings:
+        log.warning("warning: %s", warning)
+    log.info(
+        "train: ensemble of %d checkpoints, validation accuracy %.3f",
+        len(result.kept),
+        ens_metrics["val_acc"],
+    )
+    return summary
+
+
+def evaluate_ensemble(ensemble: Ensemble, samples: Samples, device: torch.device) -> dict:
+    probs = ensemble.predict(samples.images, device)
+    loss = F.nll_loss(
+        torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(samples.labels)
+    )
+    return {"val_loss": loss.item(), "val_acc": float((probs.argmax(1) == samples.labels).mean())}
+
+
+def write_report(report_dir: Path, result: FitResult, config: dict, summary: dict) -> None:
+    with atomic_dir(report_dir) as tmp:
+        write_json(tmp / "config.json", config)
+        write_json(
+            tmp / "diagnostics.json",
+            {"history": result.history, "kept": result.kept, "summary": summary},
+        )
+        write_json(tmp / "warnings.json", result.warnings)
+        plot_diagnostics(tmp / "diagnostics.png", result.history)
+
+
+def plot_diagnostics(path: Path, history: list[dict]) -> None:
+    """Loss curves, gradient norm, update ratios, dead units and pre-activation histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    ax = axes[0, 0]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
+    if history and "val_loss" in history[0]:
+        ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax.set(title="loss", xlabel="epoch")
+    ax.legend()
+    ax = axes[0, 1]
+    ax.plot(epochs, [h["train_acc"] for h in history], label="train")
+    if history and "val_acc" in history[0]:
+        ax.plot(epochs, [h["val_acc"] for h in history], label="validation")
+    ax.set(title="accuracy", xlabel="epoch")
+    ax.legend()
+    ax = axes[0, 2]
+    ax.plot(epochs, [h["grad_norm"] for h in history])
+    ax.set(title="mean gradient norm", xlabel="epoch")
+    ax = axes[1, 0]
+    layers = list(history[-1]["update_ratio"]) if history else []
+    for name in layers:
+        ax.plot(epochs, [h["update_ratio"].get(name, np.nan) for h in history], lw=0.8)
+    ax.axhline(1e-3, color="k", ls="--", lw=0.8)
+    ax.set(title="update / weight ratio per layer (guide: ~1e-3)", xlabel="epoch", yscale="log")
+    ax = axes[1, 1]
+    acts = list(history[-1]["activations"]) if history else []
+    for name in acts:
+        ax.plot(
+            epochs, [h["activations"][name]["dead_fraction"] for h in history], label=name, lw=0.8
+        )
+    ax.set(title="dead units after each activation", xlabel="epoch", ylim=(0, 1))
+    ax = axes[1, 2]
+    centers = np.linspace(-4, 4, 41)
+    centers = (centers[1:] + centers[:-1]) / 2
+    for name in acts:
+        stats = history[-1]["activations"][name]
+        ax.plot(
+            centers,
+            stats["hist"],
+            label=f"{name} (mean {stats['mean']:.2f}, std {stats['std']:.2f})",
+            lw=0.8,
+        )
+    ax.set(title="pre-activation histogram, last epoch", yscale="log")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
