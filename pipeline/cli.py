@@ -123,6 +123,142 @@ def train(
     )
 
 
+@app.command()
+def evaluate(
+    round_name: Annotated[str, typer.Option("--round", help="round name, e.g. r000")] = "r000",
+    model: Annotated[Path | None, typer.Option(help="ensemble folder")] = None,
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    out: Annotated[Path | None, typer.Option("--out", help="report folder")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """Test metrics, confusion matrix, calibration, slices and the misclassified-sample report."""
+    from pipeline import evaluate as stage
+
+    model = model or Path(f"artifacts/rounds/{round_name}/model")
+    out = out or Path(f"artifacts/reports/{round_name}/evaluate")
+    train_report = out.parent / "train"
+    return stage.run(model, ingest_dir, train_report, out, _params(params), round_name)
+
+
+@app.command("show-errors")
+def show_errors(
+    round_name: Annotated[str | None, typer.Argument(help="round name; default: the last")] = None,
+    top: Annotated[int, typer.Option(help="how many rows")] = 20,
+    reports: Annotated[Path, typer.Option(help="reports folder")] = Path("artifacts/reports"),
+) -> None:
+    """Print a round's most confident mistakes and the path of its report."""
+    from pipeline.evaluate import show_errors as most_confident
+
+    if round_name is None:
+        done = sorted(p.parent.parent.name for p in reports.glob("*/evaluate/predictions.csv"))
+        if not done:
+            raise PipelineError(f"no evaluated round under {reports}: run `dvc repro` first")
+        round_name = done[-1]
+    folder = reports / round_name / "evaluate"
+    wrong = most_confident(folder / "predictions.csv", top)
+    typer.echo(f"round {round_name}: {len(wrong)} most confident mistakes")
+    typer.echo(wrong.to_string(index=False) if len(wrong) else "(none)")
+    typer.echo(f"report: {folder / 'report.html'}")
+
+
+@app.command("init-pseudo")
+def init_pseudo(
+    out: OutOpt = Path("artifacts/pseudo/init"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Write the empty pseudo-label set that round 0 trains with."""
+    from pipeline.pseudolabel import init_pseudo as stage
+
+    stage(out, _params(params).base)
+
+
+@app.command()
+def pseudolabel(
+    round_name: Annotated[str, typer.Option("--round", help="round name, e.g. r000")] = "r000",
+    pool: Annotated[str, typer.Option(help="pool folder name under data/unlabeled/")] = "pool_001",
+    pseudo_in: Annotated[Path, typer.Option(help="this round's pseudo-label input")] = Path(
+        "artifacts/pseudo/init"
+    ),
+    data_dir: DataOpt = Path("data"),
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """Pseudo-label a pool with the round's ensemble; write the cumulative set for the next round."""
+    from pipeline import pseudolabel as stage
+
+    return stage.run(
+        round_name=round_name,
+        pool=pool,
+        data_dir=data_dir,
+        model_dir=Path(f"artifacts/rounds/{round_name}/model"),
+        ingest_dir=ingest_dir,
+        pseudo_in=pseudo_in,
+        out_dir=Path(f"artifacts/rounds/{round_name}/pseudo"),
+        report_dir=Path(f"artifacts/reports/{round_name}/pseudolabel"),
+        params=_params(params),
+    )
+
+
+@app.command()
+def summarize(
+    reports: Annotated[Path, typer.Option(help="per-round reports folder")] = Path(
+        "artifacts/reports"
+    ),
+    clean_dir: Annotated[Path, typer.Option("--clean", help="clean stage output")] = Path(
+        "artifacts/clean"
+    ),
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    out: OutOpt = Path("artifacts/summary"),
+) -> dict:
+    """One table, plot and index page over every round."""
+    from pipeline import summarize as stage
+
+    return stage.run(reports, clean_dir, ingest_dir, out)
+
+
+@app.command("add-pool")
+def add_pool(
+    source: Annotated[Path, typer.Argument(help="folder of unlabeled images")],
+    name: Annotated[str | None, typer.Option(help="pool name (default: next pool_NNN)")] = None,
+    link: Annotated[
+        bool, typer.Option("--link", help="hard-link files instead of copying")
+    ] = False,
+    data_dir: DataOpt = Path("data"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """Copy a folder into data/unlabeled/<name>/, track it with DVC, append the next round."""
+    from pipeline.pools import add_pool as stage
+
+    result = stage(source, name=name, link=link, data_dir=data_dir, params_path=params)
+    typer.echo(
+        f"added pool {result['pool']} ({result['images']} images) as round {result['round']}"
+    )
+    if result["stale"]:
+        typer.echo("`dvc repro` will run: " + ", ".join(result["stale"]))
+    return result
+
+
+@app.command("lr-find")
+def lr_find(
+    table: Annotated[Path, typer.Option(help="training table")] = Path("artifacts/clean/train.csv"),
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    out: OutOpt = Path("artifacts/lr_find"),
+    steps: Annotated[int, typer.Option(min=10, help="steps of the ramp from 1e-7 to 1")] = 100,
+    write: Annotated[
+        bool, typer.Option("--write", help="store the suggestion as train.lr")
+    ] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> float:
+    """Learning-rate range test: writes the loss-vs-LR curve and prints a suggested train.lr."""
+    from pipeline import lr_find as stage
+
+    suggestion = stage.run(
+        table, ingest_dir, out, _params(params), steps=steps, write=params if write else None
+    )
+    typer.echo(f"suggested train.lr: {suggestion:.3g}")
+    return suggestion
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "dvclive", "dvc", "urllib3", "filelock"):

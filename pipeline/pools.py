@@ -1,0 +1,129 @@
+"""add-pool: register a folder of unlabeled images as the next semi-supervised round.
+
+Copies (or hard-links) the folder into data/unlabeled/<name>/, tracks it with DVC, and appends
+`rounds.rNNN: {pool, pseudo_in}` to params.yaml with its comments kept. `dvc repro` then runs
+only the new round's stages and `summarize`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from pipeline.demo import dvc_add
+from pipeline.errors import PipelineError
+from pipeline.images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+
+def next_round(rounds: dict) -> tuple[str, str]:
+    """(name, pseudo_in) of the round after `rounds` (ordered by name)."""
+    if not rounds:
+        return "r000", "artifacts/pseudo/init"
+    last = sorted(rounds)[-1]
+    return f"r{len(rounds):03d}", f"artifacts/rounds/{last}/pseudo"
+
+
+def add_pool(
+    source: Path,
+    *,
+    name: str | None = None,
+    link: bool = False,
+    data_dir: Path = Path("data"),
+    params_path: Path = Path("params.yaml"),
+    register: bool = True,
+) -> dict:
+    source, data_dir = Path(source), Path(data_dir)
+    if not source.is_dir():
+        raise PipelineError(f"{source} is not a folder")
+    resolved = source.resolve()
+    for forbidden in ("test", "labeled"):
+        root = (data_dir / forbidden).resolve()
+        if resolved == root or root in resolved.parents:
+            raise PipelineError(
+                f"{source} is inside data/{forbidden}/: those images are never pseudo-labeled"
+            )
+    images = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images:
+        raise PipelineError(
+            f"{source} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+
+    yaml = YAML()  # round-trip: keeps comments and key order
+    yaml.preserve_quotes = True
+    params = yaml.load(params_path.read_text(encoding="utf-8")) if params_path.is_file() else None
+    if params is None:
+        raise PipelineError(f"params file not found: {params_path}")
+    rounds = params.get("rounds") or {}
+    pools_in_use = {str(r.get("pool")) for r in rounds.values()}
+    unlabeled = data_dir / "unlabeled"
+    in_place = resolved.parent == unlabeled.resolve()
+    name = name or (source.name if in_place else _free_name(unlabeled, pools_in_use))
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name in ("..",):
+        raise PipelineError(f"invalid pool name {name!r}: use letters, digits, '_' or '-'")
+    if name in pools_in_use:
+        raise PipelineError(f"pool {name!r} already has a round; choose another --name")
+    target = unlabeled / name
+    if not in_place:
+        if target.exists():
+            raise PipelineError(f"{target} already exists; choose another --name")
+        copy = os.link if link else shutil.copy2
+        try:
+            shutil.copytree(source, target, copy_function=copy, symlinks=False)
+        except OSError as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            hint = " (hard links need the same file system; drop --link)" if link else ""
+            raise PipelineError(
+                f"cannot copy {source} to {target}: {exc.strerror or exc}{hint}"
+            ) from None
+    elif resolved != target.resolve():
+        raise PipelineError(
+            f"{source} is already in data/unlabeled/ under another name; use --name {source.name}"
+        )
+
+    round_name, pseudo_in = next_round(rounds)
+    if "rounds" not in params or params["rounds"] is None:
+        params["rounds"] = {}
+    params["rounds"][round_name] = {"pool": name, "pseudo_in": pseudo_in}
+    tmp = params_path.with_suffix(".yaml.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.dump(params, f)
+    os.replace(tmp, params_path)
+    if register:
+        dvc_add(data_dir, [f"unlabeled/{name}"])
+    log.info(
+        "add-pool: %d images in %s; round %s trains on %s",
+        len(images),
+        target,
+        round_name,
+        pseudo_in,
+    )
+    return {"pool": name, "round": round_name, "images": len(images), "stale": stale_stages()}
+
+
+def stale_stages() -> list[str]:
+    """Stages `dvc repro` would run now (empty outside a DVC repo)."""
+    if not Path(".dvc").is_dir():
+        return []
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True
+    )
+    try:
+        return sorted(json.loads(result.stdout or "{}"))
+    except json.JSONDecodeError:
+        return []
+
+
+def _free_name(unlabeled: Path, in_use: set[str]) -> str:
+    n = 1
+    while (unlabeled / f"pool_{n:03d}").exists() or f"pool_{n:03d}" in in_use:
+        n += 1
+    return f"pool_{n:03d}"
