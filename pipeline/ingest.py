@@ -344,7 +344,7 @@ def attach_truth(table: pd.DataFrame, data_dir: Path) -> tuple[pd.DataFrame, int
     """Add a `true_label` column from data/truth.csv ("" where unknown)."""
     truth = read_truth(data_dir)
     table = table.copy()
-    table["true_label"] = table["path"].map(truth).fillna("")
+    table["true_label"] = [truth.get(path, "") for path in table["path"]]
     return table, len(truth)
 
 

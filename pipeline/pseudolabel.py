@@ -212,7 +212,7 @@ def run(
         )
     )
     truth = read_truth(data_dir)
-    candidates_table["true_label"] = candidates_table["path"].map(truth).fillna("")
+    candidates_table["true_label"] = [truth.get(p, "") for p in candidates_table["path"]]
     new = candidates_table[candidates_table["accepted"]]
     new_rows = pd.DataFrame(
         {

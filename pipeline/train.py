@@ -195,7 +195,7 @@ def evaluate(
     """Loss and accuracy on samples, without augmentation."""
     model.eval()
     probs = predict_proba([model], samples.images, device, batch_size)
-    labels = torch.from_numpy(samples.labels)
+    labels = torch.as_tensor(np.array(samples.labels))
     loss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), labels).item()
     return {"val_loss": loss, "val_acc": float((probs.argmax(1) == samples.labels).mean())}
 
@@ -677,7 +677,7 @@ def run(
 def evaluate_ensemble(ensemble: Ensemble, samples: Samples, device: torch.device) -> dict:
     probs = ensemble.predict(samples.images, device)
     loss = F.nll_loss(
-        torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(samples.labels)
+        torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.as_tensor(np.array(samples.labels))
     )
     return {"val_loss": loss.item(), "val_acc": float((probs.argmax(1) == samples.labels).mean())}
 

@@ -1,0 +1,165 @@
+import io
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import ingest
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+from pipeline.images import decode
+from pipeline.io import read_array, read_json
+
+from .conftest import tree_hash, write_digits, write_params
+
+
+def _png(mode="L", size=(8, 8), color=128, **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format=save.pop("format", "PNG"), **save)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def bad_corpus(project):
+    """Real digits in two classes plus one file or folder for every bad case."""
+    data = project / "data"
+    write_digits(data, {0: "zero", 1: "one"}, 10, test_per_class=4)
+    lab = data / "labeled"
+    good = (lab / "zero" / "img_0000.png").read_bytes()
+    (lab / "zero" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (lab / "zero" / "random.png").write_bytes(os.urandom(300))
+    (lab / "zero" / "empty.jpg").write_bytes(b"")
+    (lab / "zero" / "text.png").write_text("definitely not an image")
+    (lab / "zero" / "README.txt").write_text("notes")
+    (lab / "zero" / "bomb.png").write_bytes(_png(size=(1200, 1200)))
+    (lab / "zero" / ".DS_Store").write_bytes(b"\0\0")
+    (lab / "one" / "Thumbs.db").write_bytes(b"\0\0")
+    (lab / "one" / "ñandú con espacios.png").write_bytes(_png(color=77))  # unicode + spaces: fine
+    (lab / "one" / "sixteen.png").write_bytes(_png("I;16", color=40000))
+    (lab / "one" / "cmyk.jpg").write_bytes(_png("CMYK", color=(0, 0, 0, 0), format="JPEG"))
+    (lab / "one" / "palette.png").write_bytes(_png("P", color=3, transparency=3))
+    (lab / "one" / "alpha.png").write_bytes(_png("RGBA", color=(255, 255, 255, 128)))
+    (lab / "one" / "la.png").write_bytes(_png("LA", color=(200, 255)))
+    frames = [Image.new("L", (8, 8), v) for v in (10, 200)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    (lab / "one" / "animated.gif").write_bytes(gif.getvalue())
+    outside = project / "outside.png"
+    outside.write_bytes(good)
+    (lab / "one" / "escape.png").symlink_to(outside)
+    (lab / "one" / "dangling.png").symlink_to(lab / "one" / "missing.png")
+    os.mkfifo(lab / "one" / "pipe.png")
+    (lab / "nothing").mkdir()
+    (lab / "lonely").mkdir()
+    (lab / "lonely" / "only.png").write_bytes(_png(color=3))
+    (lab / "stray.png").write_bytes(good)
+    write_params(project, {"ingest": {"max_image_pixels": 1_000_000}})
+    return data
+
+
+EXPECTED = {
+    "labeled/zero/truncated.png": "corrupt or truncated",
+    "labeled/zero/random.png": "not an image",
+    "labeled/zero/empty.jpg": "empty file (0 bytes)",
+    "labeled/zero/text.png": "not an image",
+    "labeled/zero/README.txt": "unsupported extension",
+    "labeled/zero/bomb.png": "decompression bomb: 1200x1200",
+    "labeled/zero/.DS_Store": "hidden or system file",
+    "labeled/one/Thumbs.db": "hidden or system file",
+    "labeled/one/escape.png": "symlink pointing outside data/",
+    "labeled/one/dangling.png": "broken symlink",
+    "labeled/one/pipe.png": "not a regular file",
+    "labeled/nothing": "empty class folder",
+    "labeled/lonely/only.png": "class 'lonely' has 1 image(s)",
+    "labeled/stray.png": "not inside a class folder",
+}
+
+
+def test_quarantines_every_bad_case_with_a_reason(bad_corpus, project):
+    before = tree_hash(bad_corpus)
+    metrics = ingest.run(bad_corpus, project / "out", load_params(project / "params.yaml"))
+    quarantine = pd.read_csv(project / "out" / "quarantine.csv", keep_default_na=False)
+    reasons = dict(zip(quarantine["path"], quarantine["reason"]))
+    for path, reason in EXPECTED.items():
+        assert path in reasons, f"{path} not quarantined"
+        assert reason in reasons[path], f"{path}: {reasons[path]!r}"
+    manifest = pd.read_csv(project / "out" / "manifest.csv", keep_default_na=False)
+    accepted = set(manifest["path"])
+    for name in ("ñandú con espacios.png", "sixteen.png", "cmyk.jpg", "palette.png", "alpha.png", "la.png", "animated.gif"):
+        assert f"labeled/one/{name}" in accepted
+    notes = dict(zip(manifest["path"], manifest["note"]))
+    assert "first frame" in notes["labeled/one/animated.gif"]
+    assert "scaled to 8 bits" in notes["labeled/one/sixteen.png"]
+    assert metrics["quarantined"] == len(quarantine)
+    assert read_json(project / "out" / "classes.json") == ["one", "zero"]
+    images = read_array(project / "out" / "images.npy")
+    assert images.shape == (len(manifest), 8, 8, 1) and images.dtype == np.uint8
+    assert tree_hash(bad_corpus) == before  # raw data untouched
+
+
+def test_test_copies_win_over_labeled_duplicates_and_conflicts_are_set_aside(project):
+    data = project / "data"
+    write_digits(data, {0: "zero", 1: "one"}, 6, test_per_class=3)
+    test_image = (data / "test" / "zero").iterdir().__next__()
+    (data / "labeled" / "zero" / "leak.png").write_bytes(test_image.read_bytes())
+    first = data / "labeled" / "zero" / "img_0000.png"
+    (data / "labeled" / "one" / "conflict.png").write_bytes(first.read_bytes())
+    (data / "labeled" / "zero" / "copy.png").write_bytes((data / "labeled" / "zero" / "img_0010.png").read_bytes())
+    metrics = ingest.run(data, project / "out", load_params(project / "params.yaml"))
+    manifest = pd.read_csv(project / "out" / "manifest.csv", keep_default_na=False)
+    reasons = dict(pd.read_csv(project / "out" / "quarantine.csv").set_index("path")["reason"])
+    assert "labeled/zero/leak.png" not in set(manifest["path"])
+    assert "kept out of training" in reasons["labeled/zero/leak.png"]
+    assert "same image under labels one, zero" in reasons["labeled/one/conflict.png"]
+    assert "exact duplicate" in reasons["labeled/zero/img_0010.png"] or "exact duplicate" in reasons["labeled/zero/copy.png"]
+    assert metrics["test_leakage"] == 1 and metrics["label_conflicts"] == 1
+    train_hashes = set(manifest.loc[manifest["split"] == "train", "sha256"])
+    assert not train_hashes & set(manifest.loc[manifest["split"] == "test", "sha256"])
+
+
+def test_csv_manifest_paths_are_confined_to_data(project):
+    data = project / "data"
+    write_digits(data, {0: "zero", 1: "one"}, 5)
+    rows = ["path,label"]
+    for folder in ("zero", "one"):
+        for image in sorted((data / "labeled" / folder).iterdir()):
+            rows.append(f"labeled/{folder}/{image.name},{folder}")
+    rows += ["../secret.png,zero", "/etc/passwd,zero", "labeled/../../x.png,one", "labeled/missing.png,one", ",one"]
+    (data / "labeled" / "labels.csv").write_text("\n".join(rows) + "\n")
+    ingest.run(data, project / "out", load_params(project / "params.yaml"))
+    reasons = pd.read_csv(project / "out" / "quarantine.csv", keep_default_na=False)
+    text = " | ".join(reasons["path"] + ": " + reasons["reason"])
+    assert "../secret.png: path escapes data/" in text
+    assert "/etc/passwd: absolute path refused" in text
+    assert "labeled/../../x.png: path escapes data/" in text
+    assert "no such file" in text and "row without a path or a label" in text
+    manifest = pd.read_csv(project / "out" / "manifest.csv")
+    assert len(manifest) == 10
+
+
+def test_carves_a_stratified_test_split_without_test_folder(project):
+    data = project / "data"
+    write_digits(data, {0: "zero", 1: "one", 2: "two"}, 20)
+    metrics = ingest.run(data, project / "out", load_params(project / "params.yaml"))
+    assert metrics["per_class"]["test"] == {"one": 4, "two": 4, "zero": 4}
+
+
+def test_no_usable_images_is_one_clear_error(project):
+    data = project / "data"
+    (data / "labeled" / "a").mkdir(parents=True)
+    (data / "labeled" / "a" / "x.png").write_bytes(b"junk")
+    with pytest.raises(PipelineError, match="need at least 2 classes"):
+        ingest.run(data, project / "out", load_params(project / "params.yaml"))
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("L", (4, 2), 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=100)
+    pixels = decode(buffer.getvalue(), image_size=4, channels=1, resize="pad", max_pixels=100).pixels[..., 0]
+    # Displayed upright it is 2 wide and 4 tall: bright columns in the middle, black at the sides.
+    assert pixels[:, 1:3].min() > 200 and pixels[:, [0, 3]].max() < 50

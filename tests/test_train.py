@@ -1,0 +1,167 @@
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import augment, lr_find, train
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+from pipeline.io import read_array, read_json
+from pipeline.model import build_model
+
+from .conftest import train_table, write_params
+
+
+def _samples(ingest_dir):
+    manifest = pd.read_csv(ingest_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    rows = manifest[manifest["split"] == "train"]
+    classes = read_json(ingest_dir / "classes.json")
+    images = read_array(ingest_dir / "images.npy")
+    return train.Samples(
+        np.ascontiguousarray(images[rows["row"].astype(int).to_numpy()]),
+        rows["label"].map(classes.index).to_numpy(np.int64),
+    )
+
+
+def _fit(params, samples, seed=0, epochs=None):
+    torch.manual_seed(seed)
+    model = build_model(params.train.model, 1, 3)
+    result = train.fit(
+        model, samples, samples, params.train, seed=seed, device=torch.device("cpu"), epochs=epochs
+    )
+    return model, result
+
+
+def test_short_training_reduces_loss(ingested, fast_params):
+    _, result = _fit(fast_params, _samples(ingested), epochs=15)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.history[-1]["val_acc"] > 0.6
+    first = result.history[0]
+    assert set(first["activations"]) and all(0 <= s["dead_fraction"] <= 1 for s in first["activations"].values())
+    assert first["grad_norm"] > 0 and all(r > 0 for r in first["update_ratio"].values())
+
+
+def test_two_cpu_runs_with_the_same_seed_are_identical(ingested, fast_params):
+    samples = _samples(ingested)
+    _, a = _fit(fast_params, samples)
+    _, b = _fit(fast_params, samples)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    assert [h["val_loss"] for h in a.history] == [h["val_loss"] for h in b.history]
+
+
+def _stage_args(project, ingested, name="r000"):
+    return dict(
+        table_path=train_table(ingested),
+        images_path=ingested / "images.npy",
+        classes_path=ingested / "classes.json",
+        augment_dir=project / "artifacts" / "augment",
+        pseudo_dir=None,
+        model_dir=project / "artifacts" / "rounds" / name / "model",
+        report_dir=project / "artifacts" / "reports" / name / "train",
+        live_dir=project / "artifacts" / "rounds" / name / "live",
+        state_dir=project / "artifacts" / "rounds" / name / ".model.state",
+        params=load_params(project / "params.yaml"),
+    )
+
+
+def _augment(project, ingested):
+    params = load_params(project / "params.yaml")
+    augment.run(train_table(ingested), ingested / "images.npy", ingested / "classes.json", project / "artifacts" / "augment", params)
+
+
+def test_stage_writes_a_reloadable_ensemble_dvclive_and_diagnostics(ingested, project):
+    _augment(project, ingested)
+    args = _stage_args(project, ingested)
+    summary = train.run(**args)
+    model_dir = args["model_dir"]
+    info = read_json(model_dir / "ensemble.json")
+    assert len(info["members"]) == 2 and info["classes"] == ["one", "two", "zero"]
+    live = json.loads((args["live_dir"] / "metrics.json").read_text())
+    assert "val" in live and "ensemble_val_acc" in live
+    assert (args["live_dir"] / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+    for name in ("diagnostics.json", "diagnostics.png", "warnings.json", "config.json"):
+        assert (args["report_dir"] / name).is_file()
+    assert not args["state_dir"].exists()  # resume state is removed after success
+    images = read_array(ingested / "images.npy")[:20]
+    first, second = train.load_ensemble(model_dir), train.load_ensemble(model_dir)
+    probs = first.predict(images)
+    assert np.array_equal(probs, second.predict(images))
+    members = np.stack([train.predict_proba([m], images, torch.device("cpu")) for m in first.models])
+    assert np.allclose(probs, members.mean(0), atol=1e-6)
+    assert summary["train_size_human"] + summary["train_size_val"] == 90
+
+
+def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested, project):
+    write_params(project, {"train": {"epochs": 8, "patience": 100}})
+    _augment(project, ingested)
+    table = train_table(ingested)
+
+    def command(name):
+        return [
+            sys.executable, "-m", "pipeline", "train", "--table", str(table), "--ingest", str(ingested),
+            "--augment", "artifacts/augment", "--model", f"artifacts/rounds/{name}/model",
+            "--report", f"artifacts/reports/{name}/train", "--live", f"artifacts/rounds/{name}/live",
+        ]
+
+    state = project / "artifacts" / "rounds" / "killed" / ".model.state" / "last.pt"
+    proc = subprocess.Popen(command("killed"), cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and torch.load(state, weights_only=True)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(state, weights_only=True)["epoch"]
+    assert 1 <= killed_at < 7
+    resumed = subprocess.run(command("killed"), cwd=project, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    straight = subprocess.run(command("straight"), cwd=project, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    a = read_json(project / "artifacts/reports/killed/train/diagnostics.json")
+    b = read_json(project / "artifacts/reports/straight/train/diagnostics.json")
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    assert a["summary"]["ensemble_val_acc"] == b["summary"]["ensemble_val_acc"]
+
+
+def test_a_malicious_pickle_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "epoch_001.pt"
+    path.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    with pytest.raises(PipelineError, match="refusing to load"):
+        train.load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_diagnostics_warn_in_plain_language(fast_params):
+    rising = [{"train_loss": v, "activations": {}} for v in (1.0, 1.2, 1.5, 1.9, 2.4)]
+    flat = [{"train_loss": v, "activations": {}} for v in (2.302, 2.301, 2.302, 2.300)]
+    dead = [{"train_loss": v, "activations": {"blocks.0.act1": {"dead_fraction": 0.8}}} for v in (2.0, 1.0, 0.5)]
+    assert "too high" in " ".join(train.diagnose(rising, fast_params.train))
+    assert "too low" in " ".join(train.diagnose(flat, fast_params.train))
+    assert "dead" in " ".join(train.diagnose(dead, fast_params.train))
+    falling = [{"train_loss": v, "activations": {}} for v in (2.0, 1.0, 0.5)]
+    assert train.diagnose(falling, fast_params.train) == []
+
+
+def test_lr_find_curve_has_its_minimum_between_its_ends(ingested, project):
+    params = load_params(project / "params.yaml")
+    curve = lr_find.lr_range_test(_samples(ingested), 3, params, steps=60)
+    lowest = int(curve["smoothed"].idxmin())
+    assert 0 < lowest < len(curve) - 1
+    assert curve["lr"].iloc[0] == pytest.approx(1e-7)
+    assert 1e-6 < lr_find.suggest(curve) < 1.0
