@@ -677,7 +677,8 @@ def run(
 def evaluate_ensemble(ensemble: Ensemble, samples: Samples, device: torch.device) -> dict:
     probs = ensemble.predict(samples.images, device)
     loss = F.nll_loss(
-        torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.as_tensor(np.array(samples.labels))
+        torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+        torch.as_tensor(np.array(samples.labels)),
     )
     return {"val_loss": loss.item(), "val_acc": float((probs.argmax(1) == samples.labels).mean())}
 

@@ -16,14 +16,34 @@ def _image(size=16, channels=1):
 def test_policy_keeps_shape_and_dtype_and_uses_every_enabled_transform(tmp_path):
     extra = {
         "base": {"channels": 3, "image_size": 16},
-        "augment": {k: {"p": 1.0} for k in ("crop", "rotate", "shear", "hsv", "brightness_contrast", "hflip", "vflip", "noise", "blur")},
+        "augment": {
+            k: {"p": 1.0}
+            for k in (
+                "crop",
+                "rotate",
+                "shear",
+                "hsv",
+                "brightness_contrast",
+                "hflip",
+                "vflip",
+                "noise",
+                "blur",
+            )
+        },
     }
     params = load_params(write_params(tmp_path, extra))
     policy = augment.build_transforms(params.augment, params.base)
     names = [t.__class__.__name__ for t in policy.transforms]
     assert names == [
-        "RandomResizedCrop", "Rotate", "Affine", "HorizontalFlip", "VerticalFlip",
-        "HueSaturationValue", "RandomBrightnessContrast", "GaussNoise", "Blur",
+        "RandomResizedCrop",
+        "Rotate",
+        "Affine",
+        "HorizontalFlip",
+        "VerticalFlip",
+        "HueSaturationValue",
+        "RandomBrightnessContrast",
+        "GaussNoise",
+        "Blur",
     ]
     out = policy(image=_image(16, 3))["image"]
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
@@ -38,18 +58,24 @@ def test_saved_policy_reloads_and_reproduces_with_a_seed(tmp_path):
     augment.reseed(loaded, 7)
     image = _image()
     for _ in range(5):
-        assert np.array_equal(augment.apply_policy(policies, image, 0), augment.apply_policy(loaded, image, 0))
+        assert np.array_equal(
+            augment.apply_policy(policies, image, 0), augment.apply_policy(loaded, image, 0)
+        )
 
 
 def test_class_exclusions_leave_that_class_untouched_by_the_transform(tmp_path):
-    only_flip = {name: {"p": 0.0} for name in ("crop", "rotate", "shear", "brightness_contrast", "noise")}
+    only_flip = {
+        name: {"p": 0.0} for name in ("crop", "rotate", "shear", "brightness_contrast", "noise")
+    }
     extra = {"augment": {**only_flip, "hflip": {"p": 1.0}, "exclude": {"six": ["hflip"]}}}
     params = load_params(write_params(tmp_path, extra))
     classes = ["nine", "six"]
     policies = augment.build_policies(params.augment, params.base, classes)
     image = _image(8)
     assert np.array_equal(augment.apply_policy(policies, image, classes.index("six")), image)
-    assert np.array_equal(augment.apply_policy(policies, image, classes.index("nine")), image[:, ::-1])
+    assert np.array_equal(
+        augment.apply_policy(policies, image, classes.index("nine")), image[:, ::-1]
+    )
 
 
 def test_exclusion_of_an_unknown_class_is_refused(tmp_path):

@@ -22,7 +22,10 @@ def test_project_params_load():
         ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
         ({"train": {"lr": "fast"}}, "train.lr: expected a number"),
         ({"train": {"lr": -0.1}}, "train.lr: -0.1 is out of range; allowed (0.0, 10.0]"),
-        ({"pseudolabel": {"threshold": 1.5}}, "pseudolabel.threshold: 1.5 is out of range; allowed [0.0, 1.0]"),
+        (
+            {"pseudolabel": {"threshold": 1.5}},
+            "pseudolabel.threshold: 1.5 is out of range; allowed [0.0, 1.0]",
+        ),
         ({"clean": {"folds": 0}}, "clean.folds: 0 is out of range; allowed [2, 20]"),
         ({"clean": {"policy": "burn"}}, "clean.policy: 'burn' is not one of drop, relabel, flag"),
         ({"train": {"model": {"blocks": [1, -1]}}}, "train.model.blocks[1]: -1 is out of range"),

@@ -87,7 +87,15 @@ def test_quarantines_every_bad_case_with_a_reason(bad_corpus, project):
         assert reason in reasons[path], f"{path}: {reasons[path]!r}"
     manifest = pd.read_csv(project / "out" / "manifest.csv", keep_default_na=False)
     accepted = set(manifest["path"])
-    for name in ("ñandú con espacios.png", "sixteen.png", "cmyk.jpg", "palette.png", "alpha.png", "la.png", "animated.gif"):
+    for name in (
+        "ñandú con espacios.png",
+        "sixteen.png",
+        "cmyk.jpg",
+        "palette.png",
+        "alpha.png",
+        "la.png",
+        "animated.gif",
+    ):
         assert f"labeled/one/{name}" in accepted
     notes = dict(zip(manifest["path"], manifest["note"]))
     assert "first frame" in notes["labeled/one/animated.gif"]
@@ -106,14 +114,19 @@ def test_test_copies_win_over_labeled_duplicates_and_conflicts_are_set_aside(pro
     (data / "labeled" / "zero" / "leak.png").write_bytes(test_image.read_bytes())
     first = data / "labeled" / "zero" / "img_0000.png"
     (data / "labeled" / "one" / "conflict.png").write_bytes(first.read_bytes())
-    (data / "labeled" / "zero" / "copy.png").write_bytes((data / "labeled" / "zero" / "img_0010.png").read_bytes())
+    (data / "labeled" / "zero" / "copy.png").write_bytes(
+        (data / "labeled" / "zero" / "img_0010.png").read_bytes()
+    )
     metrics = ingest.run(data, project / "out", load_params(project / "params.yaml"))
     manifest = pd.read_csv(project / "out" / "manifest.csv", keep_default_na=False)
     reasons = dict(pd.read_csv(project / "out" / "quarantine.csv").set_index("path")["reason"])
     assert "labeled/zero/leak.png" not in set(manifest["path"])
     assert "kept out of training" in reasons["labeled/zero/leak.png"]
     assert "same image under labels one, zero" in reasons["labeled/one/conflict.png"]
-    assert "exact duplicate" in reasons["labeled/zero/img_0010.png"] or "exact duplicate" in reasons["labeled/zero/copy.png"]
+    assert (
+        "exact duplicate" in reasons["labeled/zero/img_0010.png"]
+        or "exact duplicate" in reasons["labeled/zero/copy.png"]
+    )
     assert metrics["test_leakage"] == 1 and metrics["label_conflicts"] == 1
     train_hashes = set(manifest.loc[manifest["split"] == "train", "sha256"])
     assert not train_hashes & set(manifest.loc[manifest["split"] == "test", "sha256"])
@@ -126,7 +139,13 @@ def test_csv_manifest_paths_are_confined_to_data(project):
     for folder in ("zero", "one"):
         for image in sorted((data / "labeled" / folder).iterdir()):
             rows.append(f"labeled/{folder}/{image.name},{folder}")
-    rows += ["../secret.png,zero", "/etc/passwd,zero", "labeled/../../x.png,one", "labeled/missing.png,one", ",one"]
+    rows += [
+        "../secret.png,zero",
+        "/etc/passwd,zero",
+        "labeled/../../x.png,one",
+        "labeled/missing.png,one",
+        ",one",
+    ]
     (data / "labeled" / "labels.csv").write_text("\n".join(rows) + "\n")
     ingest.run(data, project / "out", load_params(project / "params.yaml"))
     reasons = pd.read_csv(project / "out" / "quarantine.csv", keep_default_na=False)
@@ -160,6 +179,8 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90 degrees clockwise on display
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=100)
-    pixels = decode(buffer.getvalue(), image_size=4, channels=1, resize="pad", max_pixels=100).pixels[..., 0]
+    pixels = decode(
+        buffer.getvalue(), image_size=4, channels=1, resize="pad", max_pixels=100
+    ).pixels[..., 0]
     # Displayed upright it is 2 wide and 4 tall: bright columns in the middle, black at the sides.
     assert pixels[:, 1:3].min() > 200 and pixels[:, [0, 3]].max() < 50

@@ -46,7 +46,9 @@ def test_short_training_reduces_loss(ingested, fast_params):
     assert losses[-1] < losses[0]
     assert result.history[-1]["val_acc"] > 0.6
     first = result.history[0]
-    assert set(first["activations"]) and all(0 <= s["dead_fraction"] <= 1 for s in first["activations"].values())
+    assert set(first["activations"]) and all(
+        0 <= s["dead_fraction"] <= 1 for s in first["activations"].values()
+    )
     assert first["grad_norm"] > 0 and all(r > 0 for r in first["update_ratio"].values())
 
 
@@ -75,7 +77,13 @@ def _stage_args(project, ingested, name="r000"):
 
 def _augment(project, ingested):
     params = load_params(project / "params.yaml")
-    augment.run(train_table(ingested), ingested / "images.npy", ingested / "classes.json", project / "artifacts" / "augment", params)
+    augment.run(
+        train_table(ingested),
+        ingested / "images.npy",
+        ingested / "classes.json",
+        project / "artifacts" / "augment",
+        params,
+    )
 
 
 def test_stage_writes_a_reloadable_ensemble_dvclive_and_diagnostics(ingested, project):
@@ -95,7 +103,9 @@ def test_stage_writes_a_reloadable_ensemble_dvclive_and_diagnostics(ingested, pr
     first, second = train.load_ensemble(model_dir), train.load_ensemble(model_dir)
     probs = first.predict(images)
     assert np.array_equal(probs, second.predict(images))
-    members = np.stack([train.predict_proba([m], images, torch.device("cpu")) for m in first.models])
+    members = np.stack(
+        [train.predict_proba([m], images, torch.device("cpu")) for m in first.models]
+    )
     assert np.allclose(probs, members.mean(0), atol=1e-6)
     assert summary["train_size_human"] + summary["train_size_val"] == 90
 
@@ -107,13 +117,28 @@ def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested
 
     def command(name):
         return [
-            sys.executable, "-m", "pipeline", "train", "--table", str(table), "--ingest", str(ingested),
-            "--augment", "artifacts/augment", "--model", f"artifacts/rounds/{name}/model",
-            "--report", f"artifacts/reports/{name}/train", "--live", f"artifacts/rounds/{name}/live",
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            "--table",
+            str(table),
+            "--ingest",
+            str(ingested),
+            "--augment",
+            "artifacts/augment",
+            "--model",
+            f"artifacts/rounds/{name}/model",
+            "--report",
+            f"artifacts/reports/{name}/train",
+            "--live",
+            f"artifacts/rounds/{name}/live",
         ]
 
     state = project / "artifacts" / "rounds" / "killed" / ".model.state" / "last.pt"
-    proc = subprocess.Popen(command("killed"), cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        command("killed"), cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if state.is_file() and torch.load(state, weights_only=True)["epoch"] >= 1:
@@ -150,7 +175,10 @@ def test_a_malicious_pickle_checkpoint_is_refused(tmp_path):
 def test_diagnostics_warn_in_plain_language(fast_params):
     rising = [{"train_loss": v, "activations": {}} for v in (1.0, 1.2, 1.5, 1.9, 2.4)]
     flat = [{"train_loss": v, "activations": {}} for v in (2.302, 2.301, 2.302, 2.300)]
-    dead = [{"train_loss": v, "activations": {"blocks.0.act1": {"dead_fraction": 0.8}}} for v in (2.0, 1.0, 0.5)]
+    dead = [
+        {"train_loss": v, "activations": {"blocks.0.act1": {"dead_fraction": 0.8}}}
+        for v in (2.0, 1.0, 0.5)
+    ]
     assert "too high" in " ".join(train.diagnose(rising, fast_params.train))
     assert "too low" in " ".join(train.diagnose(flat, fast_params.train))
     assert "dead" in " ".join(train.diagnose(dead, fast_params.train))

@@ -1,0 +1,138 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import clean, ingest
+from pipeline.config import load_params
+from pipeline.errors import PipelineError
+from pipeline.io import read_json
+
+from .conftest import write_digits, write_params, write_truth
+
+
+def _noisy_probs(n=300, k=3, flips=30, seed=0):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, k, n)
+    probs = rng.dirichlet(np.ones(k) * 0.3, n) * 0.15
+    probs[np.arange(n), truth] += 0.85
+    probs /= probs.sum(1, keepdims=True)
+    labels = truth.copy()
+    flipped = rng.choice(n, flips, replace=False)
+    labels[flipped] = (truth[flipped] + rng.integers(1, k, flips)) % k
+    return labels, probs, flipped
+
+
+def test_flags_injected_label_noise_and_not_clean_rows():
+    labels, probs, flipped = _noisy_probs()
+    found = clean.find_issues(labels, probs, filter_by="prune_by_noise_rate")
+    flagged = set(np.flatnonzero(found["label_issue"]))
+    assert len(flagged & set(flipped)) >= 0.9 * len(flipped)
+    assert len(flagged - set(flipped)) <= 3
+    assert (found.loc[list(flipped), "label_quality"].mean()) < found["label_quality"].mean()
+
+
+def _issue_rows(suggested_prob):
+    return pd.DataFrame(
+        {
+            "path": ["a.png", "b.png"],
+            "given_label": ["cat", "dog"],
+            "suggested_label": ["dog", "cat"],
+            "suggested_prob": [suggested_prob, 0.2],
+            "label_issue": [True, False],
+            "issue_types": ["label_issue", ""],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("prob", "decision", "label"), [(0.85, "drop", "cat"), (0.95, "relabel", "dog")]
+)
+def test_relabel_never_fires_under_its_threshold(prob, decision, label):
+    out = clean.decide(_issue_rows(prob), ["cat", "dog"], policy="relabel", relabel_threshold=0.9)
+    assert out.loc[0, "decision"] == decision and out.loc[0, "label"] == label
+    assert out.loc[1, "decision"] == "keep" and out.loc[1, "label"] == "dog"
+
+
+def test_flag_policy_keeps_every_row():
+    out = clean.decide(_issue_rows(0.99), ["cat", "dog"], policy="flag", relabel_threshold=0.9)
+    assert list(out["decision"]) == ["flag", "keep"] and list(out["label"]) == ["cat", "dog"]
+
+
+def test_overrides_win_over_decisions():
+    decided = clean.decide(_issue_rows(0.99), ["cat", "dog"], policy="drop", relabel_threshold=0.9)
+    overrides = pd.DataFrame({"path": ["a.png", "b.png"], "action": ["keep", "cat"]})
+    out, unmatched = clean.apply_overrides(decided, overrides)
+    assert list(out["decision"]) == ["keep", "relabel"] and list(out["label"]) == ["cat", "cat"]
+    assert out["reason"].str.startswith("override").all() and unmatched == 0
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (["a.png,keep", "a.png,drop"], "overridden twice"),
+        (["../x.png,keep"], "escapes data/"),
+        (["a.png,horse"], "not keep, drop or a class"),
+    ],
+)
+def test_bad_overrides_are_one_clear_error(tmp_path, rows, message):
+    (tmp_path / "overrides.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(PipelineError, match=message):
+        clean.read_overrides(tmp_path, ["cat", "dog"])
+
+
+def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(project):
+    # Class names whose alphabetical order ("10" < "9" < "b") is not their numeric order.
+    names = {0: "9", 1: "10", 2: "b"}
+    data = project / "data"
+    truth = write_digits(data, names, 60, flip=0.12, test_per_class=5, seed=1)
+    write_truth(data, truth)
+    flipped = sorted(
+        p for p, t in truth.items() if p.startswith("labeled") and p.split("/")[1] != t
+    )
+    clean_rows = sorted(
+        p for p, t in truth.items() if p.startswith("labeled") and p.split("/")[1] == t
+    )
+    (data / "overrides.csv").write_text(f"path,label\n{flipped[0]},keep\n{clean_rows[0]},drop\n")
+    params = load_params(project / "params.yaml")
+    ingest.run(data, project / "ingest", params)
+    metrics = clean.run(project / "ingest", data, project / "clean", params)
+
+    classes = read_json(project / "ingest" / "classes.json")
+    assert classes == ["10", "9", "b"]
+    issues = pd.read_csv(project / "clean" / "issues.csv", dtype=str, keep_default_na=False)
+    probs = np.load(project / "clean" / "pred_probs.npy")
+    given = issues["given_label"].map(classes.index).to_numpy()
+    is_clean = ~issues["path"].isin(flipped).to_numpy()
+    assert (
+        probs[is_clean].argmax(1) == given[is_clean]
+    ).mean() > 0.85  # columns follow classes.json
+
+    assert metrics["truth"]["recall"] >= 0.7 and metrics["truth"]["precision"] >= 0.7
+    by_path = issues.set_index("path")
+    assert by_path.loc[flipped[0], "decision"] == "keep"
+    assert by_path.loc[clean_rows[0], "decision"] == "drop"
+    cleaned = pd.read_csv(project / "clean" / "train.csv", dtype=str)
+    assert flipped[0] in set(cleaned["path"]) and clean_rows[0] not in set(cleaned["path"])
+    assert (set(issues.loc[issues["decision"] == "drop", "path"]) & set(cleaned["path"])) == set()
+    html = (project / "clean" / "report.html").read_text()
+    assert html.count("class='tile'") >= metrics["label_issues"]
+
+
+def test_a_class_smaller_than_the_folds_is_a_clear_error(project):
+    data = project / "data"
+    write_digits(data, {0: "zero", 1: "one"}, 2)
+    params = load_params(project / "params.yaml")
+    ingest.run(data, project / "ingest", params)
+    with pytest.raises(PipelineError, match="fewer than clean.folds"):
+        clean.run(project / "ingest", data, project / "clean", params)
+
+
+def test_dropping_every_image_is_a_clear_error(project):
+    data = project / "data"
+    truth = write_digits(data, {0: "zero", 1: "one"}, 4)
+    rows = "\n".join(f"{p},drop" for p in truth)
+    (data / "overrides.csv").write_text("path,label\n" + rows + "\n")
+    params = load_params(write_params(project, {"clean": {"epochs": 1}}))
+    ingest.run(data, project / "ingest", params)
+    with pytest.raises(PipelineError, match="every training image was dropped"):
+        clean.run(project / "ingest", data, project / "clean", params)

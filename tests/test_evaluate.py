@@ -1,0 +1,145 @@
+import html
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from pipeline import augment, evaluate, ingest, train
+from pipeline.config import load_params
+
+from .conftest import chromium, write_params
+
+HOSTILE_CLASS = "<script>alert(1)</script>"
+HOSTILE_FILE = 'a"><img src=x onerror=alert(1)>'
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy():
+    labels = np.array([0, 0, 0, 1] * 25)
+    probs = np.tile([0.75, 0.25], (100, 1))  # says 0 with 75% confidence; right 75% of the time
+    ece, table = evaluate.expected_calibration_error(labels, probs, 10)
+    assert ece == pytest.approx(0.0, abs=1e-9)
+    overconfident = np.tile([0.99, 0.01], (100, 1))
+    assert evaluate.expected_calibration_error(labels, overconfident, 10)[0] == pytest.approx(0.24)
+
+
+def test_summary_has_top_k_only_with_more_than_five_classes():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(7), 50)
+    labels = probs.argmax(1)
+    metrics = evaluate.summary_metrics(labels, probs, 10)
+    assert metrics["accuracy"] == 1.0 and metrics["top3_accuracy"] == 1.0
+    assert "top3_accuracy" not in evaluate.summary_metrics(labels % 2, probs[:, :2], 10)
+
+
+def test_most_confused_pairs_are_ordered_by_count():
+    matrix = np.array([[5, 3, 0], [1, 5, 0], [0, 7, 5]])
+    pairs = evaluate.most_confused(matrix, ["a", "b", "c"])
+    assert [(p["actual"], p["predicted"], p["count"]) for p in pairs] == [
+        ("c", "b", 7),
+        ("a", "b", 3),
+        ("b", "a", 1),
+    ]
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory):
+    """A real round (ingest, augment, train, evaluate) on classes and files with hostile names."""
+    root = tmp_path_factory.mktemp("hostile")
+    write_params(root, {"train": {"epochs": 6}})
+    params = load_params(root / "params.yaml")
+    data = root / "data"
+    (data / "labeled" / "images").mkdir(parents=True)
+    digits = load_digits()
+    names = {0: HOSTILE_CLASS, 1: "plain one", 2: "zwei & drei"}
+    rows = ["path,label"]
+    for digit, name in names.items():
+        for n, i in enumerate(np.flatnonzero(digits.target == digit)[:40]):
+            stem = f"{HOSTILE_FILE}_{digit}_{n}" if n % 4 == 0 else f"img_{digit}_{n}"
+            path = data / "labeled" / "images" / f"{stem}.png"
+            Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(path)
+            # Every fourth image carries a wrong label, so the gallery has hostile file names.
+            label = names[(digit + 1) % 3] if n % 4 == 0 else name
+            rows.append(
+                f'"{path.relative_to(data).as_posix().replace(chr(34), chr(34) * 2)}","{label}"'
+            )
+    (data / "labeled" / "labels.csv").write_text("\n".join(rows) + "\n")
+    ingest_dir = root / "ingest"
+    ingest.run(data, ingest_dir, params)
+    manifest = pd.read_csv(ingest_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    table = root / "train.csv"
+    manifest[manifest["split"] == "train"].to_csv(table, index=False)
+    augment.run(
+        table, ingest_dir / "images.npy", ingest_dir / "classes.json", root / "augment", params
+    )
+    train.run(
+        table_path=table,
+        images_path=ingest_dir / "images.npy",
+        classes_path=ingest_dir / "classes.json",
+        augment_dir=root / "augment",
+        pseudo_dir=None,
+        model_dir=root / "model",
+        report_dir=root / "train",
+        live_dir=root / "live",
+        state_dir=root / ".state",
+        params=params,
+    )
+    metrics = evaluate.run(
+        root / "model", ingest_dir, root / "train", root / "evaluate", params, "r000"
+    )
+    return root / "evaluate", metrics
+
+
+def test_report_escapes_hostile_class_and_file_names(hostile_report):
+    folder, metrics = hostile_report
+    page = (folder / "report.html").read_text()
+    assert "<script" not in page.lower()
+    assert "onerror=alert" not in page.replace("onerror=alert(1)&gt;", "")  # only escaped copies
+    assert html.escape(HOSTILE_CLASS) in page
+    assert html.escape(HOSTILE_FILE, quote=True) in page
+    predictions = pd.read_csv(folder / "predictions.csv", dtype=str, keep_default_na=False)
+    assert HOSTILE_CLASS in set(predictions["actual"])
+    assert metrics["test_images"] == len(predictions)
+    for name in ("metrics.json", "per_class.csv", "slices.csv", "confusion.png", "reliability.png"):
+        assert (folder / name).is_file()
+
+
+def test_report_renders_in_a_real_browser_without_console_errors(hostile_report, tmp_path):
+    browser_path = chromium()
+    if browser_path is None:
+        pytest.skip("no chromium on this machine (CI installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    folder, _ = hostile_report
+    wrong = (pd.read_csv(folder / "predictions.csv", dtype=str)["correct"] == "False").sum()
+    assert wrong > 0
+    errors, dialogs = [], []
+    args = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",  # fresh profile: playwright
+    ]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=args)
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto((folder / "report.html").resolve().as_uri())
+        tiles = page.locator("#gallery .tile").count()
+        broken = page.evaluate(
+            "[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length"
+        )
+        scripts = page.locator("script").count()
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        browser.close()
+    assert tiles == min(wrong, 200)
+    assert broken == 0 and scripts == 0
+    assert errors == [] and dialogs == []
+    shutil.copy(tmp_path / "report.png", folder / "screenshot.png")
