@@ -1,6 +1,7 @@
 """The README's main path in a temporary git repo: demo-data, dvc repro, add-pool, dvc repro."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,8 +19,16 @@ pytestmark = pytest.mark.slow
 E2E = {"clean": {"folds": 3, "epochs": 4}, "train": {"epochs": 4}}
 
 
+GIT_IDENTITY = {
+    f"GIT_{who}_{what}": value
+    for who in ("AUTHOR", "COMMITTER")
+    for what, value in (("NAME", "pipeline tests"), ("EMAIL", "tests@example.invalid"))
+}
+
+
 def sh(cwd, *args, check=True):
-    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True)
+    env = {**os.environ, **GIT_IDENTITY}
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
