@@ -31,13 +31,22 @@ def generate(data: Path, n: int, seed: int = 0) -> None:
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    base = np.stack([np.asarray(Image.fromarray((d * 16).clip(0, 255).astype(np.uint8)).resize((28, 28))) for d in digits.images])
+    base = np.stack(
+        [
+            np.asarray(Image.fromarray((d * 16).clip(0, 255).astype(np.uint8)).resize((28, 28)))
+            for d in digits.images
+        ]
+    )
     for c in range(10):
         (data / "labeled" / str(c)).mkdir(parents=True, exist_ok=True)
     picks = rng.integers(0, len(base), n)
     for i, k in enumerate(picks):
-        noisy = np.clip(base[k].astype(np.int16) + rng.integers(-20, 21, (28, 28)), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(data / "labeled" / str(digits.target[k]) / f"img_{i:06d}.png", compress_level=1)
+        noisy = np.clip(base[k].astype(np.int16) + rng.integers(-20, 21, (28, 28)), 0, 255).astype(
+            np.uint8
+        )
+        Image.fromarray(noisy).save(
+            data / "labeled" / str(digits.target[k]) / f"img_{i:06d}.png", compress_level=1
+        )
 
 
 def child(data: Path, out: Path) -> None:
@@ -60,7 +69,9 @@ def child(data: Path, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
@@ -76,7 +87,9 @@ def main() -> None:
             gen = time.perf_counter() - t0
             result = subprocess.run(
                 [sys.executable, __file__, "--child", str(data), str(Path(tmp) / "out")],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             r = json.loads(result.stdout.strip().splitlines()[-1])
         array_mib = r["images"] * 28 * 28 / 2**20

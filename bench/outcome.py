@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,17 +35,25 @@ from pipeline.config import load_params  # noqa: E402
 def train_and_test(work: Path, name: str, table: Path, params, pseudo: Path | None) -> float:
     ing = work / "ingest"
     train.run(
-        table_path=table, images_path=ing / "images.npy", classes_path=ing / "classes.json",
-        augment_dir=work / "augment", pseudo_dir=pseudo, model_dir=work / name / "model",
-        report_dir=work / name / "train", live_dir=work / name / "live", state_dir=work / name / ".state",
+        table_path=table,
+        images_path=ing / "images.npy",
+        classes_path=ing / "classes.json",
+        augment_dir=work / "augment",
+        pseudo_dir=pseudo,
+        model_dir=work / name / "model",
+        report_dir=work / name / "train",
+        live_dir=work / name / "live",
+        state_dir=work / name / ".state",
         params=params,
     )
-    metrics = evaluate.run(work / name / "model", ing, work / name / "train", work / name / "eval", params, name)
+    metrics = evaluate.run(
+        work / name / "model", ing, work / name / "train", work / name / "eval", params, name
+    )
     return metrics["accuracy"]
 
 
-def one_seed(seed: int) -> dict:
-    params = load_params(ROOT / "params.yaml", {"base.seed": seed})
+def one_seed(seed: int, overrides: dict) -> dict:
+    params = load_params(ROOT / "params.yaml", {**overrides, "base.seed": seed})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "data"
@@ -55,7 +64,13 @@ def one_seed(seed: int) -> dict:
         noisy, true = work / "noisy.csv", work / "true.csv"
         rows.to_csv(noisy, index=False)
         rows.assign(label=rows["true_label"]).to_csv(true, index=False)
-        augment.run(noisy, work / "ingest" / "images.npy", work / "ingest" / "classes.json", work / "augment", params)
+        augment.run(
+            noisy,
+            work / "ingest" / "images.npy",
+            work / "ingest" / "classes.json",
+            work / "augment",
+            params,
+        )
         started = time.perf_counter()
         result = {"seed": seed}
         result["noisy"] = train_and_test(work, "noisy", noisy, params, None)
@@ -69,12 +84,20 @@ def one_seed(seed: int) -> dict:
         pools = sorted(p.name for p in (data / "unlabeled").iterdir())
         for index in range(len(pools) + 1):
             name = f"r{index:03d}"
-            result[name] = train_and_test(work, name, work / "clean" / "train.csv", params, pseudo_in)
+            result[name] = train_and_test(
+                work, name, work / "clean" / "train.csv", params, pseudo_in
+            )
             if index < len(pools):
                 pm = pseudolabel.run(
-                    round_name=name, pool=pools[index], data_dir=data, model_dir=work / name / "model",
-                    ingest_dir=work / "ingest", pseudo_in=pseudo_in, out_dir=work / name / "pseudo",
-                    report_dir=work / name / "pseudo_report", params=params,
+                    round_name=name,
+                    pool=pools[index],
+                    data_dir=data,
+                    model_dir=work / name / "model",
+                    ingest_dir=work / "ingest",
+                    pseudo_in=pseudo_in,
+                    out_dir=work / name / "pseudo",
+                    report_dir=work / name / "pseudo_report",
+                    params=params,
                 )
                 result[f"{name}_pseudo_accuracy"] = pm.get("pseudo_label_accuracy")
                 result[f"{name}_pseudo_accepted"] = pm["accepted"]
@@ -85,12 +108,18 @@ def one_seed(seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "outcome.json")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    results = [one_seed(seed) for seed in args.seeds]
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    results = [one_seed(seed, overrides) for seed in args.seeds]
     table = pd.DataFrame(results)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     mean = table[["noisy", "true", "pipeline"]].mean()

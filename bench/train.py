@@ -50,7 +50,14 @@ def bare_epoch(model, optimizer, images, labels, policy, batch_size, device) -> 
 def bare_inference(model, images, batch_size, device) -> None:
     model.eval()
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = (
+            torch.from_numpy(images[start : start + batch_size])
+            .to(device)
+            .permute(0, 3, 1, 2)
+            .float()
+            .div_(127.5)
+            .sub_(1.0)
+        )
         model(x).softmax(1)
 
 
@@ -65,7 +72,9 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -85,12 +94,16 @@ def main() -> None:
     def stage_run():
         torch.manual_seed(0)
         model = build_model(cfg.model, 1, 10)
-        train.fit(model, samples, None, cfg, seed=0, device=device, policies=policies, epochs=args.epochs)
+        train.fit(
+            model, samples, None, cfg, seed=0, device=device, policies=policies, epochs=args.epochs
+        )
 
     def bare_run():
         torch.manual_seed(0)
         model = build_model(cfg.model, 1, 10).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
         for _ in range(args.epochs):
             bare_epoch(model, optimizer, images, labels, policies[-1], cfg.batch_size, device)
 
@@ -103,7 +116,12 @@ def main() -> None:
         bare_inference(model, images, 1024, device)
 
     best = {"stage_train": 0.0, "bare_train": 0.0, "stage_infer": 0.0, "bare_infer": 0.0}
-    work = {"stage_train": stage_run, "bare_train": bare_run, "stage_infer": stage_infer, "bare_infer": bare_infer}
+    work = {
+        "stage_train": stage_run,
+        "bare_train": bare_run,
+        "stage_infer": stage_infer,
+        "bare_infer": bare_infer,
+    }
     for _ in range(args.repeats):
         for name, fn in work.items():
             n = args.images * (args.epochs if "train" in name else 1)
@@ -118,9 +136,15 @@ def main() -> None:
         "inference_ratio": best["stage_infer"] / best["bare_infer"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    print(f"device {device}, {torch.get_num_threads()} threads, {args.images} images of 28x28, batch {cfg.batch_size}")
-    print(f"train:     stage {best['stage_train']:8.0f} img/s | bare loop {best['bare_train']:8.0f} img/s | ratio {result['train_ratio']:.3f}")
-    print(f"inference: stage {best['stage_infer']:8.0f} img/s | bare loop {best['bare_infer']:8.0f} img/s | ratio {result['inference_ratio']:.3f}")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, {args.images} images of 28x28, batch {cfg.batch_size}"
+    )
+    print(
+        f"train:     stage {best['stage_train']:8.0f} img/s | bare loop {best['bare_train']:8.0f} img/s | ratio {result['train_ratio']:.3f}"
+    )
+    print(
+        f"inference: stage {best['stage_infer']:8.0f} img/s | bare loop {best['bare_infer']:8.0f} img/s | ratio {result['inference_ratio']:.3f}"
+    )
     print(f"peak RSS {result['peak_rss_mib']:.0f} MiB")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

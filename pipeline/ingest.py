@@ -81,13 +81,15 @@ def read_csv_manifest(
     """Rows of a `path,label` CSV whose paths stay inside data/; the rest are quarantined."""
     try:
         with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-            columns = set(rows[0]) if rows else set()
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = [c for c in reader.fieldnames or [] if c is not None]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise PipelineError(f"{_rel(data_dir, csv_path)} is not a readable CSV: {exc}") from None
-    if rows and not {"path", "label"} <= columns:
+    if not {"path", "label"} <= set(columns):
         raise PipelineError(
-            f"{_rel(data_dir, csv_path)} needs the columns path,label; it has {','.join(sorted(columns))}"
+            f"{_rel(data_dir, csv_path)} needs a header with the columns path,label; "
+            f"it has {','.join(columns) or 'none'}"
         )
     candidates, quarantine = [], []
     for line, row in enumerate(rows, start=2):
