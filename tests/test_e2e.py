@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,9 +45,8 @@ def stages_ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repo")
+def make_repo(root: Path) -> tuple[Path, dict]:
+    """A git + DVC project with the demo data written; returns (root, hash of data/)."""
     for name in ("pipeline", "dvc.yaml", ".gitignore", "data"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
@@ -58,7 +58,12 @@ def repo(tmp_path_factory):
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "project")
     sh(root, sys.executable, "-m", "pipeline", "demo-data")
-    raw_hash = tree_hash(root / "data")
+    return root, tree_hash(root / "data")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root, raw_hash = make_repo(tmp_path_factory.mktemp("repo"))
     first = dvc(root, "repro")
     return root, first.stdout, raw_hash
 

@@ -1,0 +1,66 @@
+"""Fault injection: `dvc repro` killed (SIGKILL) at random moments, then rerun to the end.
+
+The interrupted project must end up exactly where an uninterrupted one does: `dvc status`
+clean, the same metrics (CPU, same seed), and raw data untouched.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import tree_hash
+from .test_e2e import GIT_IDENTITY, make_repo, sh, stages_ran
+
+pytestmark = pytest.mark.slow
+
+METRICS = [
+    "artifacts/ingest/metrics.json",
+    "artifacts/clean/metrics.json",
+    "artifacts/reports/r000/evaluate/metrics.json",
+    "artifacts/reports/r001/evaluate/metrics.json",
+    "artifacts/reports/r001/pseudolabel/metrics.json",
+    "artifacts/summary/metrics.json",
+]
+
+
+def _metrics(root):
+    return {name: json.loads((root / name).read_text()) for name in METRICS}
+
+
+def _kill_repro_after(root, seconds: float) -> bool:
+    """Start `dvc repro`, SIGKILL its whole process group after `seconds`; True if it was killed."""
+    env = {**os.environ, **GIT_IDENTITY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"], cwd=root, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        proc.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def test_repro_killed_at_random_moments_finishes_with_identical_results(tmp_path_factory):
+    reference, _ = make_repo(tmp_path_factory.mktemp("reference"))
+    sh(reference, sys.executable, "-m", "dvc", "repro")
+    expected = _metrics(reference)
+
+    faulty, raw_hash = make_repo(tmp_path_factory.mktemp("faulty"))
+    rng = random.Random(20261128)
+    kills = 0
+    for _ in range(4):
+        kills += _kill_repro_after(faulty, rng.uniform(4, 30))
+    assert kills >= 3, "the pipeline finished before the faults could be injected"
+    final = sh(faulty, sys.executable, "-m", "dvc", "repro")
+    assert "summarize" in stages_ran(final.stdout) or (faulty / "artifacts/summary/metrics.json").is_file()
+    assert "up to date" in sh(faulty, sys.executable, "-m", "dvc", "status").stdout
+    assert _metrics(faulty) == expected
+    assert tree_hash(faulty / "data") == raw_hash
