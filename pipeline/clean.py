@@ -7,7 +7,7 @@ Writes  <out>/train.csv        the cleaned training table the train stage reads
         <out>/embeddings.npy   (N, D) out-of-sample penultimate features
         <out>/metrics.json     issues per type, noise estimate, label health, truth precision/recall
         <out>/report.html      gallery of flagged samples, worst first
-Params  base, clean, train (the model family), augment (the K-fold models train with it)
+Params  base, clean (its own short K-fold recipe), train.model (the model family), augment
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline import report
 from pipeline.augment import build_policies
-from pipeline.config import Params, to_dict
+from pipeline.config import Params, TrainConfig, to_dict
 from pipeline.errors import PipelineError
 from pipeline.ingest import confine
 from pipeline.io import (
@@ -65,6 +65,13 @@ def kfold_pred_probs(
             f"clean.folds ({folds}): lower clean.folds or add images to that class"
         )
     device = pick_device()
+    recipe = TrainConfig(
+        model=params.train.model,
+        lr=params.clean.lr,
+        batch_size=params.clean.batch_size,
+        epochs=params.clean.epochs,
+        num_workers=params.train.num_workers,
+    )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.base.seed)
     pred_probs = np.zeros((len(labels), n_classes), np.float32)
     embeddings = None
@@ -77,11 +84,10 @@ def kfold_pred_probs(
             model,
             Samples(images[train_idx], labels[train_idx]),
             None,
-            params.train,
+            recipe,
             seed=params.base.seed + fold,
             device=device,
             policies=policies,
-            epochs=params.clean.epochs,
             desc=f"  fold {fold + 1}/{folds}",
         )
         probs, feats = predict_proba([model], images[held_idx], device, embeddings=True)

@@ -259,6 +259,81 @@ def lr_find(
     return suggestion
 
 
+@app.command()
+def tune(
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="KEY=LOW:HIGH log-scale range; repeat")
+    ] = None,
+    per_decade: Annotated[int, typer.Option(min=1, help="mesh values per decade")] = 2,
+    jitter: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="random shift, share of a cell")
+    ] = 0.5,
+    epochs: Annotated[int | None, typer.Option(min=1, help="short schedule for every run")] = None,
+    run: Annotated[bool, typer.Option("--run", help="start the queue and wait for it")] = False,
+    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, help="queue workers with --run")] = 1,
+    refine: Annotated[
+        bool, typer.Option("--refine", help="queue a finer mesh around the best")
+    ] = False,
+    report: Annotated[
+        bool, typer.Option("--report", help="table and heat map of finished runs")
+    ] = False,
+    apply: Annotated[
+        str | None, typer.Option("--apply", help="write this experiment's values")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="validation metric to maximize")] = "ensemble_val_acc",
+    seed: Annotated[int, typer.Option(help="seed of the jitter")] = 0,
+    unlock_batch_size: Annotated[bool, typer.Option(help="allow tuning train.batch_size")] = False,
+    out: OutOpt = Path("artifacts/tune"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """Jittered log-scale grid search as DVC experiments; refine, report, apply the best."""
+    from pipeline import tune as stage
+    from pipeline.io import read_json, write_json
+
+    state_path = out / "state.json"
+    if param:
+        ranges = [stage.parse_range(p, unlock_batch_size=unlock_batch_size) for p in param]
+        keys = [r.key for r in ranges]
+    elif state_path.is_file():
+        keys = read_json(state_path)["keys"]
+    else:
+        raise PipelineError(
+            "no tuning yet: start with --param KEY=LOW:HIGH (e.g. train.lr=1e-4:1e-1)"
+        )
+    if apply:
+        applied = stage.apply(apply, keys, params, metric)
+        typer.echo(f"wrote {', '.join(f'{k}={v}' for k, v in applied.items())} into {params}")
+        return applied
+    if report or refine:
+        results = stage.experiments(metric)
+        if results.empty:
+            raise PipelineError("no finished experiment yet: run `dvc queue start` or `tune --run`")
+        table = stage.report(results, keys, metric, out / "report")
+        typer.echo(table.to_string(index=False))
+        typer.echo(f"report: {out / 'report' / 'tune.csv'}, {out / 'report' / 'heatmap.png'}")
+        if not refine:
+            return {"best": table.iloc[0].to_dict()}
+        points, borders = stage.refine_mesh(results, keys, metric)
+        for key, side in borders.items():
+            if side:
+                typer.echo(f"best {key} is on the {side} border: the new mesh extends past it")
+        names = stage.queue(points, epochs=epochs, prefix="refine")
+    else:
+        if not param:
+            raise PipelineError("give the ranges to search with --param KEY=LOW:HIGH")
+        points = stage.build_mesh(ranges, per_decade, jitter, seed)
+        names = stage.queue(points, epochs=epochs, prefix="tune")
+    write_json(state_path, {"keys": keys, "metric": metric})
+    write_json(out / "proposed.json", points)
+    typer.echo(f"queued {len(names)} experiments")
+    if run:
+        stage.run_queue(jobs)
+        typer.echo("done; see `python -m pipeline tune --report`")
+    else:
+        typer.echo("start them with `dvc queue start` (or rerun with --run)")
+    return {"queued": names, "points": points}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "dvclive", "dvc", "urllib3", "filelock"):

@@ -193,7 +193,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class CleanConfig:
     folds: int = num(5, 2, 20)
-    epochs: int = num(10, 1, 1000)  # the short schedule used for each fold
+    # K-fold models share train.model but have their own short recipe, so tuning the final
+    # model's optimizer (train.lr, ...) does not rerun cleaning.
+    epochs: int = num(10, 1, 1000)
+    lr: float = num(3e-3, 0.0, 10.0, open_lo=True)
+    batch_size: int = num(64, 1, 65536)
     filter_by: str = choice(
         "prune_by_noise_rate",
         "prune_by_class",

@@ -36,8 +36,12 @@ def _kill_repro_after(root, seconds: float) -> bool:
     """Start `dvc repro`, SIGKILL its whole process group after `seconds`; True if it was killed."""
     env = {**os.environ, **GIT_IDENTITY}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro"], cwd=root, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "dvc", "repro"],
+        cwd=root,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         proc.wait(timeout=seconds)
@@ -60,7 +64,10 @@ def test_repro_killed_at_random_moments_finishes_with_identical_results(tmp_path
         kills += _kill_repro_after(faulty, rng.uniform(4, 30))
     assert kills >= 3, "the pipeline finished before the faults could be injected"
     final = sh(faulty, sys.executable, "-m", "dvc", "repro")
-    assert "summarize" in stages_ran(final.stdout) or (faulty / "artifacts/summary/metrics.json").is_file()
+    assert (
+        "summarize" in stages_ran(final.stdout)
+        or (faulty / "artifacts/summary/metrics.json").is_file()
+    )
     assert "up to date" in sh(faulty, sys.executable, "-m", "dvc", "status").stdout
     assert _metrics(faulty) == expected
     assert tree_hash(faulty / "data") == raw_hash
