@@ -334,6 +334,21 @@ def tune(
     return {"queued": names, "points": points}
 
 
+@app.command()
+def ensemble(
+    experiments: Annotated[list[str], typer.Argument(help="finished experiment names")],
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    out: OutOpt = Path("artifacts/tune/ensemble"),
+) -> list[dict]:
+    """Average the checkpoint ensembles of several finished experiments; report the gain."""
+    from pipeline import tune as stage
+
+    folders = stage.fetch_models(experiments, out)
+    table = stage.ensemble_runs(folders, ingest_dir)
+    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return table.to_dict(orient="records")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "dvclive", "dvc", "urllib3", "filelock"):

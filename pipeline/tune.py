@@ -277,3 +277,59 @@ def apply(name: str, keys: list[str], params_path: Path, metric: str = DEFAULT_M
     with open(params_path, "w", encoding="utf-8") as f:
         yaml.dump(doc, f)
     return applied
+
+
+# --------------------------------------------------------------------------------------------
+# Ensembles across runs
+
+
+def fetch_models(
+    names: list[str], dest: Path, model_path: str = "artifacts/rounds/r000/model"
+) -> list[Path]:
+    """Copy each finished experiment's checkpoint ensemble out of DVC's cache into dest/<name>."""
+    from dvc.fs import DVCFileSystem
+
+    shown = json.loads(dvc("exp", "show", "--json").stdout or "[]")
+    revs = {
+        rev.get("name") or exp.get("name"): rev["rev"]
+        for entry in shown
+        for exp in entry.get("experiments") or []
+        for rev in exp.get("revs") or []
+    }
+    folders = []
+    for name in names:
+        if name not in revs:
+            raise PipelineError(
+                f"no experiment named {name!r}; known: {', '.join(sorted(revs)) or 'none'}"
+            )
+        target = dest / name
+        DVCFileSystem(url=".", rev=revs[name]).get(model_path, str(target), recursive=True)
+        folders.append(target)
+    return folders
+
+
+def ensemble_runs(model_dirs: list[Path], ingest_dir: Path) -> pd.DataFrame:
+    """Test accuracy of each run's checkpoint ensemble and of all of them averaged."""
+    from pipeline.io import read_array, read_json, read_table
+    from pipeline.train import load_ensemble
+
+    classes = read_json(ingest_dir / "classes.json")
+    manifest = read_table(ingest_dir / "manifest.csv")
+    test = manifest[manifest["split"] == "test"]
+    images = np.ascontiguousarray(
+        read_array(ingest_dir / "images.npy")[test["row"].astype(int).to_numpy()]
+    )
+    labels = test["label"].map(classes.index).to_numpy()
+    rows, probs = [], []
+    for folder in model_dirs:
+        ensemble = load_ensemble(folder)
+        if ensemble.classes != classes:
+            raise PipelineError(f"{folder} was trained on other classes than {ingest_dir}")
+        p = ensemble.predict(images)
+        probs.append(p)
+        rows.append({"run": folder.name, "test_accuracy": float((p.argmax(1) == labels).mean())})
+    combined = float((np.mean(probs, axis=0).argmax(1) == labels).mean())
+    rows.append({"run": "ensemble of all", "test_accuracy": combined})
+    table = pd.DataFrame(rows)
+    table["gain_over_best_single"] = combined - table["test_accuracy"].iloc[:-1].max()
+    return table

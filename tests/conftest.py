@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small and fast, but the same code paths as the demo.
 FAST = {
     "base": {"image_size": 8},
-    "clean": {"folds": 3, "epochs": 8},
+    "clean": {"folds": 3, "epochs": 8, "batch_size": 32},
     "train": {"epochs": 4, "batch_size": 32, "model": {"width": 8, "blocks": [1, 1]}, "top_k": 2},
     "augment": {"preview_rows": 3, "preview_copies": 2},
 }
@@ -136,3 +139,72 @@ def train_table(ingest_dir: Path) -> Path:
     path = ingest_dir.parent / "train.csv"
     manifest[manifest["split"] == "train"].to_csv(path, index=False)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# A real project: git + DVC + the demo data, for the end-to-end tests
+
+E2E = {"clean": {"folds": 3, "epochs": 4}, "train": {"epochs": 4}}
+
+
+GIT_IDENTITY = {
+    f"GIT_{who}_{what}": value
+    for who in ("AUTHOR", "COMMITTER")
+    for what, value in (("NAME", "pipeline tests"), ("EMAIL", "tests@example.invalid"))
+}
+
+
+def sh(cwd, *args, check=True):
+    env = {**os.environ, **GIT_IDENTITY}
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def dvc(cwd, *args, check=True):
+    return sh(cwd, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def stages_ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def make_repo(root: Path) -> tuple[Path, dict]:
+    """A git + DVC project with the demo data written; returns (root, hash of data/)."""
+    for name in ("pipeline", "dvc.yaml", ".gitignore", "data"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    shutil.rmtree(root / "pipeline" / "__pycache__", ignore_errors=True)
+    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), E2E)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    sh(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-qm", "project")
+    sh(root, sys.executable, "-m", "pipeline", "demo-data")
+    return root, tree_hash(root / "data")
+
+
+DEMO_METRICS = [
+    "artifacts/ingest/metrics.json",
+    "artifacts/clean/metrics.json",
+    "artifacts/reports/r000/evaluate/metrics.json",
+    "artifacts/reports/r001/evaluate/metrics.json",
+    "artifacts/reports/r001/pseudolabel/metrics.json",
+    "artifacts/summary/metrics.json",
+]
+
+
+def demo_metrics(root: Path) -> dict:
+    return {name: json.loads((root / name).read_text()) for name in DEMO_METRICS}
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory):
+    """The demo project after its first `dvc repro`: (root, repro output, data hash, metrics)."""
+    root, raw_hash = make_repo(tmp_path_factory.mktemp("repo"))
+    first = dvc(root, "repro")
+    return root, first.stdout, raw_hash, demo_metrics(root)

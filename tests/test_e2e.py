@@ -1,71 +1,22 @@
 """The README's main path in a temporary git repo: demo-data, dvc repro, add-pool, dvc repro."""
 
 import json
-import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from .conftest import ROOT, deep_update, tree_hash
+from .conftest import dvc, sh, stages_ran, tree_hash
 
 pytestmark = pytest.mark.slow
 
-E2E = {"clean": {"folds": 3, "epochs": 4}, "train": {"epochs": 4}}
-
-
-GIT_IDENTITY = {
-    f"GIT_{who}_{what}": value
-    for who in ("AUTHOR", "COMMITTER")
-    for what, value in (("NAME", "pipeline tests"), ("EMAIL", "tests@example.invalid"))
-}
-
-
-def sh(cwd, *args, check=True):
-    env = {**os.environ, **GIT_IDENTITY}
-    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
-    return result
-
-
-def dvc(cwd, *args, check=True):
-    return sh(cwd, sys.executable, "-m", "dvc", *args, check=check)
-
-
-def stages_ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
-
-
-def make_repo(root: Path) -> tuple[Path, dict]:
-    """A git + DVC project with the demo data written; returns (root, hash of data/)."""
-    for name in ("pipeline", "dvc.yaml", ".gitignore", "data"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
-    shutil.rmtree(root / "pipeline" / "__pycache__", ignore_errors=True)
-    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), E2E)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    sh(root, "git", "init", "-q")
-    dvc(root, "init", "-q")
-    sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-qm", "project")
-    sh(root, sys.executable, "-m", "pipeline", "demo-data")
-    return root, tree_hash(root / "data")
-
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root, raw_hash = make_repo(tmp_path_factory.mktemp("repo"))
-    first = dvc(root, "repro")
-    return root, first.stdout, raw_hash
+def repo(demo_repo):
+    root, output, raw_hash, _ = demo_repo
+    return root, output, raw_hash
 
 
 def test_demo_repro_runs_every_stage_and_reports(repo):

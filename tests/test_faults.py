@@ -4,7 +4,6 @@ The interrupted project must end up exactly where an uninterrupted one does: `dv
 clean, the same metrics (CPU, same seed), and raw data untouched.
 """
 
-import json
 import os
 import random
 import signal
@@ -13,23 +12,9 @@ import sys
 
 import pytest
 
-from .conftest import tree_hash
-from .test_e2e import GIT_IDENTITY, make_repo, sh, stages_ran
+from .conftest import GIT_IDENTITY, demo_metrics, make_repo, sh, stages_ran, tree_hash
 
 pytestmark = pytest.mark.slow
-
-METRICS = [
-    "artifacts/ingest/metrics.json",
-    "artifacts/clean/metrics.json",
-    "artifacts/reports/r000/evaluate/metrics.json",
-    "artifacts/reports/r001/evaluate/metrics.json",
-    "artifacts/reports/r001/pseudolabel/metrics.json",
-    "artifacts/summary/metrics.json",
-]
-
-
-def _metrics(root):
-    return {name: json.loads((root / name).read_text()) for name in METRICS}
 
 
 def _kill_repro_after(root, seconds: float) -> bool:
@@ -52,10 +37,10 @@ def _kill_repro_after(root, seconds: float) -> bool:
         return True
 
 
-def test_repro_killed_at_random_moments_finishes_with_identical_results(tmp_path_factory):
-    reference, _ = make_repo(tmp_path_factory.mktemp("reference"))
-    sh(reference, sys.executable, "-m", "dvc", "repro")
-    expected = _metrics(reference)
+def test_repro_killed_at_random_moments_finishes_with_identical_results(
+    demo_repo, tmp_path_factory
+):
+    expected = demo_repo[3]  # the same project, run once without faults
 
     faulty, raw_hash = make_repo(tmp_path_factory.mktemp("faulty"))
     rng = random.Random(20261128)
@@ -69,5 +54,5 @@ def test_repro_killed_at_random_moments_finishes_with_identical_results(tmp_path
         or (faulty / "artifacts/summary/metrics.json").is_file()
     )
     assert "up to date" in sh(faulty, sys.executable, "-m", "dvc", "status").stdout
-    assert _metrics(faulty) == expected
+    assert demo_metrics(faulty) == expected
     assert tree_hash(faulty / "data") == raw_hash

@@ -11,8 +11,7 @@ import yaml
 from pipeline import tune
 from pipeline.errors import PipelineError
 
-from .conftest import ROOT, write_digits, write_params, write_truth
-from .test_e2e import sh
+from .conftest import ROOT, sh, write_digits, write_params, write_truth
 
 
 def test_mesh_is_log_spaced_jittered_within_cells_and_seeded():
