@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline import report
 from pipeline.config import AugmentConfig, BaseConfig, Params, to_dict, transform_names
 from pipeline.errors import PipelineError
 from pipeline.io import (
@@ -127,10 +128,7 @@ def render_preview(
     copies: int,
 ) -> None:
     """One row per sample: the original, then `copies` augmented versions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     rows = len(images)
     fig, axes = plt.subplots(

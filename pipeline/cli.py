@@ -2,6 +2,7 @@
 
 Commands return what they computed, so tests can call them directly. User errors
 (PipelineError) print one line and exit with status 1; there is no traceback for them.
+Each command imports its stage module itself, so `--help` and ingest never pay for torch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.config import Params, load_params
+from pipeline.config import load_params
 from pipeline.errors import PipelineError
 
 app = typer.Typer(
@@ -29,10 +30,6 @@ OutOpt = Annotated[Path, typer.Option("--out", help="folder the stage writes")]
 IngestOpt = Annotated[Path, typer.Option("--ingest", help="the ingest stage's output folder")]
 
 
-def _params(path: Path) -> Params:
-    return load_params(path)
-
-
 @app.command("demo-data")
 def demo_data(
     data_dir: DataOpt = Path("data"),
@@ -42,7 +39,7 @@ def demo_data(
     """Write scikit-learn's digits into data/ with flipped labels, pools and truth.csv."""
     from pipeline import demo
 
-    return demo.run(data_dir, _params(params), register=register)
+    return demo.run(data_dir, load_params(params), register=register)
 
 
 @app.command()
@@ -54,7 +51,7 @@ def ingest(
     """Scan data/, quarantine bad files with a reason, pack images into one array."""
     from pipeline import ingest as stage
 
-    return stage.run(data_dir, out, _params(params))
+    return stage.run(data_dir, out, load_params(params))
 
 
 @app.command()
@@ -67,7 +64,7 @@ def clean(
     """K-fold out-of-sample probabilities, cleanlab label issues, decisions and a gallery."""
     from pipeline import clean as stage
 
-    return stage.run(ingest_dir, data_dir, out, _params(params))
+    return stage.run(ingest_dir, data_dir, out, load_params(params))
 
 
 @app.command()
@@ -83,7 +80,7 @@ def augment(
     from pipeline import augment as stage
 
     return stage.run(
-        table, ingest_dir / "images.npy", ingest_dir / "classes.json", out, _params(params)
+        table, ingest_dir / "images.npy", ingest_dir / "classes.json", out, load_params(params)
     )
 
 
@@ -119,7 +116,7 @@ def train(
         report_dir=report,
         live_dir=live,
         state_dir=model.parent / f".{model.name}.state",
-        params=_params(params),
+        params=load_params(params),
     )
 
 
@@ -137,7 +134,7 @@ def evaluate(
     model = model or Path(f"artifacts/rounds/{round_name}/model")
     out = out or Path(f"artifacts/reports/{round_name}/evaluate")
     train_report = out.parent / "train"
-    return stage.run(model, ingest_dir, train_report, out, _params(params), round_name)
+    return stage.run(model, ingest_dir, train_report, out, load_params(params), round_name)
 
 
 @app.command("show-errors")
@@ -169,7 +166,7 @@ def init_pseudo(
     """Write the empty pseudo-label set that round 0 trains with."""
     from pipeline.pseudolabel import init_pseudo as stage
 
-    stage(out, _params(params).base)
+    stage(out, load_params(params).base)
 
 
 @app.command()
@@ -195,7 +192,7 @@ def pseudolabel(
         pseudo_in=pseudo_in,
         out_dir=Path(f"artifacts/rounds/{round_name}/pseudo"),
         report_dir=Path(f"artifacts/reports/{round_name}/pseudolabel"),
-        params=_params(params),
+        params=load_params(params),
     )
 
 
@@ -253,7 +250,7 @@ def lr_find(
     from pipeline import lr_find as stage
 
     suggestion = stage.run(
-        table, ingest_dir, out, _params(params), steps=steps, write=params if write else None
+        table, ingest_dir, out, load_params(params), steps=steps, write=params if write else None
     )
     typer.echo(f"suggested train.lr: {suggestion:.3g}")
     return suggestion
@@ -308,7 +305,7 @@ def tune(
         results = stage.experiments(metric)
         if results.empty:
             raise PipelineError("no finished experiment yet: run `dvc queue start` or `tune --run`")
-        table = stage.report(results, keys, metric, out / "report")
+        table = stage.write_report(results, keys, metric, out / "report")
         typer.echo(table.to_string(index=False))
         typer.echo(f"report: {out / 'report' / 'tune.csv'}, {out / 'report' / 'heatmap.png'}")
         if not refine:

@@ -139,10 +139,7 @@ def slice_accuracy(
 
 
 def plot_confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     size = max(4.0, 0.5 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -168,10 +165,7 @@ def plot_confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
 
 
 def plot_reliability(path: Path, table: pd.DataFrame, ece: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     centers = (table["low"] + table["high"]) / 2

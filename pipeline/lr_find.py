@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ruamel.yaml import YAML
 from tqdm import tqdm
 
+from pipeline import report
 from pipeline.augment import build_policies
 from pipeline.config import Params
 from pipeline.io import atomic_dir, read_array, read_json, read_table, write_table
@@ -82,10 +83,7 @@ def suggest(curve: pd.DataFrame) -> float:
 
 
 def plot(path: Path, curve: pd.DataFrame, suggestion: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(curve["lr"], curve["loss"], alpha=0.3, label="loss")

@@ -298,10 +298,7 @@ def pseudo_metrics(
 
 
 def plot_confidence(path: Path, candidates: pd.DataFrame) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(0, 1, 41)

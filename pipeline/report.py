@@ -88,3 +88,13 @@ def _fmt(value: object) -> str:
     if isinstance(value, float | np.floating):
         return f"{value:.3f}"
     return str(value)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

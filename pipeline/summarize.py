@@ -75,10 +75,7 @@ def changes(reports: Path, rounds: list[str]) -> list[dict]:
 
 
 def plot_rounds(path: Path, table: pd.DataFrame) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     fig, ax1 = plt.subplots(figsize=(7, 4))
     x = np.arange(len(table))

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pipeline import report
 from pipeline.augment import apply_policy, load_transforms, reseed
 from pipeline.config import ModelConfig, Params, TrainConfig, parse, to_dict
 from pipeline.errors import PipelineError
@@ -696,10 +697,7 @@ def write_report(report_dir: Path, result: FitResult, config: dict, summary: dic
 
 def plot_diagnostics(path: Path, history: list[dict]) -> None:
     """Loss curves, gradient norm, update ratios, dead units and pre-activation histograms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))

@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 from ruamel.yaml import YAML
 
+from pipeline import report
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, write_table
+from pipeline.io import atomic_dir, read_array, read_json, read_table, write_table
+from pipeline.train import load_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +205,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 # Report and apply
 
 
-def report(results: pd.DataFrame, keys: list[str], metric: str, out_dir: Path) -> pd.DataFrame:
+def write_report(
+    results: pd.DataFrame, keys: list[str], metric: str, out_dir: Path
+) -> pd.DataFrame:
     """Write tune.csv and a heat map of the metric over the first two keys; return the table."""
     table = (
         results[["name", *keys, metric]].sort_values(metric, ascending=False).reset_index(drop=True)
@@ -216,10 +220,7 @@ def report(results: pd.DataFrame, keys: list[str], metric: str, out_dir: Path) -
 
 
 def plot_heatmap(path: Path, table: pd.DataFrame, keys: list[str], metric: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = report.pyplot()
 
     x, y = table[keys[0]].astype(float), table[keys[1]].astype(float)
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -310,9 +311,6 @@ def fetch_models(
 
 def ensemble_runs(model_dirs: list[Path], ingest_dir: Path) -> pd.DataFrame:
     """Test accuracy of each run's checkpoint ensemble and of all of them averaged."""
-    from pipeline.io import read_array, read_json, read_table
-    from pipeline.train import load_ensemble
-
     classes = read_json(ingest_dir / "classes.json")
     manifest = read_table(ingest_dir / "manifest.csv")
     test = manifest[manifest["split"] == "test"]

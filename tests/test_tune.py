@@ -105,6 +105,11 @@ def test_grid_runs_through_the_real_dvc_queue_and_refine_proposes_points_around_
     assert "ensemble_val_acc" in report.stdout
     assert (tmp_path / "artifacts/tune/report/heatmap.png").stat().st_size > 1000
 
+    pair = [r["name"] for r in results[:2]]
+    combined = sh(tmp_path, sys.executable, "-m", "pipeline", "ensemble", *pair).stdout
+    assert "ensemble of all" in combined and all(name in combined for name in pair)
+    assert len(list((tmp_path / "artifacts/tune/ensemble" / pair[0]).glob("epoch_*.pt"))) >= 1
+
     sh(tmp_path, *cli, "--refine")
     queued = sh(tmp_path, *dvc, "queue", "status").stdout
     assert queued.count("Queued") == 9
