@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def edit_yaml(path: str | Path, edit: Callable[[Any], None]) -> None:
+    """Apply `edit` to the YAML document at `path` in place, keeping its comments and order.
+
+    ruamel's round-trip loader is a safe loader (no arbitrary objects); the write is atomic.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    editor = YAML()
+    editor.preserve_quotes = True
+    doc = editor.load(path.read_text(encoding="utf-8"))
+    edit(doc)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        editor.dump(doc, f)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -17,13 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from ruamel.yaml import YAML
 from tqdm import tqdm
 
 from pipeline import report
 from pipeline.augment import build_policies
 from pipeline.config import Params
-from pipeline.io import atomic_dir, read_array, read_json, read_table, write_table
+from pipeline.io import atomic_dir, edit_yaml, read_array, read_json, read_table, write_table
 from pipeline.model import build_model
 from pipeline.train import (
     AugmentedSamples,
@@ -129,10 +128,10 @@ def run(
         plot(tmp / "lr_find.png", curve, suggestion)
     log.info("lr-find: suggested train.lr = %.3g (curve: %s)", suggestion, out_dir / "lr_find.png")
     if write is not None:
-        yaml = YAML()
-        doc = yaml.load(write.read_text(encoding="utf-8"))
-        doc["train"]["lr"] = float(f"{suggestion:.3g}")
-        with open(write, "w", encoding="utf-8") as f:
-            yaml.dump(doc, f)
+
+        def set_lr(doc) -> None:
+            doc["train"]["lr"] = float(f"{suggestion:.3g}")
+
+        edit_yaml(write, set_lr)
         log.info("lr-find: wrote train.lr = %.3g to %s", suggestion, write)
     return suggestion

@@ -15,11 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ruamel.yaml import YAML
+import yaml
 
 from pipeline.demo import dvc_add
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.io import edit_yaml
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,9 @@ def add_pool(
             f"{source} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
 
-    yaml = YAML()  # round-trip: keeps comments and key order
-    yaml.preserve_quotes = True
-    params = yaml.load(params_path.read_text(encoding="utf-8")) if params_path.is_file() else None
-    if params is None:
+    if not params_path.is_file():
         raise PipelineError(f"params file not found: {params_path}")
-    rounds = params.get("rounds") or {}
+    rounds = (yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}).get("rounds") or {}
     pools_in_use = {str(r.get("pool")) for r in rounds.values()}
     unlabeled = data_dir / "unlabeled"
     in_place = resolved.parent == unlabeled.resolve()
@@ -90,13 +88,13 @@ def add_pool(
         )
 
     round_name, pseudo_in = next_round(rounds)
-    if "rounds" not in params or params["rounds"] is None:
-        params["rounds"] = {}
-    params["rounds"][round_name] = {"pool": name, "pseudo_in": pseudo_in}
-    tmp = params_path.with_suffix(".yaml.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.dump(params, f)
-    os.replace(tmp, params_path)
+
+    def append_round(doc) -> None:
+        if doc.get("rounds") is None:
+            doc["rounds"] = {}
+        doc["rounds"][round_name] = {"pool": name, "pseudo_in": pseudo_in}
+
+    edit_yaml(params_path, append_round)
     if register:
         dvc_add(data_dir, [f"unlabeled/{name}"])
     log.info(

@@ -698,21 +698,14 @@ def write_report(report_dir: Path, result: FitResult, config: dict, summary: dic
 def plot_diagnostics(path: Path, history: list[dict]) -> None:
     """Loss curves, gradient norm, update ratios, dead units and pre-activation histograms."""
     plt = report.pyplot()
-
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    ax = axes[0, 0]
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
-    if history and "val_loss" in history[0]:
-        ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    ax.set(title="loss", xlabel="epoch")
-    ax.legend()
-    ax = axes[0, 1]
-    ax.plot(epochs, [h["train_acc"] for h in history], label="train")
-    if history and "val_acc" in history[0]:
-        ax.plot(epochs, [h["val_acc"] for h in history], label="validation")
-    ax.set(title="accuracy", xlabel="epoch")
-    ax.legend()
+    for ax, key, title in ((axes[0, 0], "loss", "loss"), (axes[0, 1], "acc", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        if history and f"val_{key}" in history[0]:
+            ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        ax.set(title=title, xlabel="epoch")
+        ax.legend()
     ax = axes[0, 2]
     ax.plot(epochs, [h["grad_norm"] for h in history])
     ax.set(title="mean gradient norm", xlabel="epoch")

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ruamel.yaml import YAML
 
 from pipeline import report
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, read_array, read_json, read_table, write_table
+from pipeline.io import atomic_dir, edit_yaml, read_array, read_json, read_table, write_table
 from pipeline.train import load_ensemble
 
 log = logging.getLogger(__name__)
@@ -264,19 +263,18 @@ def apply(name: str, keys: list[str], params_path: Path, metric: str = DEFAULT_M
     if match.empty:
         known = ", ".join(results["name"]) if len(results) else "none"
         raise PipelineError(f"no finished experiment named {name!r}; finished: {known}")
-    yaml = YAML()
-    doc = yaml.load(params_path.read_text(encoding="utf-8"))
-    applied = {}
-    for key in keys:
-        node = doc
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        value = match.iloc[0][key]
-        node[last] = value.item() if hasattr(value, "item") else value
-        applied[key] = node[last]
-    with open(params_path, "w", encoding="utf-8") as f:
-        yaml.dump(doc, f)
+    row = match.iloc[0]
+    applied = {key: row[key].item() if hasattr(row[key], "item") else row[key] for key in keys}
+
+    def write(doc) -> None:
+        for key, value in applied.items():
+            *parents, last = key.split(".")
+            node = doc
+            for part in parents:
+                node = node[part]
+            node[last] = value
+
+    edit_yaml(params_path, write)
     return applied
 
 
