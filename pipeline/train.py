@@ -191,11 +191,10 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, samples: Samples, device: torch.device, batch_size: int = 1024
+    models: list[nn.Module], samples: Samples, device: torch.device, batch_size: int = 1024
 ) -> dict:
-    """Loss and accuracy on samples, without augmentation."""
-    model.eval()
-    probs = predict_proba([model], samples.images, device, batch_size)
+    """Loss and accuracy of the models' averaged probabilities, without augmentation."""
+    probs = predict_proba(models, samples.images, device, batch_size)
     labels = torch.as_tensor(np.array(samples.labels))
     loss = F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), labels).item()
     return {"val_loss": loss, "val_acc": float((probs.argmax(1) == samples.labels).mean())}
@@ -442,7 +441,7 @@ def fit(
             )
         )
         if val is not None and len(val):
-            record.update(evaluate(model, val, device))
+            record.update(evaluate([model], val, device))
         x = to_input(torch.from_numpy(np.ascontiguousarray(probe)), device)
         record["activations"] = activation_stats(model, x, bins)
         history.append(record)
@@ -651,7 +650,7 @@ def run(
         }
         write_json(tmp / "ensemble.json", info)
         ensemble = load_ensemble(tmp)
-    ens_metrics = evaluate_ensemble(ensemble, val, device)
+    ens_metrics = evaluate([m.to(device) for m in ensemble.models], val, device)
     summary = {
         "epochs_run": len(result.history),
         "best_val_acc": max(h["val_acc"] for h in result.history),
@@ -673,15 +672,6 @@ def run(
         ens_metrics["val_acc"],
     )
     return summary
-
-
-def evaluate_ensemble(ensemble: Ensemble, samples: Samples, device: torch.device) -> dict:
-    probs = ensemble.predict(samples.images, device)
-    loss = F.nll_loss(
-        torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-        torch.as_tensor(np.array(samples.labels)),
-    )
-    return {"val_loss": loss.item(), "val_acc": float((probs.argmax(1) == samples.labels).mean())}
 
 
 def write_report(report_dir: Path, result: FitResult, config: dict, summary: dict) -> None:

@@ -141,6 +141,27 @@ def train_table(ingest_dir: Path) -> Path:
     return path
 
 
+def augment_and_train(root: Path, ingest_dir: Path, table: Path, params) -> Path:
+    """The augment and train stages under root (root/augment, root/model, ...); returns the model."""
+    from pipeline import augment, train
+
+    images, classes = ingest_dir / "images.npy", ingest_dir / "classes.json"
+    augment.run(table, images, classes, root / "augment", params)
+    train.run(
+        table_path=table,
+        images_path=images,
+        classes_path=classes,
+        augment_dir=root / "augment",
+        pseudo_dir=None,
+        model_dir=root / "model",
+        report_dir=root / "train",
+        live_dir=root / "live",
+        state_dir=root / ".state",
+        params=params,
+    )
+    return root / "model"
+
+
 # --------------------------------------------------------------------------------------------
 # A real project: git + DVC + the demo data, for the end-to-end tests
 

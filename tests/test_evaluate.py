@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import augment, evaluate, ingest, train
+from pipeline import evaluate, ingest
 from pipeline.config import load_params
 
-from .conftest import chromium, write_params
+from .conftest import augment_and_train, chromium, write_params
 
 HOSTILE_CLASS = "<script>alert(1)</script>"
 HOSTILE_FILE = 'a"><img src=x onerror=alert(1)>'
@@ -71,21 +71,7 @@ def hostile_report(tmp_path_factory):
     manifest = pd.read_csv(ingest_dir / "manifest.csv", dtype=str, keep_default_na=False)
     table = root / "train.csv"
     manifest[manifest["split"] == "train"].to_csv(table, index=False)
-    augment.run(
-        table, ingest_dir / "images.npy", ingest_dir / "classes.json", root / "augment", params
-    )
-    train.run(
-        table_path=table,
-        images_path=ingest_dir / "images.npy",
-        classes_path=ingest_dir / "classes.json",
-        augment_dir=root / "augment",
-        pseudo_dir=None,
-        model_dir=root / "model",
-        report_dir=root / "train",
-        live_dir=root / "live",
-        state_dir=root / ".state",
-        params=params,
-    )
+    augment_and_train(root, ingest_dir, table, params)
     metrics = evaluate.run(
         root / "model", ingest_dir, root / "train", root / "evaluate", params, "r000"
     )

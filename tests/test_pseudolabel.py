@@ -4,11 +4,11 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import augment, pseudolabel, train
+from pipeline import pseudolabel
 from pipeline.config import PseudolabelConfig, load_params
 from pipeline.errors import PipelineError
 
-from .conftest import train_table, tree_hash, write_params
+from .conftest import augment_and_train, train_table, tree_hash, write_params
 
 
 def _probs(rows):
@@ -61,21 +61,7 @@ def test_agreement_requires_every_ensemble_member():
 def round0(ingested, project):
     params = load_params(write_params(project, {"train": {"epochs": 15}}))
     table = train_table(ingested)
-    augment.run(
-        table, ingested / "images.npy", ingested / "classes.json", project / "augment", params
-    )
-    train.run(
-        table_path=table,
-        images_path=ingested / "images.npy",
-        classes_path=ingested / "classes.json",
-        augment_dir=project / "augment",
-        pseudo_dir=None,
-        model_dir=project / "model",
-        report_dir=project / "train",
-        live_dir=project / "live",
-        state_dir=project / ".state",
-        params=params,
-    )
+    augment_and_train(project, ingested, table, params)
     pseudolabel.init_pseudo(project / "init", params.base)
     return params
 
