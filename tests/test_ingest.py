@@ -184,3 +184,15 @@ def test_exif_orientation_is_applied():
     ).pixels[..., 0]
     # Displayed upright it is 2 wide and 4 tall: bright columns in the middle, black at the sides.
     assert pixels[:, 1:3].min() > 200 and pixels[:, [0, 3]].max() < 50
+
+
+def test_a_test_class_absent_from_training_is_quarantined(project):
+    data = project / "data"
+    write_digits(data, {0: "zero", 1: "one"}, 6, test_per_class=2)
+    write_digits(data / "extra", {2: "two"}, 0, test_per_class=2)
+    (data / "extra" / "test" / "two").rename(data / "test" / "two")
+    metrics = ingest.run(data, project / "out", load_params(project / "params.yaml"))
+    reasons = pd.read_csv(project / "out" / "quarantine.csv")
+    unknown = reasons[reasons["path"].str.startswith("test/two/")]
+    assert len(unknown) == 2 and unknown["reason"].str.contains("no labeled training images").all()
+    assert metrics["per_class"]["test"] == {"one": 2, "zero": 2}
