@@ -144,7 +144,6 @@ def run(
 
     # 1) decode the pool exactly as ingest decodes labeled images
     candidates, quarantine = scan_folder(data_dir, f"unlabeled/{pool}", by_class=False)
-    report_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir.parent / f".{out_dir.name}.pool.npy"
     table, rejected = pack(
         candidates,
@@ -181,13 +180,9 @@ def run(
             quarantine.append({"path": row.path, "split": "pool", "reason": why})
         seen.add(row.sha256)
 
-    # 3) predict and select
-    k = len(classes)
-    probs, member_probs = (
-        ensemble.predict(pool_images, members=True)
-        if len(pool_images)
-        else (np.zeros((0, k)), np.zeros((len(ensemble.models), 0, k)))
-    )
+    # 3) predict the eligible images only, and select
+    eligible_images = pool_images[eligible]
+    probs, member_probs = ensemble.predict(eligible_images, members=True)
     labeled_share = (
         manifest.loc[manifest["split"] == "train", "label"]
         .value_counts()
@@ -195,18 +190,13 @@ def run(
         .to_numpy(float)
     )
     labeled_share /= max(labeled_share.sum(), 1.0)
-    accepted, predicted, thresholds = (
-        select(probs[eligible], member_probs[:, eligible], cfg, labeled_share)
-        if eligible.any()
-        else (np.zeros(0, bool), np.zeros(0, int), np.zeros(0))
-    )
-
+    accepted, predicted, thresholds = select(probs, member_probs, cfg, labeled_share)
     candidates_table = (
         table[eligible]
         .reset_index(drop=True)
         .assign(
             predicted=[classes[i] for i in predicted],
-            confidence=probs[eligible].max(1) if len(predicted) else [],
+            confidence=probs.max(1),
             threshold=thresholds,
             accepted=accepted,
         )
@@ -229,7 +219,6 @@ def run(
     )
     cumulative = pd.concat([previous.drop(columns="row"), new_rows], ignore_index=True)
     cumulative["row"] = np.arange(len(cumulative))
-    eligible_images = pool_images[eligible]
     images = (
         np.concatenate([previous_images, eligible_images[new.index.to_numpy()]])
         if len(new)
