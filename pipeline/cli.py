@@ -7,6 +7,7 @@ Each command imports its stage module itself, so `--help` and ingest never pay f
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -346,6 +347,10 @@ def ensemble(
     return table.to_dict(orient="records")
 
 
+# A full disk, a quota, a read-only folder, a file size limit, no permission.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("matplotlib", "PIL", "dvclive", "dvc", "urllib3", "filelock"):
@@ -354,6 +359,12 @@ def main() -> None:
         app(standalone_mode=False)
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        # A write that bypassed pipeline.io (a library's own files): still one line and the path.
+        typer.echo(f"error: cannot write {exc.filename or 'an output'}: {exc.strerror}", err=True)
         raise SystemExit(1) from None
     except typer.Abort:
         typer.echo("aborted", err=True)

@@ -20,20 +20,18 @@ import csv
 import hashlib
 import logging
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from pipeline.config import BaseConfig, Params, to_dict
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS, SYSTEM_FILES, Rejected, decode
-from pipeline.io import atomic_path, read_array, write_json, write_table
+from pipeline.io import atomic_path, create_array, read_array, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +183,10 @@ def pack(
     splits = [split] * len(candidates) if isinstance(split, str) else split
     shape = (max(len(candidates), 1), base.image_size, base.image_size, base.channels)
     records, quarantine, kept = [], [], []
-    out_array.parent.mkdir(parents=True, exist_ok=True)
-    scratch_path = Path(tempfile.mkstemp(prefix=".pack.", suffix=".npy", dir=out_array.parent)[1])
+    scratch_path = out_array.with_name(f".{out_array.name}.scratch")
     try:
-        scratch = open_memmap(scratch_path, mode="w+", dtype=np.uint8, shape=shape)
+        out_array.parent.mkdir(parents=True, exist_ok=True)
+        scratch = create_array(scratch_path, shape)
         for index, cand in enumerate(tqdm(candidates, desc=desc, unit="img", mininterval=1.0)):
             try:
                 data = (data_dir / cand.path).read_bytes()
@@ -225,6 +223,8 @@ def pack(
         scratch.flush()
         write_rows(out_array, scratch, kept)
         del scratch
+    except OSError as exc:  # a full disk or a read-only folder
+        raise PipelineError(f"cannot write {out_array}: {exc.strerror or exc}") from None
     finally:
         scratch_path.unlink(missing_ok=True)
     table = pd.DataFrame(records, columns=MANIFEST_COLUMNS[:-1])
@@ -237,7 +237,7 @@ def write_rows(
 ) -> None:
     """Write source[rows] to a new .npy file at path, chunk by chunk (atomically)."""
     with atomic_path(path) as tmp:
-        out = open_memmap(tmp, mode="w+", dtype=source.dtype, shape=(len(rows), *source.shape[1:]))
+        out = create_array(tmp, (len(rows), *source.shape[1:]), source.dtype)
         rows = np.asarray(rows, dtype=np.int64)
         for start in range(0, len(rows), chunk):
             out[start : start + chunk] = source[rows[start : start + chunk]]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.lib.format import open_memmap
 
 from pipeline.errors import PipelineError
 
@@ -106,6 +107,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
 def write_array(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
+
+
+def create_array(path: str | Path, shape: tuple[int, ...], dtype=np.uint8) -> np.memmap:
+    """A new .npy file of `shape`, memory-mapped for writing, its disk space reserved up front.
+
+    Writing into a sparse memory map on a full disk kills the process with SIGBUS; reserving
+    the space first turns that into an OSError (ENOSPC) here, before any image is written.
+    """
+    array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with open(path, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    return array
 
 
 def read_array(path: str | Path, mmap: bool = True) -> np.ndarray:

@@ -14,6 +14,7 @@ from (seed, epoch), so a run resumed from its last checkpoint equals an uninterr
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -315,9 +316,17 @@ def _longest_streak(indices: list[int]) -> int:
 # Checkpoints and the ensemble
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> None:
+def save_torch(path: Path, obj: dict) -> None:
+    """torch.save, atomically. Serialized in memory first: torch's own file writer reports a
+    full disk as a RuntimeError without the path, a plain write reports it as an OSError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict) -> None:
+    save_torch(path, {"state_dict": model.state_dict(), "meta": meta})
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -386,7 +395,6 @@ def fit(
     policies: dict | None = None,
     state_dir: Path | None = None,
     fingerprint: str = "",
-    on_epoch: Callable[[dict], None] | None = None,
     desc: str = "train",
     epochs: int | None = None,
 ) -> FitResult:
@@ -411,9 +419,6 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             history, kept, start = state["history"], state["kept"], state["epoch"] + 1
             log.info("%s: resuming after epoch %d from %s", desc, state["epoch"] + 1, state_dir)
-            for record in history:
-                if on_epoch:
-                    on_epoch(record)
     dataset = AugmentedSamples(train, policies)
     probe = (val if val is not None and len(val) else train).images[:256]
     bins = np.linspace(-4, 4, 41)
@@ -453,8 +458,6 @@ def fit(
             kept = _keep_top_k(state_dir, model, record, kept, cfg)
         if state_dir is not None:
             _save_state(state_dir, model, optimizer, epoch, history, kept, fingerprint)
-        if on_epoch:
-            on_epoch(record)
     bar.close()
     return FitResult(history, kept, diagnose(history, cfg))
 
@@ -487,18 +490,17 @@ def _keep_top_k(
 
 
 def _save_state(state_dir, model, optimizer, epoch, history, kept, fingerprint) -> None:
-    with atomic_path(state_dir / "last.pt") as tmp:
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "kept": kept,
-                "fingerprint": fingerprint,
-            },
-            tmp,
-        )
+    save_torch(
+        state_dir / "last.pt",
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "history": history,
+            "kept": kept,
+            "fingerprint": fingerprint,
+        },
+    )
 
 
 def _load_state(state_dir: Path, fingerprint: str) -> dict | None:
@@ -590,8 +592,6 @@ def run(
     state_dir: Path,
     params: Params,
 ) -> dict:
-    from dvclive import Live
-
     cfg, base = params.train, params.base
     classes = read_json(classes_path)
     train, val, counts = load_training_samples(
@@ -611,16 +611,6 @@ def run(
         counts["val"],
         device,
     )
-    shutil.rmtree(live_dir, ignore_errors=True)
-    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-
-    def log_epoch(record: dict) -> None:
-        live.log_metric("lr", record["lr"], plot=True)
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "grad_norm"):
-            if key in record:
-                live.log_metric(key.replace("_", "/", 1), record[key])
-        live.next_step()
-
     result = fit(
         model,
         train,
@@ -631,7 +621,6 @@ def run(
         policies=policies,
         state_dir=state_dir,
         fingerprint=fingerprint,
-        on_epoch=log_epoch,
     )
     if not result.kept:
         raise PipelineError("training kept no checkpoint: the validation split is empty")
@@ -659,9 +648,7 @@ def run(
         "train_size": len(train),
         **{f"train_size_{k}": v for k, v in counts.items()},
     }
-    for key, value in summary.items():
-        live.summary[key] = value
-    live.end()
+    write_live(live_dir, result.history, summary)
     write_report(report_dir, result, config, summary)
     shutil.rmtree(state_dir, ignore_errors=True)
     for warning in result.warnings:
@@ -672,6 +659,23 @@ def run(
         ens_metrics["val_acc"],
     )
     return summary
+
+
+def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:
+    """dvclive metrics and per-epoch plots, written as a whole once training has finished."""
+    from dvclive import Live
+
+    with atomic_dir(live_dir) as tmp:
+        live = Live(dir=str(tmp), dvcyaml=None, save_dvc_exp=False, report=None)
+        for record in history:
+            live.log_metric("lr", record["lr"], plot=True)
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "grad_norm"):
+                if key in record:
+                    live.log_metric(key.replace("_", "/", 1), record[key])
+            live.next_step()
+        for key, value in summary.items():
+            live.summary[key] = value
+        live.end()
 
 
 def write_report(report_dir: Path, result: FitResult, config: dict, summary: dict) -> None:

@@ -229,3 +229,84 @@ def demo_repo(tmp_path_factory):
     root, raw_hash = make_repo(tmp_path_factory.mktemp("repo"))
     first = dvc(root, "repro")
     return root, first.stdout, raw_hash, demo_metrics(root)
+
+
+# --------------------------------------------------------------------------------------------
+# The reliability record: tests that try faults and bad input report what they tried, and a
+# full run of the suite writes docs/reliability.md from those reports.
+
+RECORD_PATH = ROOT / "docs" / "reliability.md"
+_record: dict[tuple[str, str], dict] = {}
+
+
+@pytest.fixture
+def record(request):
+    """record(kind, what, outcome, cases=1): one line of the reliability record.
+
+    Calls with the same kind and `what` add up, counted by outcome. Call it after the test's
+    assertions: the record is only written when every test passed.
+    """
+    entries = []
+
+    def add(kind: str, what: str, outcome: str, cases: int = 1) -> None:
+        entries.append((kind, what, outcome, cases))
+
+    yield add
+    test = request.node.nodeid.split("[")[0]
+    for kind, what, outcome, cases in entries:
+        line = _record.setdefault((kind, what), {"outcomes": {}, "tests": set()})
+        line["outcomes"][outcome] = line["outcomes"].get(outcome, 0) + cases
+        line["tests"].add(test)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write the record, but only from a run of the whole suite (no -k, -m or chosen files)."""
+    config = session.config
+    whole = (
+        config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and not config.option.keyword
+        and not config.option.markexpr
+        and not config.option.lf
+    )
+    if not _record or not whole or session.testsfailed:
+        return
+    RECORD_PATH.parent.mkdir(exist_ok=True)
+    RECORD_PATH.write_text(render_record(_record, session.testscollected), encoding="utf-8")
+
+
+KIND_TITLES = {
+    "fault": "Faults: kills, full disks, read-only folders",
+    "input": "Bad input: images, manifests, labels, pools",
+    "params": "Bad params",
+    "security": "Security",
+}
+
+
+def render_record(lines: dict, tests_run: int) -> str:
+    out = [
+        "# Reliability record",
+        "",
+        "Written by the test suite (`python -m pytest`, the whole suite) from what each fault and",
+        "bad-input test tried; do not edit by hand. A case counts once per example run, so fuzz",
+        f"tests add up every example hypothesis generated. Last written by a run of {tests_run} tests.",
+        "",
+    ]
+    for kind, title in KIND_TITLES.items():
+        rows = sorted((what, line) for (k, what), line in lines.items() if k == kind)
+        if not rows:
+            continue
+        out += [f"## {title}", "", "| tried | cases | outcome | test |", "|---|---:|---|---|"]
+        for what, line in rows:
+            cases = sum(line["outcomes"].values())
+            outcomes = "; ".join(
+                f"{text} ({count})" if len(line["outcomes"]) > 1 else text
+                for text, count in sorted(line["outcomes"].items(), key=lambda kv: -kv[1])
+            )
+            tests = ", ".join(f"`{t}`" for t in sorted(line["tests"]))
+            out.append(f"| {_cell(what)} | {cases} | {_cell(outcomes)} | {tests} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")

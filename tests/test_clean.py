@@ -74,13 +74,18 @@ def test_overrides_win_over_decisions():
         (["a.png,horse"], "not keep, drop or a class"),
     ],
 )
-def test_bad_overrides_are_one_clear_error(tmp_path, rows, message):
+def test_bad_overrides_are_one_clear_error(tmp_path, rows, message, record):
     (tmp_path / "overrides.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     with pytest.raises(PipelineError, match=message):
         clean.read_overrides(tmp_path, ["cat", "dog"])
+    record(
+        "input",
+        "conflicting, escaping or unknown-class rows in data/overrides.csv",
+        f"one error line: {message}",
+    )
 
 
-def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(project):
+def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(project, record):
     # Class names whose alphabetical order ("10" < "9" < "b") is not their numeric order.
     names = {0: "9", 1: "10", 2: "b"}
     data = project / "data"
@@ -116,15 +121,27 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     assert (set(issues.loc[issues["decision"] == "drop", "path"]) & set(cleaned["path"])) == set()
     html = (project / "clean" / "report.html").read_text()
     assert html.count("class='tile'") >= metrics["label_issues"]
+    record(
+        "input",
+        "overrides against cleanlab's decision (keep a flagged row, drop a clean one)",
+        "the override wins",
+        cases=2,
+    )
+    record(
+        "input",
+        "class names whose text order differs from numeric order (10, 9, b)",
+        "one class order in every table and array",
+    )
 
 
-def test_a_class_smaller_than_the_folds_is_a_clear_error(project):
+def test_a_class_smaller_than_the_folds_is_a_clear_error(project, record):
     data = project / "data"
     write_digits(data, {0: "zero", 1: "one"}, 2)
     params = load_params(project / "params.yaml")
     ingest.run(data, project / "ingest", params)
     with pytest.raises(PipelineError, match="fewer than clean.folds"):
         clean.run(project / "ingest", data, project / "clean", params)
+    record("input", "a class smaller than clean.folds", "one error line")
 
 
 def test_dropping_every_image_is_a_clear_error(project):

@@ -37,18 +37,24 @@ def test_project_params_load():
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
     ],
 )
-def test_refuses_bad_params_with_key_path(tmp_path, extra, expected):
+def test_refuses_bad_params_with_key_path(tmp_path, extra, expected, record):
     path = write_params(tmp_path, extra)
     with pytest.raises(PipelineError) as err:
         load_params(path)
     assert expected in str(err.value)
+    record(
+        "params",
+        "hand-picked bad values: wrong type, out of range, unknown key or choice",
+        "refused with the key path and what is allowed",
+    )
 
 
-def test_refuses_invalid_yaml(tmp_path):
+def test_refuses_invalid_yaml(tmp_path, record):
     path = tmp_path / "params.yaml"
     path.write_text("train: [unclosed\n")
     with pytest.raises(PipelineError, match="not valid YAML"):
         load_params(path)
+    record("params", "params.yaml that is not valid YAML", "one error line")
 
 
 def test_hsv_allowed_with_colour_images(tmp_path):

@@ -53,7 +53,7 @@ def hostile_report(tmp_path_factory):
     data = root / "data"
     (data / "labeled" / "images").mkdir(parents=True)
     digits = load_digits()
-    names = {0: HOSTILE_CLASS, 1: "plain one", 2: "zwei & drei"}
+    names = {0: HOSTILE_CLASS, 1: "one/uno ñandú", 2: "zwei & drei 日本"}
     rows = ["path,label"]
     for digit, name in names.items():
         for n, i in enumerate(np.flatnonzero(digits.target == digit)[:40]):
@@ -78,7 +78,7 @@ def hostile_report(tmp_path_factory):
     return root / "evaluate", metrics
 
 
-def test_report_escapes_hostile_class_and_file_names(hostile_report):
+def test_report_escapes_hostile_class_and_file_names(hostile_report, record):
     folder, metrics = hostile_report
     page = (folder / "report.html").read_text()
     assert "<script" not in page.lower()
@@ -90,9 +90,21 @@ def test_report_escapes_hostile_class_and_file_names(hostile_report):
     assert metrics["test_images"] == len(predictions)
     for name in ("metrics.json", "per_class.csv", "slices.csv", "confusion.png", "reliability.png"):
         assert (folder / name).is_file()
+    per_class = pd.read_csv(folder / "per_class.csv", dtype=str, keep_default_na=False)
+    assert set(per_class["class"]) == {HOSTILE_CLASS, "one/uno ñandú", "zwei & drei 日本"}
+    record(
+        "security",
+        'class named `<script>alert(1)</script>`, file named `a"><img src=x onerror=alert(1)>`',
+        "escaped in every report (ingest, train, evaluate)",
+    )
+    record(
+        "input",
+        "class names with a slash, spaces, `&` and non-Latin letters",
+        "kept exactly, through ingest, train and evaluate",
+    )
 
 
-def test_report_renders_in_a_real_browser_without_console_errors(hostile_report, tmp_path):
+def test_report_renders_in_a_real_browser_without_console_errors(hostile_report, tmp_path, record):
     browser_path = chromium()
     if browser_path is None:
         pytest.skip("no chromium on this machine (CI installs Debian's chromium)")
@@ -128,4 +140,9 @@ def test_report_renders_in_a_real_browser_without_console_errors(hostile_report,
     assert tiles == min(wrong, 200)
     assert broken == 0 and scripts == 0
     assert errors == [] and dialogs == []
+    record(
+        "security",
+        "the hostile report opened in headless chromium",
+        "no script ran, no dialog, no console error",
+    )
     shutil.copy(tmp_path / "report.png", folder / "screenshot.png")

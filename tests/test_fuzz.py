@@ -46,7 +46,7 @@ PARAM_PATHS = list(_paths(PARAMS))
 
 @FUZZ
 @given(changes=st.lists(st.tuples(st.sampled_from(PARAM_PATHS), scalars), min_size=1, max_size=4))
-def test_params_loader_accepts_or_names_the_key(tmp_path, changes):
+def test_params_loader_accepts_or_names_the_key(tmp_path, changes, record):
     raw = yaml.safe_load(yaml.safe_dump(PARAMS))
     for path, value in changes:
         node = raw
@@ -56,21 +56,28 @@ def test_params_loader_accepts_or_names_the_key(tmp_path, changes):
             node[path[-1]] = value
     target = tmp_path / "params.yaml"
     target.write_text(yaml.safe_dump(raw))
+    what = "params.yaml with 1-4 random values at real keys (hypothesis)"
     try:
         load_params(target)
     except PipelineError as exc:
         assert "\n" not in str(exc) and len(str(exc)) < 400
+        record("params", what, "refused with one line naming the key")
+    else:
+        record("params", what, "accepted (valid values)")
 
 
 @FUZZ
 @given(text=st.text(max_size=300))
-def test_params_loader_survives_arbitrary_text(tmp_path, text):
+def test_params_loader_survives_arbitrary_text(tmp_path, text, record):
     target = tmp_path / "params.yaml"
     target.write_text(text)
+    what = "params.yaml of random text (hypothesis)"
     try:
         load_params(target)
     except PipelineError:
-        pass
+        record("params", what, "refused with one error line")
+    else:
+        record("params", what, "accepted (valid by chance)")
 
 
 def _png_bytes(seed: int) -> bytes:
@@ -95,13 +102,16 @@ def _png_bytes(seed: int) -> bytes:
         ),
     )
 )
-def test_random_bytes_decode_or_are_rejected_with_a_reason(data):
+def test_random_bytes_decode_or_are_rejected_with_a_reason(data, record):
+    what = "random bytes and bit-flipped PNGs as image files (hypothesis)"
     try:
         decoded = decode(data, image_size=8, channels=1, resize="pad", max_pixels=10_000)
     except Rejected as exc:
         assert str(exc)
+        record("input", what, "quarantined with a reason")
     else:
         assert decoded.pixels.shape == (8, 8, 1) and decoded.pixels.dtype == np.uint8
+        record("input", what, "decoded to a valid image")
 
 
 path_text = st.text(alphabet=string.ascii_letters + string.digits + "./\\:_- ,\"'\n", max_size=30)
@@ -109,18 +119,23 @@ path_text = st.text(alphabet=string.ascii_letters + string.digits + "./\\:_- ,\"
 
 @FUZZ
 @given(rows=st.lists(st.tuples(path_text, path_text), max_size=8), header=st.booleans())
-def test_random_csv_manifests_give_candidates_quarantine_or_an_error(tmp_path, rows, header):
+def test_random_csv_manifests_give_candidates_quarantine_or_an_error(
+    tmp_path, rows, header, record
+):
     data = tmp_path / "data"
     (data / "labeled").mkdir(parents=True, exist_ok=True)
     (data / "labeled" / "ok.png").write_bytes(_png_bytes(0))
     csv_path = data / "labeled" / "labels.csv"
     lines = (["path,label"] if header else []) + [f"{p},{lbl}" for p, lbl in rows]
     csv_path.write_text("\n".join(lines) + "\n")
+    what = "random CSV manifests: odd paths, quotes, escapes (hypothesis)"
     try:
         candidates, quarantine = read_csv_manifest(data, csv_path, "labeled")
     except PipelineError:
+        record("input", what, "refused with one error line")
         return
     for cand in candidates:
         resolved = (data / cand.path).resolve()
         assert data.resolve() in resolved.parents  # never a path outside data/
     assert all(q["reason"] for q in quarantine)
+    record("input", what, "rows confined to data/ or quarantined with a reason")

@@ -77,7 +77,7 @@ EXPECTED = {
 }
 
 
-def test_quarantines_every_bad_case_with_a_reason(bad_corpus, project):
+def test_quarantines_every_bad_case_with_a_reason(bad_corpus, project, record):
     before = tree_hash(bad_corpus)
     metrics = ingest.run(bad_corpus, project / "out", load_params(project / "params.yaml"))
     quarantine = pd.read_csv(project / "out" / "quarantine.csv", keep_default_na=False)
@@ -105,9 +105,14 @@ def test_quarantines_every_bad_case_with_a_reason(bad_corpus, project):
     images = read_array(project / "out" / "images.npy")
     assert images.shape == (len(manifest), 8, 8, 1) and images.dtype == np.uint8
     assert tree_hash(bad_corpus) == before  # raw data untouched
+    for path, reason in EXPECTED.items():
+        kind = "security" if "symlink" in reason or "bomb" in reason else "input"
+        record(kind, f"{reason}: `{path.split('/')[-1]}`", "quarantined with its reason")
+    record("input", "16-bit, CMYK, palette, alpha, LA, animated, unicode-named images",
+           "decoded, with a note where converted", cases=7)  # fmt: skip
 
 
-def test_test_copies_win_over_labeled_duplicates_and_conflicts_are_set_aside(project):
+def test_test_copies_win_over_labeled_duplicates_and_conflicts_are_set_aside(project, record):
     data = project / "data"
     write_digits(data, {0: "zero", 1: "one"}, 6, test_per_class=3)
     test_image = (data / "test" / "zero").iterdir().__next__()
@@ -130,9 +135,12 @@ def test_test_copies_win_over_labeled_duplicates_and_conflicts_are_set_aside(pro
     assert metrics["test_leakage"] == 1 and metrics["label_conflicts"] == 1
     train_hashes = set(manifest.loc[manifest["split"] == "train", "sha256"])
     assert not train_hashes & set(manifest.loc[manifest["split"] == "test", "sha256"])
+    record("input", "test image copied into the labeled set", "kept out of training")
+    record("input", "one image under two labels", "both set aside with the reason")
+    record("input", "exact duplicate within a class", "one copy kept, the other quarantined")
 
 
-def test_csv_manifest_paths_are_confined_to_data(project):
+def test_csv_manifest_paths_are_confined_to_data(project, record):
     data = project / "data"
     write_digits(data, {0: "zero", 1: "one"}, 5)
     rows = ["path,label"]
@@ -156,6 +164,18 @@ def test_csv_manifest_paths_are_confined_to_data(project):
     assert "no such file" in text and "row without a path or a label" in text
     manifest = pd.read_csv(project / "out" / "manifest.csv")
     assert len(manifest) == 10
+    record(
+        "security",
+        "manifest paths with `..` or absolute paths",
+        "quarantined: path escapes data/",
+        cases=3,
+    )
+    record(
+        "input",
+        "manifest rows naming missing files or no path",
+        "quarantined with the reason",
+        cases=2,
+    )
 
 
 def test_carves_a_stratified_test_split_without_test_folder(project):
@@ -165,12 +185,13 @@ def test_carves_a_stratified_test_split_without_test_folder(project):
     assert metrics["per_class"]["test"] == {"one": 4, "two": 4, "zero": 4}
 
 
-def test_no_usable_images_is_one_clear_error(project):
+def test_no_usable_images_is_one_clear_error(project, record):
     data = project / "data"
     (data / "labeled" / "a").mkdir(parents=True)
     (data / "labeled" / "a" / "x.png").write_bytes(b"junk")
     with pytest.raises(PipelineError, match="need at least 2 classes"):
         ingest.run(data, project / "out", load_params(project / "params.yaml"))
+    record("input", "a data folder with no usable images", "one error line")
 
 
 def test_exif_orientation_is_applied():
@@ -186,7 +207,7 @@ def test_exif_orientation_is_applied():
     assert pixels[:, 1:3].min() > 200 and pixels[:, [0, 3]].max() < 50
 
 
-def test_a_test_class_absent_from_training_is_quarantined(project):
+def test_a_test_class_absent_from_training_is_quarantined(project, record):
     data = project / "data"
     write_digits(data, {0: "zero", 1: "one"}, 6, test_per_class=2)
     write_digits(data / "extra", {2: "two"}, 0, test_per_class=2)
@@ -196,3 +217,6 @@ def test_a_test_class_absent_from_training_is_quarantined(project):
     unknown = reasons[reasons["path"].str.startswith("test/two/")]
     assert len(unknown) == 2 and unknown["reason"].str.contains("no labeled training images").all()
     assert metrics["per_class"]["test"] == {"one": 2, "zero": 2}
+    record(
+        "input", "a test class absent from training", "its test images quarantined with the reason"
+    )

@@ -60,7 +60,7 @@ def test_hard_links_with_link(workspace):
         ("incoming", "../escape", "invalid pool name"),
     ],
 )
-def test_refuses_bad_pools(workspace, source, name, message):
+def test_refuses_bad_pools(workspace, source, name, message, record):
     (workspace / "empty").mkdir()
     before = (workspace / "params.yaml").read_text()
     with pytest.raises(PipelineError, match=message):
@@ -72,6 +72,11 @@ def test_refuses_bad_pools(workspace, source, name, message):
             register=False,
         )
     assert (workspace / "params.yaml").read_text() == before
+    record(
+        "input",
+        "add-pool: a taken name, an empty folder, a test folder, a missing folder, `../`",
+        f"refused, params.yaml unchanged: {message}",
+    )
 
 
 def test_first_round_starts_from_the_empty_set():

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -80,7 +82,7 @@ def _run(project, params, pool, name="r000", pseudo_in="init"):
     )
 
 
-def test_never_pseudo_labels_test_images_or_copies_of_labeled_images(round0, project):
+def test_never_pseudo_labels_test_images_or_copies_of_labeled_images(round0, project, record):
     data = project / "data"
     pool = data / "unlabeled" / "mixed"
     pool.mkdir(parents=True)
@@ -98,6 +100,30 @@ def test_never_pseudo_labels_test_images_or_copies_of_labeled_images(round0, pro
     assert "not an image" in reasons["unlabeled/mixed/broken.png"]
     assert metrics["eligible"] == 0 and metrics["accepted"] == 0
     assert tree_hash(data) == before
+    record(
+        "input",
+        "pool images that are copies of test or labeled images",
+        "never pseudo-labeled; quarantined with the reason",
+        cases=10,
+    )
+    record("input", "an unreadable file in a pool", "quarantined with the reason")
+
+
+def test_a_pool_identical_to_the_labeled_set_adds_nothing(round0, project, record):
+    data = project / "data"
+    pool = data / "unlabeled" / "same"
+    shutil.copytree(data / "labeled", pool)
+    metrics = _run(project, round0, "same")
+    quarantine = pd.read_csv(project / "r000" / "report" / "quarantine.csv")
+    labeled = len(list((data / "labeled").rglob("*.png")))
+    assert metrics["pool_images"] == labeled and metrics["accepted"] == 0
+    assert quarantine["reason"].str.contains("labeled image").sum() == labeled
+    assert len(pd.read_csv(project / "r000" / "pseudo" / "table.csv")) == 0
+    record(
+        "input",
+        "an unlabeled pool identical to the labeled set",
+        "nothing pseudo-labeled; every image quarantined as a copy",
+    )
 
 
 def test_accepted_rows_carry_provenance_and_the_set_is_cumulative(round0, project):
@@ -128,12 +154,13 @@ def test_accepted_rows_carry_provenance_and_the_set_is_cumulative(round0, projec
     assert (project / "r000" / "report" / "report.html").read_text().count("class='tile'") > 0
 
 
-def test_an_empty_pool_is_reported_not_a_crash(round0, project):
+def test_an_empty_pool_is_reported_not_a_crash(round0, project, record):
     (project / "data" / "unlabeled" / "empty").mkdir(parents=True)
     metrics = _run(project, round0, "empty")
     assert metrics["pool_images"] == 0 and metrics["accepted"] == 0
     quarantine = pd.read_csv(project / "r000" / "report" / "quarantine.csv")
     assert "empty pool" in quarantine["reason"].iloc[0]
+    record("input", "an empty pool", "reported as an empty pool, not a crash")
 
 
 def test_a_missing_pool_is_a_clear_error(round0, project):

@@ -110,7 +110,7 @@ def test_stage_writes_a_reloadable_ensemble_dvclive_and_diagnostics(ingested, pr
     assert summary["train_size_human"] + summary["train_size_val"] == 90
 
 
-def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested, project):
+def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested, project, record):
     write_params(project, {"train": {"epochs": 8, "patience": 100}})
     _augment(project, ingested)
     table = train_table(ingested)
@@ -158,9 +158,14 @@ def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested
     b = read_json(project / "artifacts/reports/straight/train/diagnostics.json")
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
     assert a["summary"]["ensemble_val_acc"] == b["summary"]["ensemble_val_acc"]
+    record(
+        "fault",
+        "SIGKILL of the train stage between epochs",
+        "resumed after the last finished epoch; losses identical to an uninterrupted run",
+    )
 
 
-def test_a_malicious_pickle_checkpoint_is_refused(tmp_path):
+def test_a_malicious_pickle_checkpoint_is_refused(tmp_path, record):
     class Evil:
         def __reduce__(self):
             return (os.system, ("touch " + str(tmp_path / "pwned"),))
@@ -170,6 +175,11 @@ def test_a_malicious_pickle_checkpoint_is_refused(tmp_path):
     with pytest.raises(PipelineError, match="refusing to load"):
         train.load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
+    record(
+        "security",
+        "a pickle that runs a shell command, planted as a checkpoint",
+        "refused; the command never ran",
+    )
 
 
 def test_diagnostics_warn_in_plain_language(fast_params):
