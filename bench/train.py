@@ -95,7 +95,14 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(cfg.model, 1, 10)
         train.fit(
-            model, samples, None, cfg, seed=0, device=device, policies=policies, epochs=args.epochs
+            model,
+            samples,
+            None,
+            cfg,
+            seed=0,
+            device=device,
+            augmentation=policies,
+            epochs=args.epochs,
         )
 
     def bare_run():

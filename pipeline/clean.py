@@ -28,7 +28,6 @@ from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
 from pipeline import report
-from pipeline.augment import build_policies
 from pipeline.config import Params, TrainConfig, to_dict
 from pipeline.errors import PipelineError
 from pipeline.ingest import confine
@@ -42,7 +41,7 @@ from pipeline.io import (
     write_text,
 )
 from pipeline.model import build_model
-from pipeline.train import Samples, fit, pick_device, predict_proba
+from pipeline.train import Samples, fit, pick_device, predict_proba, training_augmentation
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ QUALITY_CHECKS = ("dark", "light", "blurry", "low_information", "odd_size")
 
 
 def kfold_pred_probs(
-    images: np.ndarray, labels: np.ndarray, n_classes: int, params: Params, *, policies: dict | None
+    images: np.ndarray, labels: np.ndarray, n_classes: int, params: Params, classes: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """pred_probs (N, K) and embeddings (N, D), each row from the fold model that never saw it."""
     folds = params.clean.folds
@@ -65,6 +64,7 @@ def kfold_pred_probs(
             f"clean.folds ({folds}): lower clean.folds or add images to that class"
         )
     device = pick_device()
+    augmentation = training_augmentation(params.augment, params.base, classes, device)
     recipe = TrainConfig(
         model=params.train.model,
         lr=params.clean.lr,
@@ -87,7 +87,7 @@ def kfold_pred_probs(
             recipe,
             seed=params.base.seed + fold,
             device=device,
-            policies=policies,
+            augmentation=augmentation,
             desc=f"  fold {fold + 1}/{folds}",
         )
         probs, feats = predict_proba([model], images[held_idx], device, embeddings=True)
@@ -305,10 +305,7 @@ def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict
     train_images = np.ascontiguousarray(images[table["row"].astype(int).to_numpy()])
 
     # Out-of-sample probabilities, with the augmentation policy the final model will use.
-    policies = build_policies(params.augment, params.base, classes)
-    pred_probs, embeddings = kfold_pred_probs(
-        train_images, labels, len(classes), params, policies=policies
-    )
+    pred_probs, embeddings = kfold_pred_probs(train_images, labels, len(classes), params, classes)
 
     found = find_issues(labels, pred_probs, filter_by=params.clean.filter_by)
     is_dup, partner = near_duplicates(embeddings, params.clean.near_duplicate_distance)

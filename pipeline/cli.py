@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -106,7 +107,12 @@ def train(
 ) -> dict:
     """Train the residual CNN; keep the top-k checkpoints as an ensemble; resume after a crash."""
     from pipeline import train as stage
+    from pipeline.io import read_json
 
+    loaded = load_params(params)
+    if loaded.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
+        stage.launch(loaded.train.nproc, sys.argv[1:])
+        return read_json(report / "diagnostics.json")["summary"]
     return stage.run(
         table_path=table,
         images_path=ingest_dir / "images.npy",
@@ -117,7 +123,7 @@ def train(
         report_dir=report,
         live_dir=live,
         state_dir=model.parent / f".{model.name}.state",
-        params=load_params(params),
+        params=loaded,
     )
 
 

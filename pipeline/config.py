@@ -129,6 +129,9 @@ class AugmentConfig:
     blur: BlurConfig = field(default_factory=BlurConfig)
     # class name -> transform names never applied to it (a flip turns a 6 into a 9)
     exclude: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # where training augments: albumentations per sample on CPU workers, or `gpu`: the same
+    # policy as batched tensor operations on the training device; auto = gpu on CUDA
+    backend: str = choice("auto", "albumentations", "gpu")
     offline_copies: int = num(0, 0, 20)  # augmented copies per training image stored on disk
     preview_rows: int = num(8, 1, 64)
     preview_copies: int = num(6, 1, 16)
@@ -188,6 +191,8 @@ class TrainConfig:
     val_fraction: float = num(0.15, 0.05, 0.5)  # of the human-labeled rows
     top_k: int = num(3, 1, 100)  # checkpoints averaged into the round's prediction
     num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
+    compile: bool = False  # torch.compile the model for training
+    nproc: int = num(1, 1, 64)  # processes under torchrun (one per GPU; gloo on CPU)
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,13 @@ class BatchAugment:
                 ],
                 dim=1,
             ),
-            alpha=1 + uniform(-self.aug.brightness_contrast.contrast, self.aug.brightness_contrast.contrast),
-            beta=uniform(-self.aug.brightness_contrast.brightness, self.aug.brightness_contrast.brightness),
+            alpha=1
+            + uniform(
+                -self.aug.brightness_contrast.contrast, self.aug.brightness_contrast.contrast
+            ),
+            beta=uniform(
+                -self.aug.brightness_contrast.brightness, self.aug.brightness_contrast.brightness
+            ),
             noise_std=uniform(*self.aug.noise.std),
             blur=3 + 2 * torch.floor(uniform(0, self._blur_sizes)).clamp_max(self._blur_sizes - 1),
         )

@@ -88,7 +88,10 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"missing input {path}: run the stage that writes it first")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def write_table(path: str | Path, table: pd.DataFrame) -> None:

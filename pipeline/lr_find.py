@@ -20,17 +20,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import report
-from pipeline.augment import build_policies
 from pipeline.config import Params
 from pipeline.io import atomic_dir, edit_yaml, read_array, read_json, read_table, write_table
 from pipeline.model import build_model
 from pipeline.train import (
-    AugmentedSamples,
+    Augmentation,
     Samples,
-    make_loader,
+    Shard,
+    make_feed,
     make_optimizer,
     pick_device,
-    to_input,
+    training_augmentation,
 )
 
 log = logging.getLogger(__name__)
@@ -44,25 +44,25 @@ def lr_range_test(
     start: float = 1e-7,
     end: float = 1.0,
     steps: int = 100,
-    policies: dict | None = None,
+    augmentation: Augmentation = None,
 ) -> pd.DataFrame:
     """Loss per step while the learning rate ramps from start to end: columns lr, loss, smoothed."""
     device = pick_device()
     torch.manual_seed(params.base.seed)
     model = build_model(params.train.model, params.base.channels, n_classes).to(device)
     optimizer = make_optimizer(model, params.train)
-    loader = make_loader(
-        AugmentedSamples(samples, policies), params.train, params.base.seed, device
+    feed = make_feed(samples, augmentation, params.train, device, Shard())
+    batches = itertools.chain.from_iterable(
+        feed.epoch(params.base.seed + epoch) for epoch in itertools.count()
     )
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
     rows, avg, best = [], 0.0, math.inf
     model.train()
     for step in tqdm(range(steps), desc="lr-find", unit="step"):
         lr = start * (end / start) ** (step / (steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, labels = next(batches)
-        loss = F.cross_entropy(model(to_input(images, device)), labels.to(device))
+        x, y = next(batches)
+        loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -120,8 +120,8 @@ def run(
         np.ascontiguousarray(images[table["row"].astype(int).to_numpy()]),
         table["label"].map(classes.index).to_numpy(np.int64),
     )
-    policies = build_policies(params.augment, params.base, classes)
-    curve = lr_range_test(samples, len(classes), params, steps=steps, policies=policies)
+    augmentation = training_augmentation(params.augment, params.base, classes, pick_device())
+    curve = lr_range_test(samples, len(classes), params, steps=steps, augmentation=augmentation)
     suggestion = suggest(curve)
     with atomic_dir(out_dir) as tmp:
         write_table(tmp / "lr_find.csv", curve)

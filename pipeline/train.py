@@ -18,22 +18,35 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import report
-from pipeline.augment import apply_policy, load_transforms, reseed
-from pipeline.config import ModelConfig, Params, TrainConfig, parse, to_dict
+from pipeline.augment import apply_policy, build_policies, load_transforms, reseed
+from pipeline.config import (
+    AugmentConfig,
+    BaseConfig,
+    ModelConfig,
+    Params,
+    TrainConfig,
+    parse,
+    to_dict,
+)
 from pipeline.errors import PipelineError
+from pipeline.gpu_augment import BatchAugment
 from pipeline.ingest import stratified_holdout
 from pipeline.io import atomic_dir, atomic_path, read_array, read_json, read_table, write_json
 from pipeline.model import ResNet, build_model
@@ -44,17 +57,81 @@ DEAD_WARNING = 0.5  # share of dead units in a layer that earns a warning
 
 
 # --------------------------------------------------------------------------------------------
-# Data
+# Data: each epoch's batches, already on the device and ready for the model
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cuda:LOCAL_RANK under torchrun on GPUs, cuda alone, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1] on `device`."""
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of every epoch: rank `rank` of `world` under torchrun, else 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+
+
+def current_shard() -> Shard:
+    if dist.is_available() and dist.is_initialized():
+        return Shard(dist.get_rank(), dist.get_world_size())
+    return Shard()
+
+
+@contextmanager
+def distributed(device: torch.device) -> Iterator[Shard]:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPU) when it started several
+    processes; yields this process's Shard. Alone, it does nothing and yields Shard()."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield Shard()
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    shard = current_shard()
+    if shard.rank > 0:
+        logging.getLogger("pipeline").setLevel(logging.WARNING)  # one log, from the first
+    log.info("train: %d processes (%s)", shard.world, dist.get_backend())
+    try:
+        yield shard
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """Run `python -m pipeline <argv>` again as `nproc` processes under torchrun --standalone."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc_per_node={nproc}", "--module", "pipeline", *argv]
+    )
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # workers say why
+    try:
+        torchrun(args)
+    except ChildFailedError:
+        raise PipelineError(
+            f"training under torchrun ({nproc} processes) failed: the first error above says why"
+        ) from None
+
+
+def epoch_order(n: int, seed: int, shard: Shard) -> torch.Tensor:
+    """A seeded permutation of range(n), padded to a multiple of the world size by repeating
+    its start (as DistributedSampler does), then this rank's every world-th entry."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if shard.world > 1:
+        order = torch.cat([order, order[: (-n) % shard.world]])
+    return order[shard.rank :: shard.world]
 
 
 @dataclass
@@ -89,20 +166,117 @@ def _seed_worker(worker_id: int) -> None:
         reseed(info.dataset.policies, torch.initial_seed() % 2**31)
 
 
-def make_loader(
-    dataset: AugmentedSamples, cfg: TrainConfig, seed: int, device: torch.device
-) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=generator,
-        num_workers=cfg.num_workers,
-        worker_init_fn=_seed_worker if cfg.num_workers else None,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
+class Batches:
+    """One epoch of (x, y) batches on the device; iterable once, with a length."""
+
+    def __init__(self, make: Callable[[], Iterator], count: int):
+        self._make, self._count = make, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._make()
+
+
+class LoaderFeed:
+    """The albumentations backend: the saved policy per sample, in DataLoader workers."""
+
+    def __init__(self, samples, policies, cfg: TrainConfig, device, shard: Shard):
+        self.dataset = AugmentedSamples(samples, policies)
+        self.cfg, self.device, self.shard = cfg, device, shard
+        self.batch_size = per_rank_batch(cfg.batch_size, shard)
+
+    def epoch(self, seed: int) -> Batches:
+        order = epoch_order(len(self.dataset), seed, self.shard).tolist()
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order,
+            num_workers=self.cfg.num_workers,
+            worker_init_fn=_seed_worker if self.cfg.num_workers else None,
+            generator=torch.Generator().manual_seed(seed),
+            pin_memory=self.device.type == "cuda",
+        )
+
+        def batches():
+            for images, labels in loader:
+                yield to_input(images, self.device), labels.to(self.device, non_blocking=True)
+
+        return Batches(batches, len(loader))
+
+
+class TensorFeed:
+    """The gpu backend: the whole set as one uint8 tensor (on the GPU when it fits there), each
+    batch augmented where it lives by BatchAugment."""
+
+    def __init__(self, samples, augment: BatchAugment, cfg: TrainConfig, device, shard: Shard):
+        images = torch.from_numpy(np.ascontiguousarray(samples.images))
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            images = images.to(device) if images.nbytes < free // 4 else images.pin_memory()
+        self.images, self.labels = images, torch.from_numpy(np.asarray(samples.labels))
+        self.augment, self.device, self.shard = augment, device, shard
+        self.batch_size = per_rank_batch(cfg.batch_size, shard)
+
+    def epoch(self, seed: int) -> Batches:
+        order = epoch_order(len(self.labels), seed, self.shard)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        count = math.ceil(len(order) / self.batch_size)
+
+        def batches():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                images = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+                labels = self.labels[idx].to(self.device, non_blocking=True)
+                x = self.augment(images, labels, generator).mul_(2).sub_(1)
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, labels
+
+        return Batches(batches, count)
+
+
+def per_rank_batch(batch_size: int, shard: Shard) -> int:
+    """Each of `world` processes takes an equal share of train.batch_size."""
+    if batch_size < shard.world:
+        raise PipelineError(
+            f"train.batch_size {batch_size} is smaller than train.nproc {shard.world}: "
+            f"every process needs at least one image per step"
+        )
+    return batch_size // shard.world
+
+
+Augmentation = dict | BatchAugment | None  # albumentations policies by class, or the gpu backend
+
+
+def make_feed(samples: Samples, augmentation: Augmentation, cfg: TrainConfig, device, shard):
+    if isinstance(augmentation, BatchAugment):
+        return TensorFeed(samples, augmentation, cfg, device, shard)
+    return LoaderFeed(samples, augmentation, cfg, device, shard)
+
+
+def resolve_backend(aug: AugmentConfig, device: torch.device) -> str:
+    """augment.backend, with `auto` made concrete: gpu on CUDA, albumentations elsewhere."""
+    if aug.backend != "auto":
+        return aug.backend
+    return "gpu" if device.type == "cuda" else "albumentations"
+
+
+def training_augmentation(
+    aug: AugmentConfig,
+    base: BaseConfig,
+    classes: list[str],
+    device: torch.device,
+    transforms_dir: Path | None = None,
+) -> Augmentation:
+    """What the training loop augments with: the gpu backend, or the albumentations policies
+    (those the augment stage saved in transforms_dir, else built from params)."""
+    if resolve_backend(aug, device) == "gpu":
+        return BatchAugment(aug, base, classes)
+    if transforms_dir is not None:
+        return load_transforms(transforms_dir, classes)
+    return build_policies(aug, base, classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,30 +316,34 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 
 def train_one_epoch(
     model: nn.Module,
-    loader,
+    batches: Batches,
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     device: torch.device,
     *,
-    progress: bool = False,
+    net: nn.Module | None = None,
 ) -> dict:
-    """One pass over `loader`; returns loss, accuracy, mean gradient norm, update ratios."""
-    model.train()
+    """One pass over `batches`; returns loss, accuracy, mean gradient norm, update ratios.
+
+    `net` runs the forward pass when it differs from `model` (DistributedDataParallel or
+    torch.compile around it). Figures stay on the device until the epoch ends: no step waits
+    for the GPU. Under torchrun, loss and accuracy are summed over every process.
+    """
+    net = net or model
+    net.train()
     use_amp = device.type == "cuda"
-    total_loss, correct, seen, grad_norms = 0.0, 0, 0, []
-    batches = tqdm(loader, desc="  batches", leave=False, disable=not progress, mininterval=1.0)
-    last = len(loader) - 1
+    sums = torch.zeros(2, device=device)  # loss * n, correct
+    seen, grad_norms = 0, []
+    last = len(batches) - 1
     ratios: dict[str, float] = {}
-    for step, (images, labels) in enumerate(batches):
-        x, y = to_input(images, device), labels.to(device, non_blocking=True)
+    for step, (x, y) in enumerate(batches):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(x)
+            logits = net(x)
             loss = F.cross_entropy(logits, y)
         objective = loss + cfg.l1 * l1_penalty(model) if cfg.l1 > 0 else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
         if step == last:  # update-to-weight ratio, measured on the last step of the epoch
             before = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim > 1}
         optimizer.step()
@@ -175,17 +353,20 @@ def train_one_epoch(
                     ratios[name] = (
                         (p.detach() - before[name]).norm() / (before[name].norm() + 1e-12)
                     ).item()
-        if not math.isfinite(loss.item()):
-            raise PipelineError(
-                f"training diverged (loss is {loss.item()}): lower train.lr (it is {cfg.lr})"
-            )
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum()])
         seen += len(y)
+    totals = torch.cat([sums, torch.tensor([seen], device=device, dtype=sums.dtype)])
+    if current_shard().world > 1:
+        dist.all_reduce(totals)
+    total_loss, correct, seen = totals.tolist()
+    if not math.isfinite(total_loss):
+        raise PipelineError(
+            f"training diverged (loss is {total_loss / max(seen, 1)}): lower train.lr (it is {cfg.lr})"
+        )
     return {
         "train_loss": total_loss / max(seen, 1),
         "train_acc": correct / max(seen, 1),
-        "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+        "grad_norm": torch.stack(grad_norms).mean().item() if grad_norms else 0.0,
         "update_ratio": ratios,
     }
 
@@ -392,18 +573,23 @@ def fit(
     *,
     seed: int,
     device: torch.device,
-    policies: dict | None = None,
+    augmentation: Augmentation = None,
     state_dir: Path | None = None,
     fingerprint: str = "",
     desc: str = "train",
     epochs: int | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train for cfg.epochs (or `epochs`), early-stopping on `val`; keeps the top-k in state_dir.
 
     With state_dir, every epoch saves a resumable state there; a later call with the same
-    fingerprint continues after the last finished epoch.
+    fingerprint continues after the last finished epoch. Under torchrun every process trains
+    on its share of each epoch through DistributedDataParallel; the first process validates,
+    diagnoses and writes, and sends each epoch's record to the others so all stop together.
     """
     epochs = epochs or cfg.epochs
+    shard = current_shard()
+    lead = shard.rank == 0
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -419,47 +605,64 @@ def fit(
             optimizer.load_state_dict(state["optimizer"])
             history, kept, start = state["history"], state["kept"], state["epoch"] + 1
             log.info("%s: resuming after epoch %d from %s", desc, state["epoch"] + 1, state_dir)
-    dataset = AugmentedSamples(train, policies)
+    net = model
+    if shard.world > 1:
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    feed = make_feed(train, augmentation, cfg, device, shard)
     probe = (val if val is not None and len(val) else train).images[:256]
     bins = np.linspace(-4, 4, 41)
     bar = tqdm(
-        range(start, epochs), desc=desc, unit="epoch", initial=start, total=epochs, mininterval=0.5
+        range(start, epochs),
+        desc=desc,
+        unit="epoch",
+        initial=start,
+        total=epochs,
+        mininterval=0.5,
+        disable=not lead,
     )
     for epoch in bar:
         if _should_stop(history, cfg):
             break
         # 1) reseed everything from (seed, epoch): resuming reproduces an uninterrupted run
         torch.manual_seed(seed * 100_003 + epoch)
-        if policies is not None:
-            reseed(policies, seed * 100_003 + epoch)
+        if isinstance(augmentation, dict):
+            reseed(augmentation, seed * 100_003 + epoch)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor(epoch)
         # 2) train, 3) validate, 4) diagnose
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        record.update(
-            train_one_epoch(
-                model,
-                make_loader(dataset, cfg, seed * 7919 + epoch, device),
-                optimizer,
-                cfg,
-                device,
-            )
-        )
-        if val is not None and len(val):
-            record.update(evaluate([model], val, device))
-        x = to_input(torch.from_numpy(np.ascontiguousarray(probe)), device)
-        record["activations"] = activation_stats(model, x, bins)
+        batches = feed.epoch(seed * 7919 + epoch)
+        record.update(train_one_epoch(model, batches, optimizer, cfg, device, net=net))
+        if lead:
+            if val is not None and len(val):
+                record.update(evaluate([model], val, device))
+            x = to_input(torch.from_numpy(np.ascontiguousarray(probe)), device)
+            record["activations"] = activation_stats(model, x, bins)
+        record = _from_lead(record, shard)
         history.append(record)
         bar.set_postfix(
             {k: f"{record[k]:.3f}" for k in ("train_loss", "val_loss", "val_acc") if k in record}
         )
         # 5) keep the top-k checkpoints and a resumable state
-        if state_dir is not None and "val_loss" in record:
-            kept = _keep_top_k(state_dir, model, record, kept, cfg)
-        if state_dir is not None:
+        if lead and state_dir is not None:
+            if "val_loss" in record:
+                kept = _keep_top_k(state_dir, model, record, kept, cfg)
             _save_state(state_dir, model, optimizer, epoch, history, kept, fingerprint)
+        if on_epoch:
+            on_epoch(record)
     bar.close()
     return FitResult(history, kept, diagnose(history, cfg))
+
+
+def _from_lead(record: dict, shard: Shard) -> dict:
+    """The first process's record, on every process."""
+    if shard.world == 1:
+        return record
+    box = [record]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _should_stop(history: list[dict], cfg: TrainConfig) -> bool:
@@ -597,31 +800,42 @@ def run(
     train, val, counts = load_training_samples(
         table_path, images_path, classes, pseudo_dir, augment_dir, cfg.val_fraction, base.seed
     )
-    policies = load_transforms(augment_dir / "transforms", classes)
     device = pick_device()
+    saved = read_json(augment_dir / "params.json")["augment"]  # the policy the augment stage saved
+    augmentation = training_augmentation(
+        parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment"),
+        base,
+        classes,
+        device,
+        transforms_dir=augment_dir / "transforms",
+    )
     torch.manual_seed(base.seed)
     model = build_model(cfg.model, base.channels, len(classes))
     config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
     fingerprint = fingerprint_of(config, train.images, train.labels, val.labels)
     log.info(
-        "train: %d human + %d offline + %d pseudo images, %d validation, device %s",
+        "train: %d human + %d offline + %d pseudo images, %d validation, device %s, %s augmentation",
         counts["human"],
         counts["offline"],
         counts["pseudo"],
         counts["val"],
         device,
+        "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
     )
-    result = fit(
-        model,
-        train,
-        val,
-        cfg,
-        seed=base.seed,
-        device=device,
-        policies=policies,
-        state_dir=state_dir,
-        fingerprint=fingerprint,
-    )
+    with distributed(device) as shard:
+        result = fit(
+            model,
+            train,
+            val,
+            cfg,
+            seed=base.seed,
+            device=device,
+            augmentation=augmentation,
+            state_dir=state_dir,
+            fingerprint=fingerprint,
+        )
+    if shard.rank > 0:
+        return {}  # the first process writes every output
     if not result.kept:
         raise PipelineError("training kept no checkpoint: the validation split is empty")
 

@@ -92,7 +92,14 @@ def test_each_transform_matches_albumentations_pixel_by_pixel(name, albumentatio
 def ramps(n: int) -> np.ndarray:
     """Images whose red channel rises left to right and green top to bottom."""
     ramp = np.linspace(0, 255, SIZE)
-    image = np.stack([np.tile(ramp, (SIZE, 1)), np.tile(ramp[:, None], (1, SIZE)), 0 * ramp[:, None] + np.zeros(SIZE)], axis=-1)
+    image = np.stack(
+        [
+            np.tile(ramp, (SIZE, 1)),
+            np.tile(ramp[:, None], (1, SIZE)),
+            0 * ramp[:, None] + np.zeros(SIZE),
+        ],
+        axis=-1,
+    )
     return np.repeat(image.astype(np.uint8)[None], n, axis=0)
 
 
@@ -103,7 +110,9 @@ def gradients(images: np.ndarray) -> np.ndarray:
     ys, xs = np.mgrid[: centre.shape[1], : centre.shape[2]]
     design = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)], axis=1)
     flat = centre.reshape(len(images), -1, 2)
-    coef = np.stack([np.linalg.lstsq(design, flat[i], rcond=None)[0][:2] for i in range(len(images))])
+    coef = np.stack(
+        [np.linalg.lstsq(design, flat[i], rcond=None)[0][:2] for i in range(len(images))]
+    )
     return coef / (255 / (SIZE - 1))  # slope 1 = the untouched ramp
 
 
@@ -132,7 +141,10 @@ def assert_same_distribution(a: np.ndarray, b: np.ndarray, tolerance: float) -> 
 def test_rotation_angles_follow_the_same_distribution():
     settings = {**OFF, "rotate": {"p": 1.0, "limit": 12.0}}
     reference, gpu = both_backends(settings, ramps(600))
-    angle = [np.degrees(np.arctan2(-g[:, 0, 1], g[:, 0, 0])) for g in (gradients(reference), gradients(gpu))]
+    angle = [
+        np.degrees(np.arctan2(-g[:, 0, 1], g[:, 0, 0]))
+        for g in (gradients(reference), gradients(gpu))
+    ]
     assert np.abs(angle[0]).max() <= 12.5 and np.abs(angle[1]).max() <= 12.5
     assert_same_distribution(*angle, tolerance=0.6)  # degrees; uniform on (-12, 12) has std 6.9
 
@@ -158,7 +170,11 @@ def test_brightness_contrast_and_probability_follow_the_same_distribution():
 
 
 def test_exclusions_spare_their_class_and_labels_travel_with_their_images():
-    aug = parse(AugmentConfig, {**OFF, "rotate": {"p": 1.0, "limit": 30.0}, "exclude": {"b": ["rotate"]}}, "augment")
+    aug = parse(
+        AugmentConfig,
+        {**OFF, "rotate": {"p": 1.0, "limit": 30.0}, "exclude": {"b": ["rotate"]}},
+        "augment",
+    )
     augment = BatchAugment(aug, BaseConfig(image_size=SIZE, channels=3), ["a", "b"])
     images = torch.from_numpy(ramps(64))
     labels = torch.arange(64) % 2
@@ -175,5 +191,9 @@ def test_same_seed_same_batch_and_nothing_to_do_is_the_identity():
     images, labels = torch.from_numpy(ramps(16)), torch.zeros(16, dtype=torch.long)
     first = augment(images, labels, torch.Generator().manual_seed(5))
     assert torch.equal(first, augment(images, labels, torch.Generator().manual_seed(5)))
-    idle = BatchAugment(parse(AugmentConfig, OFF, "augment"), BaseConfig(image_size=SIZE, channels=3), ["a"])
-    assert torch.equal(idle(images, labels, torch.Generator()) * 255, images.permute(0, 3, 1, 2).float())
+    idle = BatchAugment(
+        parse(AugmentConfig, OFF, "augment"), BaseConfig(image_size=SIZE, channels=3), ["a"]
+    )
+    assert torch.equal(
+        idle(images, labels, torch.Generator()) * 255, images.permute(0, 3, 1, 2).float()
+    )

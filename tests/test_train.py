@@ -31,6 +31,22 @@ def _samples(ingest_dir):
     )
 
 
+def train_command(table, ingested, name: str) -> list[str]:
+    """`python -m pipeline train` writing under artifacts/{rounds,reports}/<name>/."""
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "train",
+        "--table", str(table),
+        "--ingest", str(ingested),
+        "--augment", "artifacts/augment",
+        "--model", f"artifacts/rounds/{name}/model",
+        "--report", f"artifacts/reports/{name}/train",
+        "--live", f"artifacts/rounds/{name}/live",
+    ]  # fmt: skip
+
+
 def _fit(params, samples, seed=0, epochs=None):
     torch.manual_seed(seed)
     model = build_model(params.train.model, 1, 3)
@@ -116,24 +132,7 @@ def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested
     table = train_table(ingested)
 
     def command(name):
-        return [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "train",
-            "--table",
-            str(table),
-            "--ingest",
-            str(ingested),
-            "--augment",
-            "artifacts/augment",
-            "--model",
-            f"artifacts/rounds/{name}/model",
-            "--report",
-            f"artifacts/reports/{name}/train",
-            "--live",
-            f"artifacts/rounds/{name}/live",
-        ]
+        return train_command(table, ingested, name)
 
     state = project / "artifacts" / "rounds" / "killed" / ".model.state" / "last.pt"
     proc = subprocess.Popen(
@@ -203,3 +202,34 @@ def test_lr_find_curve_has_its_minimum_between_its_ends(ingested, project):
     assert 0 < lowest < len(curve) - 1
     assert curve["lr"].iloc[0] == pytest.approx(1e-7)
     assert 1e-6 < lr_find.suggest(curve) < 1.0
+
+
+def test_two_processes_under_torchrun_match_one_and_write_once(ingested, project):
+    table = train_table(ingested)
+    summaries = {}
+    for nproc in (1, 2):
+        write_params(project, {"train": {"epochs": 8, "patience": 100, "nproc": nproc}})
+        if nproc == 1:
+            _augment(project, ingested)
+        name = f"nproc{nproc}"
+        result = subprocess.run(
+            train_command(table, ingested, name), cwd=project, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        summaries[nproc] = read_json(project / f"artifacts/reports/{name}/train/diagnostics.json")
+        model_dir = project / f"artifacts/rounds/{name}/model"
+        kept = summaries[nproc]["kept"]
+        assert sorted(p.name for p in model_dir.iterdir()) == sorted(
+            [*(k["file"] for k in kept), "ensemble.json"]
+        )
+        steps = (project / f"artifacts/rounds/{name}/live/plots/metrics/train/loss.tsv").read_text()
+        assert len(steps.splitlines()) == 1 + 8  # header + one row per epoch, written once
+        assert not (project / f"artifacts/rounds/.{name.replace('nproc', 'model')}.state").exists()
+    assert "2 processes (gloo)" in result.stderr
+    assert result.stderr.count("train: ensemble of") == 1  # only the first process reports
+    one, two = summaries[1], summaries[2]
+    # Same global batch (2 x 16 vs 32), data and seed; batch-norm statistics per process and a
+    # different sample order keep them from being equal.
+    assert abs(one["summary"]["ensemble_val_acc"] - two["summary"]["ensemble_val_acc"]) <= 0.1
+    first, last = (np.array([h["train_loss"] for h in s["history"]]) for s in (one, two))
+    assert last[-1] < 0.6 * last[0] and abs(first[-1] - last[-1]) < 0.3 * first[0]
