@@ -107,7 +107,7 @@ def stage_train(cfg, samples, device, epochs: int, augmentation) -> float:
     model = build_model(cfg.model, 1, 10)
     times = []
 
-    def on_epoch_end(_record):
+    def on_epoch(_record):
         synchronize(device)
         times.append(time.perf_counter())
 
@@ -120,7 +120,7 @@ def stage_train(cfg, samples, device, epochs: int, augmentation) -> float:
         device=device,
         augmentation=augmentation,
         epochs=epochs + 1,
-        on_epoch_end=on_epoch_end,
+        on_epoch=on_epoch,
     )
     return len(samples) * epochs / (times[-1] - times[0])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def main() -> None:
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
+    parser.add_argument("--keep", type=Path, help="move the largest generated data folder here")
     parser.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -92,6 +94,8 @@ def main() -> None:
                 check=True,
             )
             r = json.loads(result.stdout.strip().splitlines()[-1])
+            if args.keep and n == max(args.sizes):
+                shutil.move(data, args.keep)
         array_mib = r["images"] * 28 * 28 / 2**20
         overhead = (r["peak_kib"] - r["baseline_kib"]) / 1024
         rows.append(

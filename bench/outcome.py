@@ -36,7 +36,7 @@ def train_and_test(work: Path, name: str, table: Path, params, pseudo: Path | No
     ing = work / "ingest"
     train.run(
         table_path=table,
-        images_path=ing / "images.npy",
+        images_path=ing / "images",
         classes_path=ing / "classes.json",
         augment_dir=work / "augment",
         pseudo_dir=pseudo,
@@ -66,7 +66,7 @@ def one_seed(seed: int, overrides: dict) -> dict:
         rows.assign(label=rows["true_label"]).to_csv(true, index=False)
         augment.run(
             noisy,
-            work / "ingest" / "images.npy",
+            work / "ingest" / "images",
             work / "ingest" / "classes.json",
             work / "augment",
             params,

@@ -4,7 +4,9 @@ Same model (train.model from params.yaml), batch size, albumentations policy and
 (generated 28x28 images). The stage's `fit` adds seeding, diagnostics (gradient norms,
 update ratios, activation statistics) and its DataLoader; the bare loop has none of that.
 Runs alternate (stage, bare, stage, bare, ...) and the best of each is kept, so background
-load hits both alike. Prints a table and writes JSON. On CUDA it runs there too.
+load hits both alike. A third line runs the stage with the `gpu` augmentation backend (the
+same policy as batched tensor operations) on whatever device there is, against the same bare
+loop. Prints a table and writes JSON. On CUDA it runs there too.
 
     python bench/train.py [--images 10000] [--epochs 1] [--repeats 3]
 """
@@ -29,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pipeline import augment, train  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
+from pipeline.gpu_augment import BatchAugment  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
 
@@ -116,16 +119,39 @@ def main() -> None:
 
     model = build_model(cfg.model, 1, 10).to(device)
 
+    batch_augment = BatchAugment(params.augment, params.base, classes)
+
+    def stage_gpu_backend_run():
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 1, 10)
+        train.fit(
+            model,
+            samples,
+            None,
+            cfg,
+            seed=0,
+            device=device,
+            augmentation=batch_augment,
+            epochs=args.epochs,
+        )
+
     def stage_infer():
         train.predict_proba([model], images, device, batch_size=1024)
 
     def bare_infer():
         bare_inference(model, images, 1024, device)
 
-    best = {"stage_train": 0.0, "bare_train": 0.0, "stage_infer": 0.0, "bare_infer": 0.0}
+    best = {
+        "stage_train": 0.0,
+        "bare_train": 0.0,
+        "stage_gpu_backend_train": 0.0,
+        "stage_infer": 0.0,
+        "bare_infer": 0.0,
+    }
     work = {
         "stage_train": stage_run,
         "bare_train": bare_run,
+        "stage_gpu_backend_train": stage_gpu_backend_run,
         "stage_infer": stage_infer,
         "bare_infer": bare_infer,
     }
@@ -140,6 +166,7 @@ def main() -> None:
         "batch_size": cfg.batch_size,
         **{f"{k}_images_per_s": v for k, v in best.items()},
         "train_ratio": best["stage_train"] / best["bare_train"],
+        "gpu_backend_train_ratio": best["stage_gpu_backend_train"] / best["bare_train"],
         "inference_ratio": best["stage_infer"] / best["bare_infer"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -148,6 +175,9 @@ def main() -> None:
     )
     print(
         f"train:     stage {best['stage_train']:8.0f} img/s | bare loop {best['bare_train']:8.0f} img/s | ratio {result['train_ratio']:.3f}"
+    )
+    print(
+        f"train, gpu backend (batched, on {device}): {best['stage_gpu_backend_train']:8.0f} img/s | ratio to the bare loop {result['gpu_backend_train_ratio']:.3f}"
     )
     print(
         f"inference: stage {best['stage_infer']:8.0f} img/s | bare loop {best['bare_infer']:8.0f} img/s | ratio {result['inference_ratio']:.3f}"

@@ -1,6 +1,6 @@
 """clean stage: find wrong labels and bad samples with cleanlab on out-of-sample probabilities.
 
-Reads   <ingest>/manifest.csv, images.npy, classes.json; data/overrides.csv (path,label|keep|drop)
+Reads   <ingest>/manifest.csv, images/, classes.json; data/overrides.csv (path,label|keep|drop)
 Writes  <out>/train.csv        the cleaned training table the train stage reads
         <out>/issues.csv       every training row: scores, issue types, decision and reason
         <out>/pred_probs.npy   (N, K) out-of-sample probabilities, rows as in issues.csv
@@ -296,7 +296,7 @@ def truth_scores(flagged: np.ndarray, given: pd.Series, truth: pd.Series) -> dic
 def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict:
     manifest = read_table(ingest_dir / "manifest.csv")
     classes = read_json(ingest_dir / "classes.json")
-    images = read_array(ingest_dir / "images.npy")
+    images = read_array(ingest_dir / "images")
     table = manifest[manifest["split"] == "train"].reset_index(drop=True)
     if len(classes) < 2:
         raise PipelineError(f"cleaning needs at least 2 classes; {ingest_dir} has {len(classes)}")

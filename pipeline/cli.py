@@ -82,7 +82,7 @@ def augment(
     from pipeline import augment as stage
 
     return stage.run(
-        table, ingest_dir / "images.npy", ingest_dir / "classes.json", out, load_params(params)
+        table, ingest_dir / "images", ingest_dir / "classes.json", out, load_params(params)
     )
 
 
@@ -115,7 +115,7 @@ def train(
         return read_json(report / "diagnostics.json")["summary"]
     return stage.run(
         table_path=table,
-        images_path=ingest_dir / "images.npy",
+        images_path=ingest_dir / "images",
         classes_path=ingest_dir / "classes.json",
         augment_dir=augment_dir,
         pseudo_dir=pseudo,

@@ -63,6 +63,7 @@ class IngestConfig:
     max_image_pixels: int = num(20_000_000, 1)  # decompression-bomb limit (width * height)
     min_images_per_class: int = num(2, 1)
     test_fraction: float = num(0.2, 0.05, 0.5)  # only used when data/test/ does not exist
+    shard_mib: float = num(64.0, 0.001, 4096.0)  # size of each packed image shard file
 
 
 @dataclass(frozen=True)

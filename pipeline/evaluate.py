@@ -1,6 +1,6 @@
 """evaluate stage: error analysis of a round's checkpoint ensemble on the test split.
 
-Reads   <model>/ (the ensemble), <ingest>/manifest.csv, images.npy, <train report>/warnings.json
+Reads   <model>/ (the ensemble), <ingest>/manifest.csv, images/, <train report>/warnings.json
 Writes  <out>/metrics.json      accuracy, macro-F1, balanced accuracy, top-k, ECE
         <out>/per_class.csv     precision, recall, F1, support per class
         <out>/predictions.csv   one row per test image (actual, predicted: DVC's confusion plot)
@@ -213,7 +213,7 @@ def run(
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)
     if test.empty:
         raise PipelineError(f"{ingest_dir}/manifest.csv has no test images to evaluate on")
-    images = read_array(ingest_dir / "images.npy")
+    images = read_array(ingest_dir / "images")
     test_images = np.ascontiguousarray(images[test["row"].astype(int).to_numpy()])
     labels = test["label"].map(classes.index).to_numpy(np.int64)
 

@@ -1,10 +1,12 @@
-"""ingest stage: scan data/, decode every image once, pack them into one array.
+"""ingest stage: scan data/, decode every image once, pack them into sharded arrays.
 
 Reads   data/labeled/<class>/**  (or data/labeled/labels.csv: path,label; paths relative to data/)
         data/test/<class>/**     (optional; otherwise a stratified, seeded split of labeled)
         data/truth.csv           (optional audit: path,true_label)
 Writes  <out>/manifest.csv   one row per usable image: id, path, sha256, label, split, row, ...
-        <out>/images.npy     uint8 (N, image_size, image_size, channels), memory-mappable
+        <out>/images/        the packed images: uint8 (N, image_size, image_size, channels) in
+                             .npy shards of ingest.shard_mib MiB + index.json, memory-mapped
+                             (pipeline.io.PackedImages reads them as one array)
         <out>/classes.json   the one class order used everywhere
         <out>/quarantine.csv path, split, reason for every file or folder not used
         <out>/metrics.json
@@ -20,6 +22,7 @@ import csv
 import hashlib
 import logging
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -31,7 +34,14 @@ from tqdm import tqdm
 from pipeline.config import BaseConfig, Params, to_dict
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS, SYSTEM_FILES, Rejected, decode
-from pipeline.io import atomic_path, create_array, read_array, write_json, write_table
+from pipeline.io import (
+    ShardWriter,
+    atomic_dir,
+    read_array,
+    write_json,
+    write_packed,
+    write_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,25 +178,23 @@ def _why_not_class_folder(entry: Path) -> str:
 def pack(
     candidates: list[Candidate],
     data_dir: Path,
-    out_array: Path,
+    out: Path,
     base: BaseConfig,
     max_pixels: int,
     *,
     split: str | list[str],
+    shard_mib: float = 64.0,
     desc: str = "ingest",
 ) -> tuple[pd.DataFrame, list[dict]]:
-    """Decode candidates into `out_array` (N, S, S, C) uint8; returns (table, quarantine rows).
+    """Decode candidates into the packed image folder `out`; returns (table, quarantine rows).
 
-    Images are written to a memory-mapped file as they are decoded, so memory stays flat
-    however many there are. `split` is one name for all or one per candidate.
+    Images go to disk shard by shard as they are decoded, so memory stays flat however many
+    there are; table row i is image i of `out`. `split` is one name for all or one per candidate.
     """
     splits = [split] * len(candidates) if isinstance(split, str) else split
-    shape = (max(len(candidates), 1), base.image_size, base.image_size, base.channels)
-    records, quarantine, kept = [], [], []
-    scratch_path = out_array.with_name(f".{out_array.name}.scratch")
-    try:
-        out_array.parent.mkdir(parents=True, exist_ok=True)
-        scratch = create_array(scratch_path, shape)
+    records, quarantine = [], []
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, (base.image_size, base.image_size, base.channels), shard_mib)
         for index, cand in enumerate(tqdm(candidates, desc=desc, unit="img", mininterval=1.0)):
             try:
                 data = (data_dir / cand.path).read_bytes()
@@ -205,8 +213,7 @@ def pack(
                     _row(cand.path, splits[index], f"unreadable: {exc.strerror or exc}")
                 )
                 continue
-            scratch[index] = image.pixels
-            kept.append(index)
+            writer.append(image.pixels)
             records.append(
                 {
                     "id": image_id(cand.path),
@@ -220,29 +227,10 @@ def pack(
                     "note": image.note,
                 }
             )
-        scratch.flush()
-        write_rows(out_array, scratch, kept)
-        del scratch
-    except OSError as exc:  # a full disk or a read-only folder
-        raise PipelineError(f"cannot write {out_array}: {exc.strerror or exc}") from None
-    finally:
-        scratch_path.unlink(missing_ok=True)
+        writer.close()
     table = pd.DataFrame(records, columns=MANIFEST_COLUMNS[:-1])
     table["row"] = np.arange(len(table))
     return table, quarantine
-
-
-def write_rows(
-    path: Path, source: np.ndarray, rows: list[int] | np.ndarray, chunk: int = 8192
-) -> None:
-    """Write source[rows] to a new .npy file at path, chunk by chunk (atomically)."""
-    with atomic_path(path) as tmp:
-        out = create_array(tmp, (len(rows), *source.shape[1:]), source.dtype)
-        rows = np.asarray(rows, dtype=np.int64)
-        for start in range(0, len(rows), chunk):
-            out[start : start + chunk] = source[rows[start : start + chunk]]
-        out.flush()
-        del out
 
 
 MANIFEST_COLUMNS = [
@@ -387,9 +375,16 @@ def run(data_dir: Path, out_dir: Path, params: Params) -> dict:
         quarantine += test_quarantine
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = out_dir / "images.unfiltered.npy"
+    scratch = out_dir / ".images.unfiltered"
+    shard_mib = params.ingest.shard_mib
     table, rejected = pack(
-        candidates, data_dir, scratch, params.base, params.ingest.max_image_pixels, split=splits
+        candidates,
+        data_dir,
+        scratch,
+        params.base,
+        params.ingest.max_image_pixels,
+        split=splits,
+        shard_mib=shard_mib,
     )
     quarantine += rejected
 
@@ -416,10 +411,10 @@ def run(data_dir: Path, out_dir: Path, params: Params) -> dict:
         is_test = stratified_holdout(table["label"], params.ingest.test_fraction, params.base.seed)
         table.loc[is_test, "split"] = "test"
 
-    # One packed array in manifest order; the scratch array with rejected rows goes away.
+    # The packed images in manifest order; the scratch set with set-aside rows goes away.
     table = table.sort_values(["split", "label", "path"], kind="stable").reset_index(drop=True)
-    write_rows(out_dir / "images.npy", read_array(scratch), table["row"].to_numpy())
-    scratch.unlink(missing_ok=True)
+    write_packed(out_dir / "images", read_array(scratch), table["row"].to_numpy(), shard_mib)
+    shutil.rmtree(scratch)
     table["row"] = np.arange(len(table))
     table, n_truth = attach_truth(table, data_dir)
 

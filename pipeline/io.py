@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from numpy.lib.format import open_memmap
 
 from pipeline.errors import PipelineError
 
@@ -108,27 +107,147 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def write_array(path: str | Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+    with atomic_path(path) as tmp:
+        save_npy(tmp, array)
 
 
-def create_array(path: str | Path, shape: tuple[int, ...], dtype=np.uint8) -> np.memmap:
-    """A new .npy file of `shape`, memory-mapped for writing, its disk space reserved up front.
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save, but a full disk raises OSError(ENOSPC): numpy's own writer reports it as a
+    short write without the cause."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.hasobject:
+        raise TypeError("refusing to save Python objects in a .npy artifact")
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(array.reshape(-1).view(np.uint8).data if array.size else b"")
 
-    Writing into a sparse memory map on a full disk kills the process with SIGBUS; reserving
-    the space first turns that into an OSError (ENOSPC) here, before any image is written.
-    """
-    array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
-    with open(path, "r+b") as f:
-        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-    return array
 
-
-def read_array(path: str | Path, mmap: bool = True) -> np.ndarray:
+def read_array(path: str | Path, mmap: bool = True) -> np.ndarray | PackedImages:
+    """A .npy file (memory-mapped unless mmap=False), or a packed image folder."""
     path = Path(path)
+    if (path / "index.json").is_file():
+        return PackedImages(path)
     if not path.is_file():
         raise PipelineError(f"missing input {path}: run the stage that writes it first")
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Packed image sets: a folder of .npy shards plus index.json, read as one array
+
+
+class ShardWriter:
+    """Append images to a new packed image folder, one .npy shard per `shard_mib` MiB.
+
+    Memory holds one shard at most, whatever the number of images; `close()` writes the last
+    shard and index.json. Use it inside atomic_dir, so a failed write leaves no folder behind.
+    """
+
+    def __init__(self, folder: Path, image_shape: tuple[int, ...], shard_mib: float = 64.0):
+        self.folder, self.image_shape = Path(folder), tuple(image_shape)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        per_image = int(np.prod(self.image_shape))
+        self.shard_size = max(1, int(shard_mib * 2**20) // per_image)
+        self.buffer = np.empty((0, *self.image_shape), np.uint8)  # grown as images arrive
+        self.fill, self.shards = 0, []
+
+    def append(self, image: np.ndarray) -> None:
+        if self.fill == len(self.buffer):
+            size = min(self.shard_size, max(1024, 2 * len(self.buffer)))
+            grown = np.empty((size, *self.image_shape), np.uint8)
+            grown[: self.fill] = self.buffer[: self.fill]
+            self.buffer = grown
+        self.buffer[self.fill] = image
+        self.fill += 1
+        if self.fill == self.shard_size:
+            self._flush()
+
+    def extend(self, images) -> None:
+        for start in range(0, len(images), 4096):
+            for image in images[start : start + 4096]:
+                self.append(image)
+
+    def _flush(self) -> None:
+        name = f"{len(self.shards):06d}.npy"
+        save_npy(self.folder / name, self.buffer[: self.fill])
+        self.shards.append({"file": name, "count": self.fill})
+        self.fill = 0
+
+    def close(self) -> int:
+        """Write the last shard and the index; returns the number of images."""
+        if self.fill:
+            self._flush()
+        self.buffer = np.empty((0, *self.image_shape), np.uint8)
+        count = sum(s["count"] for s in self.shards)
+        index = {"count": count, "image_shape": list(self.image_shape), "shards": self.shards}
+        (self.folder / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+        return count
+
+
+class PackedImages:
+    """A packed image folder read as one uint8 array (N, H, W, C).
+
+    Indexing with an int, a slice or an array of indices returns numpy arrays. Shards are
+    memory-mapped only while an index touches them, so reading in chunks keeps memory flat
+    however large the set is.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = read_json(self.folder / "index.json")
+        self.files = [self.folder / s["file"] for s in index["shards"]]
+        self.starts = np.cumsum([0] + [s["count"] for s in index["shards"]])
+        self.shape = (int(index["count"]), *index["image_shape"])
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape))
+
+    def _shard(self, k: int) -> np.ndarray:
+        return np.load(self.files[k], mmap_mode="r", allow_pickle=False)
+
+    def __getitem__(self, key):
+        if isinstance(key, int | np.integer):
+            i = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= i < len(self):
+                raise IndexError(f"image {key} of {len(self)}")
+            k = int(np.searchsorted(self.starts, i, side="right")) - 1
+            return np.array(self._shard(k)[i - self.starts[k]])
+        if isinstance(key, slice):
+            key = np.arange(*key.indices(len(self)))
+        key = np.asarray(key)
+        if key.dtype == bool:
+            key = np.flatnonzero(key)
+        key = np.where(key < 0, key + len(self), key).astype(np.int64)
+        if len(key) and (key.min() < 0 or key.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} images")
+        out = np.empty((len(key), *self.shape[1:]), self.dtype)
+        which = np.searchsorted(self.starts, key, side="right") - 1
+        for k in np.unique(which):
+            picked = which == k
+            out[picked] = self._shard(int(k))[key[picked] - self.starts[k]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)
+
+
+def write_packed(
+    path: str | Path, source, rows: np.ndarray, shard_mib: float = 64.0, chunk: int = 8192
+) -> None:
+    """Write source[rows] (a packed folder or an array) as a new packed folder, atomically."""
+    rows = np.asarray(rows, dtype=np.int64)
+    with atomic_dir(path) as tmp:
+        writer = ShardWriter(tmp, source.shape[1:], shard_mib)
+        for start in range(0, len(rows), chunk):
+            writer.extend(source[rows[start : start + chunk]])
+        writer.close()
 
 
 def _json_default(obj: Any) -> Any:

@@ -115,7 +115,7 @@ def run(
     table = read_table(table_path)
     if "split" in table:
         table = table[table["split"] == "train"]
-    images = read_array(ingest_dir / "images.npy")
+    images = read_array(ingest_dir / "images")
     samples = Samples(
         np.ascontiguousarray(images[table["row"].astype(int).to_numpy()]),
         table["label"].map(classes.index).to_numpy(np.int64),

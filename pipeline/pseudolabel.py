@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,7 @@ def run(
 
     # 1) decode the pool exactly as ingest decodes labeled images
     candidates, quarantine = scan_folder(data_dir, f"unlabeled/{pool}", by_class=False)
-    scratch = out_dir.parent / f".{out_dir.name}.pool.npy"
+    scratch = out_dir.parent / f".{out_dir.name}.pool"
     table, rejected = pack(
         candidates,
         data_dir,
@@ -155,8 +156,8 @@ def run(
         desc=f"pool {pool}",
     )
     quarantine += rejected
-    pool_images = read_array(scratch, mmap=False)
-    scratch.unlink(missing_ok=True)
+    pool_images = np.asarray(read_array(scratch))
+    shutil.rmtree(scratch)
     if not candidates:
         quarantine.append(
             {"path": f"unlabeled/{pool}", "split": "pool", "reason": "empty pool (no images)"}

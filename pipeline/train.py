@@ -180,7 +180,8 @@ class Batches:
 
 
 class LoaderFeed:
-    """The albumentations backend: the saved policy per sample, in DataLoader workers."""
+    """The albumentations backend: the saved policy applied per sample, in DataLoader workers
+    (train.num_workers), or in this process, batch by batch, when there are none."""
 
     def __init__(self, samples, policies, cfg: TrainConfig, device, shard: Shard):
         self.dataset = AugmentedSamples(samples, policies)
@@ -188,22 +189,38 @@ class LoaderFeed:
         self.batch_size = per_rank_batch(cfg.batch_size, shard)
 
     def epoch(self, seed: int) -> Batches:
-        order = epoch_order(len(self.dataset), seed, self.shard).tolist()
+        order = epoch_order(len(self.dataset), seed, self.shard).numpy()
+        count = math.ceil(len(order) / self.batch_size)
+        if self.cfg.num_workers == 0:
+            return Batches(lambda: self._in_process(order), count)
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=order,
+            sampler=order.tolist(),
             num_workers=self.cfg.num_workers,
-            worker_init_fn=_seed_worker if self.cfg.num_workers else None,
+            worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(seed),
             pin_memory=self.device.type == "cuda",
         )
+        return Batches(lambda: self._on_device(loader), count)
 
-        def batches():
-            for images, labels in loader:
-                yield to_input(images, self.device), labels.to(self.device, non_blocking=True)
+    def _in_process(self, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        samples, policies = self.dataset.samples, self.dataset.policies
+        for start in range(0, len(order), self.batch_size):
+            idx = np.sort(order[start : start + self.batch_size])  # sorted: memory-map friendly
+            images, labels = samples.images[idx], samples.labels[idx]
+            if policies is not None:
+                images = np.stack(
+                    [apply_policy(policies, im, int(y)) for im, y in zip(images, labels)]
+                )
+            yield (
+                to_input(torch.from_numpy(images), self.device),
+                torch.from_numpy(labels).to(self.device),
+            )
 
-        return Batches(batches, len(loader))
+    def _on_device(self, loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in loader:
+            yield to_input(images, self.device), labels.to(self.device, non_blocking=True)
 
 
 class TensorFeed:
@@ -329,7 +346,7 @@ def train_one_epoch(
     torch.compile around it). Figures stay on the device until the epoch ends: no step waits
     for the GPU. Under torchrun, loss and accuracy are summed over every process.
     """
-    net = net or model
+    net = model if net is None else net
     net.train()
     use_amp = device.type == "cuda"
     sums = torch.zeros(2, device=device)  # loss * n, correct
@@ -404,10 +421,10 @@ def predict_proba(
         x = to_input(
             torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])), device
         )
-        feats = [m.embed(x) for m in models]
-        per_model = torch.stack(
-            [F.softmax(m.head(f).float(), dim=1) for m, f in zip(models, feats)]
-        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = [m.embed(x) for m in models]
+            logits = [m.head(f).float() for m, f in zip(models, feats)]
+        per_model = torch.stack([F.softmax(z, dim=1) for z in logits])
         outs.append(per_model.mean(0).cpu())
         if members:
             member_outs.append(per_model.cpu())
@@ -620,7 +637,7 @@ def fit(
         initial=start,
         total=epochs,
         mininterval=0.5,
-        disable=not lead,
+        **({} if lead else {"disable": True}),  # one bar, from the first process
     )
     for epoch in bar:
         if _should_stop(history, cfg):

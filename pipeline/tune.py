@@ -313,7 +313,7 @@ def ensemble_runs(model_dirs: list[Path], ingest_dir: Path) -> pd.DataFrame:
     manifest = read_table(ingest_dir / "manifest.csv")
     test = manifest[manifest["split"] == "test"]
     images = np.ascontiguousarray(
-        read_array(ingest_dir / "images.npy")[test["row"].astype(int).to_numpy()]
+        read_array(ingest_dir / "images")[test["row"].astype(int).to_numpy()]
     )
     labels = test["label"].map(classes.index).to_numpy()
     rows, probs = [], []

@@ -145,7 +145,7 @@ def augment_and_train(root: Path, ingest_dir: Path, table: Path, params) -> Path
     """The augment and train stages under root (root/augment, root/model, ...); returns the model."""
     from pipeline import augment, train
 
-    images, classes = ingest_dir / "images.npy", ingest_dir / "classes.json"
+    images, classes = ingest_dir / "images", ingest_dir / "classes.json"
     augment.run(table, images, classes, root / "augment", params)
     train.run(
         table_path=table,

@@ -89,7 +89,7 @@ def test_stage_writes_policy_preview_and_offline_copies(ingested, project):
     params = load_params(project / "params.yaml")
     table = train_table(ingested)
     out = project / "artifacts" / "augment"
-    summary = augment.run(table, ingested / "images.npy", ingested / "classes.json", out, params)
+    summary = augment.run(table, ingested / "images", ingested / "classes.json", out, params)
     assert (out / "transforms" / "default.json").is_file()
     assert (out / "preview.png").stat().st_size > 1000
     assert summary["offline_copies"] == 2 * 90

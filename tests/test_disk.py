@@ -121,9 +121,7 @@ def test_train_onto_a_full_or_read_only_disk_names_the_path(ingested, project, p
 
     params = load_params(project / "params.yaml")
     table = train_table(ingested)
-    augment.run(
-        table, ingested / "images.npy", ingested / "classes.json", project / "augment", params
-    )
+    augment.run(table, ingested / "images", ingested / "classes.json", project / "augment", params)
     with tmpfs(project / "small", "8k") as disk:
         if problem == "read-only":
             remount_read_only(disk)

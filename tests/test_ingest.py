@@ -10,7 +10,7 @@ from pipeline import ingest
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.images import decode
-from pipeline.io import read_array, read_json
+from pipeline.io import read_array, read_json, write_packed
 
 from .conftest import tree_hash, write_digits, write_params
 
@@ -102,7 +102,7 @@ def test_quarantines_every_bad_case_with_a_reason(bad_corpus, project, record):
     assert "scaled to 8 bits" in notes["labeled/one/sixteen.png"]
     assert metrics["quarantined"] == len(quarantine)
     assert read_json(project / "out" / "classes.json") == ["one", "zero"]
-    images = read_array(project / "out" / "images.npy")
+    images = read_array(project / "out" / "images")
     assert images.shape == (len(manifest), 8, 8, 1) and images.dtype == np.uint8
     assert tree_hash(bad_corpus) == before  # raw data untouched
     for path, reason in EXPECTED.items():
@@ -220,3 +220,31 @@ def test_a_test_class_absent_from_training_is_quarantined(project, record):
     record(
         "input", "a test class absent from training", "its test images quarantined with the reason"
     )
+
+
+def test_packed_images_read_like_one_array_across_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (1000, 8, 8, 1), dtype=np.uint8)
+    write_packed(tmp_path / "packed", images, np.arange(1000), shard_mib=0.02)  # 327 per shard
+    packed = read_array(tmp_path / "packed")
+    assert len(packed.files) == 4 and packed.shape == images.shape
+    picks = rng.integers(-1000, 1000, 300)
+    assert np.array_equal(packed[picks], images[picks])
+    assert np.array_equal(packed[320:700:3], images[320:700:3])
+    assert np.array_equal(packed[images[:, 0, 0, 0] > 128], images[images[:, 0, 0, 0] > 128])
+    assert np.array_equal(packed[-1], images[-1]) and np.array_equal(np.asarray(packed), images)
+    with pytest.raises(IndexError):
+        packed[1000]
+
+
+def test_ingest_shards_give_the_same_images_as_one_shard(project):
+    data = project / "data"
+    write_digits(data, {0: "zero", 1: "one", 2: "two"}, 30, test_per_class=5)
+    one = ingest.run(data, project / "one", load_params(project / "params.yaml"))
+    many = ingest.run(
+        data, project / "many", load_params(project / "params.yaml", {"ingest.shard_mib": 0.001})
+    )
+    assert one == many
+    small = read_array(project / "many" / "images")
+    assert len(small.files) == len(small) // 16 + (len(small) % 16 > 0)  # 1 KiB: 16 images
+    assert np.array_equal(np.asarray(small), np.asarray(read_array(project / "one" / "images")))

@@ -24,7 +24,7 @@ def _samples(ingest_dir):
     manifest = pd.read_csv(ingest_dir / "manifest.csv", dtype=str, keep_default_na=False)
     rows = manifest[manifest["split"] == "train"]
     classes = read_json(ingest_dir / "classes.json")
-    images = read_array(ingest_dir / "images.npy")
+    images = read_array(ingest_dir / "images")
     return train.Samples(
         np.ascontiguousarray(images[rows["row"].astype(int).to_numpy()]),
         rows["label"].map(classes.index).to_numpy(np.int64),
@@ -79,7 +79,7 @@ def test_two_cpu_runs_with_the_same_seed_are_identical(ingested, fast_params):
 def _stage_args(project, ingested, name="r000"):
     return dict(
         table_path=train_table(ingested),
-        images_path=ingested / "images.npy",
+        images_path=ingested / "images",
         classes_path=ingested / "classes.json",
         augment_dir=project / "artifacts" / "augment",
         pseudo_dir=None,
@@ -95,7 +95,7 @@ def _augment(project, ingested):
     params = load_params(project / "params.yaml")
     augment.run(
         train_table(ingested),
-        ingested / "images.npy",
+        ingested / "images",
         ingested / "classes.json",
         project / "artifacts" / "augment",
         params,
@@ -115,7 +115,7 @@ def test_stage_writes_a_reloadable_ensemble_dvclive_and_diagnostics(ingested, pr
     for name in ("diagnostics.json", "diagnostics.png", "warnings.json", "config.json"):
         assert (args["report_dir"] / name).is_file()
     assert not args["state_dir"].exists()  # resume state is removed after success
-    images = read_array(ingested / "images.npy")[:20]
+    images = read_array(ingested / "images")[:20]
     first, second = train.load_ensemble(model_dir), train.load_ensemble(model_dir)
     probs = first.predict(images)
     assert np.array_equal(probs, second.predict(images))

@@ -1,0 +1,257 @@
+"""The benchmark suite: every performance figure, measured side by side in one run.
+
+    python bench/run.py [--quick] [--out bench/results/all.json]
+
+Sections, in order:
+  ingest   images/s and peak RSS at 10k and 100k generated 28x28 PNGs (bench/ingest.py)
+  train    the train stage and its inference vs a bare PyTorch loop, both augmentation
+           backends, 10k images (bench/train.py)
+  stages   wall time and peak RSS of each stage's command on the 100k set (1 epoch, 2 folds)
+  clean    the clean stage's time split: K-fold training vs the cleanlab part, 1k and 5k images
+  dvc      the demo project: full `dvc repro`, no-op `dvc repro`, and the incremental run
+           after `add-pool` relative to the full run
+Prints a table of figures against the targets and writes JSON. `--quick` shrinks every size
+(a check that the suite runs, not figures to record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+GIT_IDENTITY = {
+    f"GIT_{who}_{what}": value
+    for who in ("AUTHOR", "COMMITTER")
+    for what, value in (("NAME", "bench"), ("EMAIL", "bench@example.invalid"))
+}
+RESULTS = ROOT / "bench" / "results"
+
+
+def measured(cmd: list[str], cwd: Path) -> dict:
+    """Run cmd; its wall seconds and its own peak RSS (os.wait4: this child only)."""
+    log = tempfile.TemporaryFile()
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=log, stderr=log, env={**os.environ, **GIT_IDENTITY}
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        log.seek(0)
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read().decode()[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def script(name: str, *args: str, results: Path) -> list:
+    out = results / f"{name}.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args, "--out", str(out)], check=True
+    )
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def bench_stages(data_dir: Path, work: Path) -> dict:
+    """Each stage's command on the generated set, with a short recipe: time and peak RSS."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["base"]["image_size"] = 28
+    params["clean"].update(folds=2, epochs=1)
+    params["train"].update(epochs=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    run = [sys.executable, "-m", "pipeline"]
+    art = work / "artifacts"
+    steps = {
+        "ingest": [*run, "ingest", "--data-dir", str(data_dir), "--out", str(art / "ingest")],
+        "clean": [*run, "clean", "--ingest", str(art / "ingest"), "--data-dir", str(data_dir), "--out", str(art / "clean")],
+        "augment": [*run, "augment", "--table", str(art / "clean/train.csv"), "--ingest", str(art / "ingest"), "--out", str(art / "augment")],
+        "train": [*run, "train", "--table", str(art / "clean/train.csv"), "--ingest", str(art / "ingest"), "--augment", str(art / "augment"), "--model", str(art / "model"), "--report", str(art / "reports/r000/train"), "--live", str(art / "live")],
+        "evaluate": [*run, "evaluate", "--model", str(art / "model"), "--ingest", str(art / "ingest"), "--out", str(art / "reports/r000/evaluate")],
+    }  # fmt: skip
+    out = {}
+    for name, cmd in steps.items():
+        out[name] = measured(cmd, work)
+        print(
+            f"  {name}: {out[name]['seconds']:.0f} s, peak RSS {out[name]['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
+    ingested = json.loads((art / "ingest" / "metrics.json").read_text())
+    out["images"] = ingested["train_images"] + ingested["test_images"]
+    return out
+
+
+def bench_clean_split(sizes: list[int]) -> list[dict]:
+    """The clean stage's two halves, timed separately on generated images."""
+    from bench.gpu import generate
+    from pipeline import clean
+    from pipeline.config import load_params
+
+    params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
+    classes = [str(i) for i in range(10)]
+    rows = []
+    for n in sizes:
+        images, labels = generate(n, seed=1)
+        start = time.perf_counter()
+        probs, embeddings = clean.kfold_pred_probs(images, labels, 10, params, classes)
+        kfold = time.perf_counter() - start
+        start = time.perf_counter()
+        clean.find_issues(labels, probs, filter_by=params.clean.filter_by)
+        clean.near_duplicates(embeddings, params.clean.near_duplicate_distance)
+        clean.outlier_scores(embeddings)
+        cleanlab_part = time.perf_counter() - start
+        start = time.perf_counter()
+        props = clean.image_properties(images)
+        sizes_table = pd.DataFrame({"width": np.full(n, 28), "height": np.full(n, 28)})
+        clean.quality_flags(props, sizes_table, params.clean.quality_z)
+        checks = time.perf_counter() - start
+        total = kfold + cleanlab_part + checks
+        rows.append(
+            {
+                "images": n,
+                "kfold_seconds": kfold,
+                "cleanlab_seconds": cleanlab_part,
+                "image_checks_seconds": checks,
+                "kfold_share": kfold / total,
+            }
+        )
+        print(
+            f"  clean {n}: K-fold {kfold:.1f} s, cleanlab {cleanlab_part:.2f} s, image checks {checks:.2f} s",
+            flush=True,
+        )
+    return rows
+
+
+def bench_dvc(work: Path, new_pool_images: int) -> dict:
+    """The demo project as a user gets it: full, no-op and post-add-pool `dvc repro`."""
+    for name in ("pipeline", "dvc.yaml", "params.yaml", ".gitignore", "pyproject.toml"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    (work / "data").mkdir()
+    shutil.copy(ROOT / "data" / "overrides.csv", work / "data")
+    dvc = [sys.executable, "-m", "dvc"]
+    env = {**os.environ, **GIT_IDENTITY}
+    for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"], [sys.executable, "-m", "pipeline", "demo-data"]):  # fmt: skip
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True, env=env)
+    full = measured([*dvc, "repro"], work)
+    print(f"  full dvc repro: {full['seconds']:.0f} s", flush=True)
+    noop = min(measured([*dvc, "repro"], work)["seconds"] for _ in range(3))
+    print(f"  no-op dvc repro: {noop:.2f} s", flush=True)
+    incoming = work.parent / "new_pool"
+    incoming.mkdir()
+    from PIL import Image
+
+    from bench.gpu import generate
+
+    images, _ = generate(new_pool_images, seed=7)
+    for i, image in enumerate(images):
+        Image.fromarray(image[..., 0]).resize((8, 8)).save(incoming / f"new_{i:04d}.png")
+    subprocess.run([sys.executable, "-m", "pipeline", "add-pool", str(incoming)], cwd=work, check=True, capture_output=True, env=env)  # fmt: skip
+    incremental = measured([*dvc, "repro"], work)
+    print(f"  dvc repro after add-pool: {incremental['seconds']:.0f} s", flush=True)
+    return {
+        "full_repro_seconds": full["seconds"],
+        "noop_repro_seconds": noop,
+        "add_pool_repro_seconds": incremental["seconds"],
+        "add_pool_over_full": incremental["seconds"] / full["seconds"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check the suite runs")
+    parser.add_argument(
+        "--out", type=Path, help="default: bench/results/all.json (quick: a temporary folder)"
+    )
+    args = parser.parse_args()
+    quick = args.quick
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="bench-quick-")) / "all.json"
+        if quick
+        else RESULTS / "all.json"
+    )
+    results = out.parent  # each section's own JSON goes beside the suite's
+    results.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "quick": quick,
+    }
+    sizes = [1_000, 3_000] if quick else [10_000, 100_000]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        print("ingest", flush=True)
+        result["ingest"] = script(
+            "ingest", "--sizes", *map(str, sizes), "--keep", str(tmp / "data")
+        )
+        print("train", flush=True)
+        result["train"] = script(
+            "train", "--images", "1000" if quick else "10000", "--repeats", "1" if quick else "3"
+        )
+        print(f"stages on {sizes[-1]:,} images", flush=True)
+        (tmp / "stages").mkdir()
+        result["stages"] = bench_stages(tmp / "data", tmp / "stages")
+        print("clean time split", flush=True)
+        result["clean"] = bench_clean_split([300, 600] if quick else [1_000, 5_000])
+        print("dvc on the demo project", flush=True)
+        (tmp / "demo").mkdir()
+        result["dvc"] = bench_dvc(tmp / "demo", 50 if quick else 200)
+    result["seconds"] = time.perf_counter() - started
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"JSON: {out}")
+
+
+def print_table(r: dict) -> None:
+    train, dvc, stages = r["train"], r["dvc"], r["stages"]
+    peak = max(v["peak_rss_mib"] for k, v in stages.items() if isinstance(v, dict))
+    rows = [
+        *(
+            (f"ingest {i['images']:,} images", f"{i['images_per_s']:,.0f} img/s, peak RSS {i['peak_rss_mib']:.0f} MiB", "")
+            for i in r["ingest"]
+        ),
+        ("train stage / bare loop (albumentations)", f"{train['train_ratio']:.2f}", ">= 0.9"),
+        ("train stage, gpu backend on CPU / bare loop", f"{train['gpu_backend_train_ratio']:.2f}", ""),
+        ("inference / bare model(x) loop", f"{train['inference_ratio']:.2f}", ">= 0.9"),
+        *(
+            (f"stage {k} on {stages['images']:,} images", f"{v['seconds']:.0f} s, peak RSS {v['peak_rss_mib']:.0f} MiB", "< 2048 MiB")
+            for k, v in stages.items()
+            if isinstance(v, dict)
+        ),
+        ("largest stage peak RSS", f"{peak:.0f} MiB", "< 2048 MiB"),
+        *(
+            (f"clean {c['images']:,} images: K-fold / cleanlab / checks", f"{c['kfold_seconds']:.1f} / {c['cleanlab_seconds']:.2f} / {c['image_checks_seconds']:.2f} s ({c['kfold_share']:.0%} K-fold)", "")
+            for c in r["clean"]
+        ),
+        ("no-op dvc repro (demo)", f"{dvc['noop_repro_seconds']:.2f} s", "< 3 s"),
+        ("dvc repro after add-pool / full", f"{dvc['add_pool_repro_seconds']:.0f} s / {dvc['full_repro_seconds']:.0f} s = {dvc['add_pool_over_full']:.2f}", ""),
+        ("full demo dvc repro", f"{dvc['full_repro_seconds']:.0f} s", "< 300 s"),
+    ]  # fmt: skip
+    width = max(len(a) for a, _, _ in rows)
+    print(f"\n{r['machine']}; suite took {r['seconds'] / 60:.1f} min")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:<48} {target}")
+
+
+if __name__ == "__main__":
+    main()
