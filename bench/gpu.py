@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import augment, train  # noqa: E402
+from pipeline import augment, feed, train  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.gpu_augment import BatchAugment  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
@@ -77,7 +77,7 @@ def model_only_train(cfg, images, labels, device, epochs: int) -> float:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x_all = train.to_input(torch.from_numpy(images), device)
+    x_all = feed.to_input(torch.from_numpy(images), device)
     y_all = torch.from_numpy(labels).to(device)
     amp = device.type == "cuda"
 
@@ -127,7 +127,7 @@ def stage_train(cfg, samples, device, epochs: int, augmentation) -> float:
 
 @torch.inference_mode()
 def model_only_inference(model, images, device, batch_size: int) -> float:
-    x_all = train.to_input(torch.from_numpy(images), device)
+    x_all = feed.to_input(torch.from_numpy(images), device)
     model.eval()
 
     def run():
@@ -172,7 +172,7 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
     cfg = dataclasses.replace(params.train, batch_size=args.batch_size, num_workers=0)
     images, labels = generate(args.images)
-    samples = train.Samples(images, labels)
+    samples = feed.Samples(images, labels)
     batch_augment = BatchAugment(params.augment, params.base, CLASSES)
     policies = augment.build_policies(params.augment, params.base, CLASSES)
 

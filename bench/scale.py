@@ -52,7 +52,8 @@ from pipeline.augment import build_policies
 from pipeline.config import load_params
 from pipeline.io import read_array
 from pipeline.model import build_model
-from pipeline.train import Samples, fit
+from pipeline.feed import Samples
+from pipeline.train import fit
 params = load_params(sys.argv[2])
 packed = read_array(sys.argv[1])
 n = min(len(packed), 100_000)

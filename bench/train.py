@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import augment, train  # noqa: E402
+from pipeline import augment, feed, train  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.gpu_augment import BatchAugment  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
@@ -85,11 +85,11 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
-    device = train.pick_device()
+    device = feed.pick_device()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 28, 28, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images).astype(np.int64)
-    samples = train.Samples(images, labels)
+    samples = feed.Samples(images, labels)
     classes = [str(i) for i in range(10)]
     policies = augment.build_policies(params.augment, params.base, classes)
     cfg = params.train

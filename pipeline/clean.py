@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sklearn
 import torch
 from cleanlab.count import estimate_joint
 from cleanlab.dataset import find_overlapping_classes, overall_label_health_score
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from pipeline import report
 from pipeline.config import Params, TrainConfig, to_dict
 from pipeline.errors import PipelineError
+from pipeline.feed import Samples, pick_device, training_augmentation
 from pipeline.ingest import confine
 from pipeline.io import (
     read_array,
@@ -41,9 +43,13 @@ from pipeline.io import (
     write_text,
 )
 from pipeline.model import build_model
-from pipeline.train import Samples, fit, pick_device, predict_proba, training_augmentation
+from pipeline.train import fit, predict_proba
 
 log = logging.getLogger(__name__)
+
+# Exact neighbour searches compute distances a block of rows at a time; sklearn's default
+# block (1 GiB) alone would put the clean stage over 2 GiB on 100k images.
+KNN_WORKING_MIB = 128
 
 QUALITY_CHECKS = ("dark", "light", "blurry", "low_information", "odd_size")
 
@@ -126,7 +132,8 @@ def near_duplicates(embeddings: np.ndarray, max_distance: float) -> tuple[np.nda
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     unit = embeddings / np.maximum(norms, 1e-12)
     nn = NearestNeighbors(n_neighbors=2, metric="cosine").fit(unit)
-    distances, neighbors = nn.kneighbors(unit)
+    with sklearn.config_context(working_memory=KNN_WORKING_MIB):
+        distances, neighbors = nn.kneighbors(unit)
     partner = np.where(distances[:, 1] <= max_distance, neighbors[:, 1], -1)
     # Flag only the later index of each pair, so one copy of every duplicate stays unflagged.
     is_dup = (partner >= 0) & (partner < np.arange(len(partner)))
@@ -136,11 +143,21 @@ def near_duplicates(embeddings: np.ndarray, max_distance: float) -> tuple[np.nda
 def outlier_scores(embeddings: np.ndarray) -> np.ndarray:
     """cleanlab's out-of-distribution score per row (lower = more unusual)."""
     k = min(10, len(embeddings) - 1)
-    return OutOfDistribution(params={"k": k}).fit_score(features=embeddings, verbose=False)
+    with sklearn.config_context(working_memory=KNN_WORKING_MIB):
+        return OutOfDistribution(params={"k": k}).fit_score(features=embeddings, verbose=False)
 
 
-def image_properties(images: np.ndarray) -> pd.DataFrame:
-    """Brightness, contrast, sharpness (Laplacian variance) and entropy of each image."""
+def image_properties(images: np.ndarray, chunk: int = 4096) -> pd.DataFrame:
+    """Brightness, contrast, sharpness (Laplacian variance) and entropy of each image, a chunk
+    of images at a time (the float copies of a whole set would not fit in memory)."""
+    parts = [
+        _image_properties(np.asarray(images[start : start + chunk]))
+        for start in range(0, len(images), chunk)
+    ]
+    return pd.concat(parts, ignore_index=True) if parts else _image_properties(images[:0])
+
+
+def _image_properties(images: np.ndarray) -> pd.DataFrame:
     gray = images.astype(np.float32).mean(axis=-1)
     lap = (
         -4 * gray[:, 1:-1, 1:-1]

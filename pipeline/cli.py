@@ -107,11 +107,12 @@ def train(
 ) -> dict:
     """Train the residual CNN; keep the top-k checkpoints as an ensemble; resume after a crash."""
     from pipeline import train as stage
+    from pipeline.feed import launch
     from pipeline.io import read_json
 
     loaded = load_params(params)
     if loaded.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
-        stage.launch(loaded.train.nproc, sys.argv[1:])
+        launch(loaded.train.nproc, sys.argv[1:])
         return read_json(report / "diagnostics.json")["summary"]
     return stage.run(
         table_path=table,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import augment, lr_find, train
+from pipeline import augment, feed, lr_find, train
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.io import read_array, read_json
@@ -25,7 +25,7 @@ def _samples(ingest_dir):
     rows = manifest[manifest["split"] == "train"]
     classes = read_json(ingest_dir / "classes.json")
     images = read_array(ingest_dir / "images")
-    return train.Samples(
+    return feed.Samples(
         np.ascontiguousarray(images[rows["row"].astype(int).to_numpy()]),
         rows["label"].map(classes.index).to_numpy(np.int64),
     )
