@@ -94,7 +94,9 @@ def main() -> None:
     policies = augment.build_policies(params.augment, params.base, classes)
     cfg = params.train
 
-    def stage_run():
+    batch_augment = BatchAugment(params.augment, params.base, classes)
+
+    def stage_run(augmentation):
         torch.manual_seed(0)
         model = build_model(cfg.model, 1, 10)
         train.fit(
@@ -104,7 +106,7 @@ def main() -> None:
             cfg,
             seed=0,
             device=device,
-            augmentation=policies,
+            augmentation=augmentation,
             epochs=args.epochs,
         )
 
@@ -118,22 +120,6 @@ def main() -> None:
             bare_epoch(model, optimizer, images, labels, policies[-1], cfg.batch_size, device)
 
     model = build_model(cfg.model, 1, 10).to(device)
-
-    batch_augment = BatchAugment(params.augment, params.base, classes)
-
-    def stage_gpu_backend_run():
-        torch.manual_seed(0)
-        model = build_model(cfg.model, 1, 10)
-        train.fit(
-            model,
-            samples,
-            None,
-            cfg,
-            seed=0,
-            device=device,
-            augmentation=batch_augment,
-            epochs=args.epochs,
-        )
 
     def stage_infer():
         train.predict_proba([model], images, device, batch_size=1024)
@@ -149,9 +135,9 @@ def main() -> None:
         "bare_infer": 0.0,
     }
     work = {
-        "stage_train": stage_run,
+        "stage_train": lambda: stage_run(policies),
         "bare_train": bare_run,
-        "stage_gpu_backend_train": stage_gpu_backend_run,
+        "stage_gpu_backend_train": lambda: stage_run(batch_augment),
         "stage_infer": stage_infer,
         "bare_infer": bare_infer,
     }

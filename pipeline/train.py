@@ -223,7 +223,10 @@ def activation_stats(model: nn.Module, x: torch.Tensor, bins: np.ndarray) -> dic
                 "mean": pre.mean().item(),
                 "std": pre.std().item(),
                 "dead_fraction": 1.0 - alive.float().mean().item(),
-                "hist": np.histogram(pre.cpu().numpy(), bins=bins)[0].tolist(),
+                # evenly spaced bins: torch.histc counts them without sorting the values
+                "hist": torch.histc(pre, len(bins) - 1, float(bins[0]), float(bins[-1]))
+                .long()
+                .tolist(),
             }
 
         return record
