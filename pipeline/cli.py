@@ -355,7 +355,7 @@ def ensemble(
 
 
 # A full disk, a quota, a read-only folder, a file size limit, no permission.
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+FILE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
 def main() -> None:
@@ -368,10 +368,10 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         raise SystemExit(1) from None
     except OSError as exc:
-        if exc.errno not in WRITE_ERRORS:
+        if exc.errno not in FILE_ERRORS:
             raise
-        # A write that bypassed pipeline.io (a library's own files): still one line and the path.
-        typer.echo(f"error: cannot write {exc.filename or 'an output'}: {exc.strerror}", err=True)
+        # A file access that bypassed pipeline.io (a library's own files): still one line.
+        typer.echo(f"error: {exc.filename or 'a file'}: {exc.strerror}", err=True)
         raise SystemExit(1) from None
     except typer.Abort:
         typer.echo("aborted", err=True)

@@ -63,6 +63,8 @@ class BatchAugment:
         self, labels: torch.Tensor, generator: torch.Generator, device: torch.device
     ) -> BatchParams:
         n = len(labels)
+        if self.excluded[transform_names()[0]].device != device:  # once: no copy per batch
+            self.excluded = {name: mask.to(device) for name, mask in self.excluded.items()}
 
         def uniform(low, high, *shape):
             return low + (high - low) * torch.rand(n, *shape, generator=generator, device=device)
@@ -70,7 +72,7 @@ class BatchAugment:
         on = {}
         for name in transform_names():
             draw = torch.rand(n, generator=generator, device=device) < getattr(self.aug, name).p
-            on[name] = draw & ~self.excluded[name].to(device)[labels]
+            on[name] = draw & ~self.excluded[name][labels]
         return BatchParams(
             on=on,
             crop=self._crop_boxes(uniform),

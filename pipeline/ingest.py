@@ -374,7 +374,6 @@ def run(data_dir: Path, out_dir: Path, params: Params) -> dict:
         splits += ["test"] * len(test_candidates)
         quarantine += test_quarantine
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / ".images.unfiltered"
     shard_mib = params.ingest.shard_mib
     table, rejected = pack(

@@ -162,10 +162,9 @@ class ShardWriter:
         if self.fill == self.shard_size:
             self._flush()
 
-    def extend(self, images) -> None:
-        for start in range(0, len(images), 4096):
-            for image in images[start : start + 4096]:
-                self.append(image)
+    def extend(self, images: np.ndarray) -> None:
+        for image in images:
+            self.append(image)
 
     def _flush(self) -> None:
         name = f"{len(self.shards):06d}.npy"
