@@ -1,6 +1,8 @@
-"""The README's main path in a temporary git repo: demo-data, dvc repro, add-pool, dvc repro."""
+"""The README's main path in a temporary git repo: demo-data, dvc repro, dvc push and pull
+into a fresh clone, add-pool, dvc repro. The tests run in this order on one project."""
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from .conftest import dvc, sh, stages_ran, tree_hash
+from .conftest import ROOT, dvc, sh, stages_ran, tree_hash
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +68,41 @@ def test_second_repro_does_nothing(repo):
     again = dvc(root, "repro")
     assert stages_ran(again.stdout) == set()
     assert "up to date" in dvc(root, "status").stdout
+
+
+def test_push_then_pull_into_a_fresh_clone_restores_every_output(repo, tmp_path, record):
+    project = tmp_path / "project"
+    shutil.copytree(repo[0], project, symlinks=True)  # the finished demo, before add-pool
+    # The repository's own remote setting, as a clone of it gets it: ../dvc-storage.
+    shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
+    remote = dvc(project, "remote", "list").stdout.split()
+    assert remote[0] == "storage" and remote[1].endswith("dvc-storage")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "a finished round")
+    pushed = dvc(project, "push")
+    assert (tmp_path / "dvc-storage").is_dir(), pushed.stdout
+
+    clone = tmp_path / "clone"  # a sibling: the same ../dvc-storage
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    assert not (clone / "artifacts" / "rounds" / "r000" / "model").exists()
+    dvc(clone, "pull")
+    for folder in ("data", "artifacts"):
+        assert tree_hash(clone / folder) == tree_hash(project / folder), folder
+    assert "up to date" in dvc(clone, "status").stdout
+    assert stages_ran(dvc(clone, "repro").stdout) == set()
+    loaded = sh(
+        clone,
+        sys.executable,
+        "-c",
+        "from pipeline.train import load_ensemble; "
+        "print(len(load_ensemble('artifacts/rounds/r001/model').models))",
+    )
+    assert int(loaded.stdout) >= 1
+    record(
+        "fault",
+        "a fresh clone with nothing but git: `dvc pull` from the local remote",
+        "every output and data file restored byte for byte; `dvc repro` has nothing to do",
+    )
 
 
 def test_add_pool_then_repro_runs_only_the_new_round_and_summary(repo, tmp_path):
