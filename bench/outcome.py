@@ -1,13 +1,22 @@
-"""The outcome users come for, measured side by side on the demo data.
+"""The outcome users come for, measured side by side in two regimes, over several seeds.
 
-For each seed, in a fresh temporary folder:
-  noisy      the model trained on the labeled split with its flipped labels (no cleaning)
-  true       the same model trained on the labeled split's *true* labels (a perfect annotator)
-  pipeline   clean -> train r000 -> pseudo-label pool_001 -> train r001 -> pseudo-label pool_002
-             -> train r002 (the demo's stages, same params)
-All three use params.yaml as committed and are scored on the same test split.
+Regimes (each a fresh temporary project per seed; params.yaml as committed plus the regime's
+own settings):
+  demo       the embedded demo as `python -m pipeline demo-data` writes it
+  low-label  15% of the non-test digits labeled, 22% of those labels flipped, three pools,
+             digits upscaled to 28 px: few labels, many unlabeled images
 
-    python bench/outcome.py --seeds 0 1 2 [--out bench/results/outcome.json]
+Per seed, all trained with the same recipe and scored on the same test split:
+  noisy      the labeled rows as given (no cleaning)
+  true       the same rows with their *true* labels (a perfect annotator of the labeled set)
+  ceiling    those rows plus every pool image, all with true labels
+  r000...    the pipeline's rounds, exactly as `dvc repro` runs them: clean -> train r000 ->
+             pseudo-label (every pool so far) -> train r001 -> ...
+plus the clean stage's flagged precision / recall, and per round the share of all pool images in
+the pseudo-label set, its accuracy, and the validation accuracy every choice is made on. The test
+split is only reported.
+
+    python bench/outcome.py [--regimes demo low-label] [--seeds 0 1 2] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -30,12 +39,25 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
 from pipeline import augment, clean, demo, evaluate, ingest, pseudolabel, train  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
+from pipeline.io import read_table, write_table  # noqa: E402
+
+REGIMES = {
+    "demo": {},
+    "low-label": {
+        "demo.labeled_fraction": 0.15,
+        "demo.flip_fraction": 0.22,
+        "demo.pools": 3,
+        "demo.image_px": 28,
+        "base.image_size": 28,
+    },
+}
 
 
-def train_and_test(work: Path, name: str, table: Path, params, pseudo: Path | None) -> float:
+def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo) -> dict:
     ing = work / "ingest"
-    train.run(
+    summary = train.run(
         table_path=table,
+        val_path=val,
         images_path=ing / "images",
         classes_path=ing / "classes.json",
         augment_dir=work / "augment",
@@ -49,68 +71,160 @@ def train_and_test(work: Path, name: str, table: Path, params, pseudo: Path | No
     metrics = evaluate.run(
         work / name / "model", ing, work / name / "train", work / name / "eval", params, name
     )
-    return metrics["accuracy"]
+    return {
+        "test": metrics["accuracy"],
+        "val": summary["ensemble_val_acc"],
+        "ece_before": metrics["ece_uncalibrated"],
+        "ece_after": metrics["ece"],
+        "epochs": summary["epochs_run"],
+    }
 
 
-def one_seed(seed: int, overrides: dict) -> dict:
-    params = load_params(ROOT / "params.yaml", {**overrides, "base.seed": seed})
+def baseline_tables(work: Path) -> dict[str, tuple[Path, Path]]:
+    """(train, val) tables of the noisy and true baselines: the clean stage's validation rows
+    are held out of both, so every model is ranked on the same rows."""
+    manifest = read_table(work / "ingest" / "manifest.csv")
+    val_ids = set(read_table(work / "clean" / "val.csv")["id"])
+    human = manifest[manifest["split"] == "train"]
+    is_val = human["id"].isin(val_ids)
+    tables = {}
+    for name, column in (("noisy", "label"), ("true", "true_label")):
+        rows = human.assign(label=human[column], scored="True")
+        paths = work / f"{name}_train.csv", work / f"{name}_val.csv"
+        write_table(paths[0], rows[~is_val])
+        write_table(paths[1], rows[is_val])
+        tables[name] = paths
+    return tables
+
+
+def ceiling_pseudo(work: Path, final_pseudo: Path) -> Path:
+    """Every pool image with its true label, in the pseudo-label set's format."""
+    table = read_table(final_pseudo / "table.csv")
+    truth = read_table(work / "data" / "truth.csv").set_index("path")["true_label"]
+    out = work / "ceiling_pseudo"
+    out.mkdir()
+    table = table.assign(label=table["path"].map(truth), accepted="True")
+    write_table(out / "table.csv", table)
+    (out / "images").symlink_to(final_pseudo / "images", target_is_directory=True)
+    return out
+
+
+def one_seed(regime: str, seed: int, overrides: dict) -> dict:
+    params = load_params(ROOT / "params.yaml", {**REGIMES[regime], **overrides, "base.seed": seed})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "data"
+        started = time.perf_counter()
         demo.run(data, params, register=False)
         ingest.run(data, work / "ingest", params)
-        manifest = pd.read_csv(work / "ingest" / "manifest.csv", dtype=str, keep_default_na=False)
-        rows = manifest[manifest["split"] == "train"]
-        noisy, true = work / "noisy.csv", work / "true.csv"
-        rows.to_csv(noisy, index=False)
-        rows.assign(label=rows["true_label"]).to_csv(true, index=False)
+        clean_metrics = clean.run(work / "ingest", data, work / "clean", params)
         augment.run(
-            noisy,
+            work / "clean" / "train.csv",
             work / "ingest" / "images",
             work / "ingest" / "classes.json",
             work / "augment",
             params,
         )
-        started = time.perf_counter()
-        result = {"seed": seed}
-        result["noisy"] = train_and_test(work, "noisy", noisy, params, None)
-        result["true"] = train_and_test(work, "true", true, params, None)
-
-        clean_metrics = clean.run(work / "ingest", data, work / "clean", params)
+        result = {"regime": regime, "seed": seed}
         result["clean_precision"] = clean_metrics["truth"]["precision"]
         result["clean_recall"] = clean_metrics["truth"]["recall"]
+        result["val_rows_scored"] = clean_metrics["validation"]["scored"]
+        for name, (table, val) in baseline_tables(work).items():
+            result[name] = train_and_test(work, name, table, val, params, None)["test"]
+
         pseudolabel.init_pseudo(work / "init", params.base)
         pseudo_in = work / "init"
         pools = sorted(p.name for p in (data / "unlabeled").iterdir())
-        for index in range(len(pools) + 1):
+        rounds = []
+        for index, pool in enumerate(pools):  # one round per pool, as `dvc repro` runs them
             name = f"r{index:03d}"
-            result[name] = train_and_test(
-                work, name, work / "clean" / "train.csv", params, pseudo_in
+            figures = train_and_test(
+                work,
+                name,
+                work / "clean" / "train.csv",
+                work / "clean" / "val.csv",
+                params,
+                pseudo_in,
             )
-            if index < len(pools):
-                pm = pseudolabel.run(
-                    round_name=name,
-                    pool=pools[index],
-                    data_dir=data,
-                    model_dir=work / name / "model",
-                    ingest_dir=work / "ingest",
-                    pseudo_in=pseudo_in,
-                    out_dir=work / name / "pseudo",
-                    report_dir=work / name / "pseudo_report",
-                    params=params,
-                )
-                result[f"{name}_pseudo_accuracy"] = pm.get("pseudo_label_accuracy")
-                result[f"{name}_pseudo_accepted"] = pm["accepted"]
-                pseudo_in = work / name / "pseudo"
-        result["pipeline"] = result[f"r{len(pools):03d}"]
+            pm = pseudolabel.run(
+                round_name=name,
+                pool=pool,
+                data_dir=data,
+                model_dir=work / name / "model",
+                ingest_dir=work / "ingest",
+                pseudo_in=pseudo_in,
+                out_dir=work / name / "pseudo",
+                report_dir=work / name / "pseudo_report",
+                params=params,
+            )
+            figures.update(
+                pseudo_share=pm["accepted"] / max(pm["candidates"], 1),
+                pseudo_accuracy=pm.get("pseudo_label_accuracy"),
+                pseudo_left=pm["left"],
+            )
+            rounds.append(figures)
+            result[name] = figures["test"]
+            pseudo_in = work / name / "pseudo"
+        result["rounds"] = rounds
+        result["last"] = rounds[-1]["test"]
+        result["final_set_share"] = rounds[-1]["pseudo_share"]
+        result["final_set_accuracy"] = rounds[-1]["pseudo_accuracy"]
+        result["ceiling"] = train_and_test(
+            work,
+            "ceiling",
+            work / "true_train.csv",
+            work / "true_val.csv",
+            params,
+            ceiling_pseudo(work, pseudo_in),
+        )["test"]
         result["seconds"] = time.perf_counter() - started
     return result
+
+
+def report(results: list[dict]) -> str:
+    lines = []
+    for regime in dict.fromkeys(r["regime"] for r in results):
+        runs = [r for r in results if r["regime"] == regime]
+        n_rounds = len(runs[0]["rounds"])
+        lines.append(f"\n## {regime} ({len(runs)} seeds)\n")
+        head = ["seed", "noisy", "true", "ceiling"] + [f"r{i:03d}" for i in range(n_rounds)]
+        lines.append(" | ".join(head + ["flagged P / R", "set share / accuracy by round", "s"]))
+        for r in runs:
+            sets = ", ".join(
+                f"{x['pseudo_share']:.2f}/{x['pseudo_accuracy'] or 0:.3f}" for x in r["rounds"]
+            )
+            cells = (
+                [str(r["seed"])]
+                + [f"{r[k]:.4f}" for k in head[1:]]
+                + [
+                    f"{r['clean_precision']:.2f} / {r['clean_recall']:.2f}",
+                    sets,
+                    f"{r['seconds']:.0f}",
+                ]
+            )
+            lines.append(" | ".join(cells))
+        mean = pd.DataFrame(runs)[
+            head[1:] + ["last", "final_set_share", "final_set_accuracy"]
+        ].mean()
+        lines.append("mean | " + " | ".join(f"{mean[k]:.4f}" for k in head[1:]))
+        gap = mean["ceiling"] - mean["true"]
+        closed = (mean["last"] - mean["true"]) / gap if gap > 0 else float("nan")
+        val = pd.DataFrame([x for r in runs for x in r["rounds"]]).mean()
+        lines.append(
+            f"last round {mean['last']:.4f} vs true labels {mean['true']:.4f}: "
+            f"{closed:.0%} of the gap to the ceiling {mean['ceiling']:.4f} closed; "
+            f"final set {mean['final_set_share']:.1%} of pool images at "
+            f"{mean['final_set_accuracy']:.2%} accuracy; mean validation accuracy "
+            f"{val['val']:.4f}; test ECE {val['ece_before']:.3f} -> {val['ece_after']:.3f} calibrated"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "outcome.json")
     parser.add_argument(
@@ -119,16 +233,19 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    results = [one_seed(seed, overrides) for seed in args.seeds]
-    table = pd.DataFrame(results)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    mean = table[["noisy", "true", "pipeline"]].mean()
-    print(
-        f"\nmean test accuracy: noisy labels {mean['noisy']:.4f} | true labels {mean['true']:.4f} | "
-        f"pipeline (clean + pseudo-labels) {mean['pipeline']:.4f} | pipeline / true = {mean['pipeline'] / mean['true']:.4f}"
-    )
+    started = time.perf_counter()
+    results = []
+    for regime in args.regimes:
+        for seed in args.seeds:
+            results.append(one_seed(regime, seed, overrides))
+            print(json.dumps(results[-1]), flush=True)
+    text = report(results)
+    print(text)
+    print(f"\nwall time {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs": results, "mean": mean.to_dict()}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"overrides": args.set, "runs": results, "report": text}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

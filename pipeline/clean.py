@@ -2,12 +2,21 @@
 
 Reads   <ingest>/manifest.csv, images/, classes.json; data/overrides.csv (path,label|keep|drop)
 Writes  <out>/train.csv        the cleaned training table the train stage reads
+        <out>/val.csv          the validation split (carved before cleaning) and its scoring labels
         <out>/issues.csv       every training row: scores, issue types, decision and reason
         <out>/pred_probs.npy   (N, K) out-of-sample probabilities, rows as in issues.csv
         <out>/embeddings.npy   (N, D) out-of-sample penultimate features
         <out>/metrics.json     issues per type, noise estimate, label health, truth precision/recall
         <out>/report.html      gallery of flagged samples, worst first
 Params  base, clean (its own short K-fold recipe), train.model (the model family), augment
+
+The validation split is carved from the human-labeled rows *before* cleaning (stratified,
+seeded, `clean.val_fraction` with at least `clean.val_min_per_class` per class), so it is the
+same rows whatever cleaning decides, in every round and experiment. Its rows are never trained
+on, but the K-fold scores them like every other row, and a validation row flagged as a label
+issue is scored against the model's suggestion when that is confident
+(>= clean.relabel_threshold), otherwise left out of the score and counted: a noisy validation
+label would otherwise reward checkpoints that learned the noise.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from pipeline import report
 from pipeline.config import Params, TrainConfig, to_dict
 from pipeline.errors import PipelineError
 from pipeline.feed import Samples, pick_device, training_augmentation
-from pipeline.ingest import confine
+from pipeline.ingest import confine, stratified_holdout
 from pipeline.io import (
     read_array,
     read_json,
@@ -71,11 +80,13 @@ def kfold_pred_probs(
         )
     device = pick_device()
     augmentation = training_augmentation(params.augment, params.base, classes, device)
-    recipe = TrainConfig(
+    recipe = TrainConfig(  # AdamW with a cosine schedule, no early stopping
         model=params.train.model,
         lr=params.clean.lr,
+        weight_decay=params.clean.weight_decay,
         batch_size=params.clean.batch_size,
         epochs=params.clean.epochs,
+        min_steps=params.clean.min_steps,
         num_workers=params.train.num_workers,
     )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.base.seed)
@@ -236,6 +247,25 @@ def decide(
     return out
 
 
+def validation_labels(
+    decided: pd.DataFrame, *, relabel_threshold: float
+) -> tuple[pd.Series, pd.Series]:
+    """(label scored against, scored?) for validation rows, whatever clean.policy says.
+
+    Overrides win; a flagged label is replaced by a confident suggestion, otherwise the row
+    is left out of the score.
+    """
+    label = decided["given_label"].copy()
+    scored = pd.Series(True, index=decided.index)
+    for idx, row in decided.iterrows():
+        if row["reason"].startswith("override:"):
+            label[idx], scored[idx] = row["label"], row["decision"] != "drop"
+        elif row["label_issue"]:
+            confident = row["suggested_prob"] >= relabel_threshold
+            label[idx], scored[idx] = row["suggested_label"], confident
+    return label, scored
+
+
 def read_overrides(data_dir: Path, classes: list[str]) -> pd.DataFrame:
     """data/overrides.csv as (path, action): action is keep, drop or a class name."""
     path = data_dir / "overrides.csv"
@@ -317,6 +347,10 @@ def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict
     table = manifest[manifest["split"] == "train"].reset_index(drop=True)
     if len(classes) < 2:
         raise PipelineError(f"cleaning needs at least 2 classes; {ingest_dir} has {len(classes)}")
+    cfg = params.clean
+    is_val = stratified_holdout(
+        table["label"], cfg.val_fraction, params.base.seed, minimum=cfg.val_min_per_class
+    ).to_numpy()
     overrides = read_overrides(Path(data_dir), classes)
     labels = table["label"].map(classes.index).to_numpy(np.int64)
     train_images = np.ascontiguousarray(images[table["row"].astype(int).to_numpy()])
@@ -340,6 +374,7 @@ def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict
             "id": table["id"],
             "path": table["path"],
             "row": table["row"],
+            "split": np.where(is_val, "val", "train"),
             "given_label": table["label"],
             "suggested_label": [classes[i] for i in found["suggested"]],
             "suggested_prob": found["suggested_prob"],
@@ -366,8 +401,11 @@ def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict
         relabel_threshold=params.clean.relabel_threshold,
     )
     decided, unmatched = apply_overrides(decided, overrides)
+    val = decided[is_val].copy()
+    val["label"], val["scored"] = validation_labels(val, relabel_threshold=cfg.relabel_threshold)
+    decided.loc[is_val, "decision"] = np.where(val["scored"], "validate", "unscored")
 
-    kept = decided[decided["decision"] != "drop"]
+    kept = decided[~is_val & (decided["decision"] != "drop")]
     if kept.empty:
         raise PipelineError(
             "every training image was dropped: check data/overrides.csv, or set clean.policy: flag"
@@ -378,11 +416,24 @@ def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict
             f"cleaning would leave class {emptied[0]!r} with no training images: "
             f"set clean.policy: flag or keep some of its images in data/overrides.csv"
         )
+    if not val["scored"].any():
+        raise PipelineError(
+            "the validation split is empty: raise clean.val_fraction or clean.val_min_per_class"
+        )
     cleaned = kept[["id", "path", "row", "label", "given_label", "decision"]]
 
     metrics = clean_metrics(labels, pred_probs, decided, types, classes, unmatched)
+    metrics["validation"] = {
+        "rows": len(val),
+        "scored": int(val["scored"].sum()),
+        "scored_as_suggested": int((val["scored"] & (val["label"] != val["given_label"])).sum()),
+        "unscored": int((~val["scored"]).sum()),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(out_dir / "train.csv", cleaned)
+    write_table(
+        out_dir / "val.csv", val[["id", "path", "row", "label", "given_label", "scored", "reason"]]
+    )
     write_table(out_dir / "issues.csv", decided)
     write_array(out_dir / "pred_probs.npy", pred_probs)
     write_array(out_dir / "embeddings.npy", embeddings)

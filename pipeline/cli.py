@@ -38,10 +38,11 @@ def demo_data(
     params: ParamsOpt = Path("params.yaml"),
     register: Annotated[bool, typer.Option(help="track the written folders with `dvc add`")] = True,
 ) -> dict:
-    """Write scikit-learn's digits into data/ with flipped labels, pools and truth.csv."""
+    """Write scikit-learn's digits into data/ with flipped labels, pools and truth.csv; one
+    round per pool in params.yaml."""
     from pipeline import demo
 
-    return demo.run(data_dir, load_params(params), register=register)
+    return demo.run(data_dir, load_params(params), register=register, params_path=params)
 
 
 @app.command()
@@ -91,6 +92,9 @@ def train(
     table: Annotated[Path, typer.Option(help="training table (cleaned)")] = Path(
         "artifacts/clean/train.csv"
     ),
+    val: Annotated[Path, typer.Option(help="validation table (clean stage)")] = Path(
+        "artifacts/clean/val.csv"
+    ),
     ingest_dir: IngestOpt = Path("artifacts/ingest"),
     augment_dir: Annotated[Path, typer.Option("--augment", help="augment stage output")] = Path(
         "artifacts/augment"
@@ -116,6 +120,7 @@ def train(
         return read_json(report / "diagnostics.json")["summary"]
     return stage.run(
         table_path=table,
+        val_path=val,
         images_path=ingest_dir / "images",
         classes_path=ingest_dir / "classes.json",
         augment_dir=augment_dir,
@@ -134,6 +139,9 @@ def evaluate(
     model: Annotated[Path | None, typer.Option(help="ensemble folder")] = None,
     ingest_dir: IngestOpt = Path("artifacts/ingest"),
     out: Annotated[Path | None, typer.Option("--out", help="report folder")] = None,
+    train_report: Annotated[
+        Path | None, typer.Option("--train-report", help="the round's train report (warnings)")
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Test metrics, confusion matrix, calibration, slices and the misclassified-sample report."""
@@ -141,7 +149,7 @@ def evaluate(
 
     model = model or Path(f"artifacts/rounds/{round_name}/model")
     out = out or Path(f"artifacts/reports/{round_name}/evaluate")
-    train_report = out.parent / "train"
+    train_report = train_report or out.parent / "train"
     return stage.run(model, ingest_dir, train_report, out, load_params(params), round_name)
 
 
@@ -186,20 +194,23 @@ def pseudolabel(
     ),
     data_dir: DataOpt = Path("data"),
     ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    model: Annotated[Path | None, typer.Option(help="the round's ensemble folder")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="pseudo-label set written")] = None,
+    report: Annotated[Path | None, typer.Option(help="report folder")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
-    """Pseudo-label a pool with the round's ensemble; write the cumulative set for the next round."""
+    """Re-score every pool so far with the round's ensemble; write the set the next round trains on."""
     from pipeline import pseudolabel as stage
 
     return stage.run(
         round_name=round_name,
         pool=pool,
         data_dir=data_dir,
-        model_dir=Path(f"artifacts/rounds/{round_name}/model"),
+        model_dir=model or Path(f"artifacts/rounds/{round_name}/model"),
         ingest_dir=ingest_dir,
         pseudo_in=pseudo_in,
-        out_dir=Path(f"artifacts/rounds/{round_name}/pseudo"),
-        report_dir=Path(f"artifacts/reports/{round_name}/pseudolabel"),
+        out_dir=out or Path(f"artifacts/rounds/{round_name}/pseudo"),
+        report_dir=report or Path(f"artifacts/reports/{round_name}/pseudolabel"),
         params=load_params(params),
     )
 
@@ -343,13 +354,17 @@ def tune(
 def ensemble(
     experiments: Annotated[list[str], typer.Argument(help="finished experiment names")],
     ingest_dir: IngestOpt = Path("artifacts/ingest"),
+    val: Annotated[Path, typer.Option(help="validation table (clean stage)")] = Path(
+        "artifacts/clean/val.csv"
+    ),
     out: OutOpt = Path("artifacts/tune/ensemble"),
 ) -> list[dict]:
-    """Average the checkpoint ensembles of several finished experiments; report the gain."""
+    """Average the checkpoint ensembles of several finished experiments; the gain on validation,
+    and the combined result's test accuracy."""
     from pipeline import tune as stage
 
     folders = stage.fetch_models(experiments, out)
-    table = stage.ensemble_runs(folders, ingest_dir)
+    table = stage.ensemble_runs(folders, ingest_dir, val)
     typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return table.to_dict(orient="records")
 

@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from pipeline.errors import PipelineError
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file read as DVC reads it: YAML 1.2, so `5e-4` and `1e-05` are numbers (PyYAML's
+    YAML 1.1 reads them as strings) and the pipeline never disagrees with `dvc status`."""
+    return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
 
 
 def num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
@@ -56,6 +63,9 @@ class DemoConfig:
     test_fraction: float = num(0.2, 0.05, 0.5)
     labeled_fraction: float = num(0.5, 0.05, 0.9)  # of what is left after the test split
     pools: int = num(2, 1, 10)  # the rest is split into this many unlabeled pools
+    image_px: int = num(
+        8, 8, 256
+    )  # side of the written PNGs (the scans are 8x8; larger is upscaled)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class IngestConfig:
 @dataclass(frozen=True)
 class RotateConfig:
     p: float = prob(0.5)
-    limit: float = num(15.0, 0.0, 180.0)  # degrees, both directions
+    limit: float = num(12.0, 0.0, 180.0)  # degrees, both directions
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,7 @@ class CropConfig:
 @dataclass(frozen=True)
 class ShearConfig:
     p: float = prob(0.3)
-    limit: float = num(10.0, 0.0, 45.0)  # degrees, both directions
+    limit: float = num(8.0, 0.0, 45.0)  # degrees, both directions
 
 
 @dataclass(frozen=True)
@@ -107,8 +117,8 @@ class FlipConfig:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    p: float = prob(0.0)
-    std: tuple[float, float] = pair((0.02, 0.08), 0.0, 1.0)  # share of the pixel range
+    p: float = prob(0.1)
+    std: tuple[float, float] = pair((0.02, 0.06), 0.0, 1.0)  # share of the pixel range
 
 
 @dataclass(frozen=True)
@@ -183,13 +193,15 @@ class TrainConfig:
     weight_decay: float = num(5e-4, 0.0, 1.0)  # L2
     l1: float = num(0.0, 0.0, 1.0)  # L1 penalty on weights, added to the loss
     batch_size: int = num(64, 1, 65536)
-    epochs: int = num(15, 1, 10000)
+    epochs: int = num(20, 1, 10000)  # at least; see min_steps
+    # Small sets get more epochs: at least this many optimizer steps (patience scales along),
+    # so a few hundred images are trained as long as a few thousand.
+    min_steps: int = num(1000, 0, 10_000_000)
     schedule: str = choice("cosine", "constant", "step", "exponential")
     step_every: int = num(5, 1)  # epochs between decays ("step")
     gamma: float = num(0.5, 0.0, 1.0, open_lo=True)  # decay factor ("step", "exponential")
     monitor: str = choice("val_loss", "val_acc")  # what early stopping and top-k rank by
-    patience: int = num(5, 1)  # epochs without improvement before stopping
-    val_fraction: float = num(0.15, 0.05, 0.5)  # of the human-labeled rows
+    patience: int = num(6, 1)  # epochs without improvement before stopping
     top_k: int = num(3, 1, 100)  # checkpoints averaged into the round's prediction
     num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
     compile: bool = False  # torch.compile the model for training
@@ -201,9 +213,14 @@ class CleanConfig:
     folds: int = num(5, 2, 20)
     # K-fold models share train.model but have their own short recipe, so tuning the final
     # model's optimizer (train.lr, ...) does not rerun cleaning.
-    epochs: int = num(10, 1, 1000)
+    epochs: int = num(12, 1, 1000)
+    min_steps: int = num(400, 0, 10_000_000)  # at least this many optimizer steps per fold
     lr: float = num(3e-3, 0.0, 10.0, open_lo=True)
+    weight_decay: float = num(5e-4, 0.0, 1.0)  # AdamW, cosine schedule
     batch_size: int = num(64, 1, 65536)
+    # The validation split: human-labeled rows carved before cleaning, the same in every round.
+    val_fraction: float = num(0.2, 0.0, 0.5)  # of each class's labeled rows
+    val_min_per_class: int = num(5, 0, 100000)  # at least this many (at most half the class)
     filter_by: str = choice(
         "prune_by_noise_rate",
         "prune_by_class",
@@ -230,8 +247,14 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class PseudolabelConfig:
-    policy: str = choice("fixed", "flexmatch")
+    # curriculum: a growing top share of each class's predictions; fixed: tau for every class;
+    # flexmatch: tau scaled by how well each class is learned
+    policy: str = choice("curriculum", "fixed", "flexmatch")
     threshold: float = prob(0.95)  # fixed tau; flexmatch's upper bound
+    min_confidence: float = prob(0.5)  # curriculum: calibrated confidence never admitted below
+    share_start: float = prob(0.5)  # curriculum: share of each class admitted in round 0
+    share_step: float = prob(0.2)  # curriculum: added per round (one round per pool)
+    share_max: float = prob(0.9)  # curriculum: share never exceeded
     per_class_cap: int = num(0, 0)  # most accepted per class and round; 0 = no cap
     balance: bool = False  # cap classes to the labeled class distribution
     agreement: bool = False  # every ensemble member must predict the same class
@@ -257,11 +280,21 @@ class Params:
     rounds: dict[str, RoundConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name, entry in self.rounds.items():
+            if not _is_plain_name(entry.pool):
+                raise PipelineError(
+                    f"rounds.{name}.pool: {entry.pool!r} must name a folder directly under "
+                    f"data/unlabeled/ (no '/', no leading '.')"
+                )
         if self.augment.hsv.p > 0 and self.base.channels != 3:
             raise PipelineError(
                 f"augment.hsv.p: HSV shifts need colour images; set base.channels: 3 "
                 f"(it is {self.base.channels}) or augment.hsv.p: 0"
             )
+
+
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,8 +309,8 @@ def load_params(
     if not path.is_file():
         raise PipelineError(f"params file not found: {path} (run from the project root)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raw = read_yaml(path)
+    except (YAMLError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     raw = {} if raw is None else raw
     for dotted, value in (overrides or {}).items():

@@ -4,7 +4,7 @@ Writes  data/labeled/<class>/   with a known share of flipped labels (demo.flip_
         data/test/<class>/      true labels
         data/unlabeled/pool_NNN/
         data/truth.csv          path,true_label for every image written
-Params  base.seed, demo
+Params  base.seed, demo; `rounds` is set to one round per pool written
 
 The digits are real 8x8 scans with 17 grey levels shipped inside scikit-learn; nothing is
 downloaded. Written folders are registered with `dvc add` when data/ is inside a DVC repo.
@@ -13,8 +13,6 @@ downloaded. Written folders are registered with `dvc add` when data/ is inside a
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,8 @@ from sklearn.datasets import load_digits
 
 from pipeline.config import Params
 from pipeline.errors import PipelineError
-from pipeline.io import write_table
+from pipeline.io import dvc_add, edit_yaml, write_table
+from pipeline.pools import next_round
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,13 @@ def flip_labels(labels: np.ndarray, fraction: float, n_classes: int, seed: int) 
     return noisy
 
 
-def run(data_dir: Path, params: Params, *, register: bool = True) -> dict:
-    """Write the demo dataset into data_dir; returns counts. Refuses to touch existing data."""
+def run(
+    data_dir: Path, params: Params, *, register: bool = True, params_path: Path | None = None
+) -> dict:
+    """Write the demo dataset into data_dir; returns counts. Refuses to touch existing data.
+
+    With params_path, its `rounds` become one round per pool written (when they differ).
+    """
     data_dir = Path(data_dir)
     existing = [p for p in ("labeled", "test", "unlabeled", "truth.csv") if (data_dir / p).exists()]
     if existing:
@@ -72,6 +76,7 @@ def run(data_dir: Path, params: Params, *, register: bool = True) -> dict:
     parts = split_indices(labels, params)
     noisy = flip_labels(labels[parts["labeled"]], params.demo.flip_fraction, 10, params.base.seed)
 
+    px = params.demo.image_px
     truth = []
     for name, idx in parts.items():
         given = noisy if name == "labeled" else labels[idx]
@@ -82,33 +87,34 @@ def run(data_dir: Path, params: Params, *, register: bool = True) -> dict:
                 rel = f"unlabeled/{name}/digit_{i:04d}.png"
             path = data_dir / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i], mode="L").save(path)
+            image = Image.fromarray(images[i], mode="L")
+            if px != image.width:
+                image = image.resize((px, px), Image.Resampling.BILINEAR)
+            image.save(path)
             truth.append({"path": rel, "true_label": str(labels[i])})
     write_table(data_dir / "truth.csv", pd.DataFrame(truth))
 
     counts = {name: len(idx) for name, idx in parts.items()}
     counts["flipped"] = int((noisy != labels[parts["labeled"]]).sum())
     log.info("demo-data: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    pools = [p for p in parts if p.startswith("pool")]
+    if params_path is not None:
+        write_rounds(params_path, pools)
     if register:
-        tracked = ["labeled", "test", "truth.csv"] + [
-            f"unlabeled/{p}" for p in parts if p.startswith("pool")
-        ]
-        dvc_add(data_dir, tracked)
+        dvc_add(data_dir, ["labeled", "test", "truth.csv"] + [f"unlabeled/{p}" for p in pools])
     return counts
 
 
-def dvc_add(data_dir: Path, paths: list[str]) -> None:
-    """Track data folders with DVC (not git), when data_dir lies in a DVC repo."""
-    if not any(
-        (parent / ".dvc").is_dir() for parent in [data_dir.resolve(), *data_dir.resolve().parents]
-    ):
-        log.warning(
-            "not inside a DVC repo: %s is not tracked (run `dvc init` and `dvc add`)", data_dir
-        )
-        return
-    targets = [str(data_dir / p) for p in paths]
-    result = subprocess.run(
-        [sys.executable, "-m", "dvc", "add", "--quiet", *targets], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        raise PipelineError(f"dvc add failed: {result.stderr.strip().splitlines()[-1:]}")
+def write_rounds(params_path: Path, pools: list[str]) -> None:
+    """Set params.yaml's `rounds` to one round per pool, in order (comments kept)."""
+    rounds: dict[str, dict] = {}
+    for pool in pools:
+        name, pseudo_in = next_round(rounds)
+        rounds[name] = {"pool": pool, "pseudo_in": pseudo_in}
+
+    def replace(doc) -> None:
+        current = {k: dict(v) for k, v in (doc.get("rounds") or {}).items()}
+        if current != rounds:
+            doc["rounds"] = rounds
+
+    edit_yaml(params_path, replace)

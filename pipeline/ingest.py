@@ -318,15 +318,23 @@ def drop_small_classes(table: pd.DataFrame, minimum: int) -> tuple[pd.Series, li
     return keep, quarantine
 
 
-def stratified_holdout(labels: pd.Series, fraction: float, seed: int) -> pd.Series:
-    """Stratified, seeded choice of held-out rows: a boolean mask aligned with `labels`."""
+def stratified_holdout(
+    labels: pd.Series, fraction: float, seed: int, *, minimum: int = 0
+) -> pd.Series:
+    """Stratified, seeded choice of held-out rows: a boolean mask aligned with `labels`.
+
+    Each class holds out round(fraction * n) rows, at least `minimum` of them; with a minimum,
+    never more than half the class, and never the whole class in any case.
+    """
     rng = np.random.default_rng(seed)
     held = pd.Series(False, index=labels.index)
     for _, idx in labels.groupby(labels).groups.items():
         idx = np.array(sorted(idx))
-        n_test = int(round(len(idx) * fraction))
-        n_test = min(n_test, len(idx) - 1)  # a class never loses all its training images
-        held[rng.permutation(idx)[:n_test]] = True
+        n_held = int(round(len(idx) * fraction))
+        if minimum:
+            n_held = min(max(n_held, minimum), len(idx) // 2)
+        n_held = min(n_held, len(idx) - 1)  # a class never loses all its training images
+        held[rng.permutation(idx)[:n_held]] = True
     return held
 
 

@@ -4,8 +4,11 @@ stage killed mid-write leaves the old file or none, never half of one."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +19,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -237,6 +242,30 @@ class PackedImages:
         return array if dtype is None else array.astype(dtype)
 
 
+class Rows:
+    """source[rows] without reading it: a lazy view of some rows of an array or a packed folder.
+
+    Slicing and index arrays read only what they touch, so predicting over a view in chunks
+    keeps memory flat.
+    """
+
+    def __init__(self, source, rows: np.ndarray):
+        self.source, self.rows = source, np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), *source.shape[1:])
+        self.dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        picked = self.rows[key]
+        return self.source[int(picked)] if np.ndim(picked) == 0 else self.source[picked]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = np.asarray(self.source[self.rows])
+        return array if dtype is None else array.astype(dtype)
+
+
 def write_packed(
     path: str | Path, source, rows: np.ndarray, shard_mib: float = 64.0, chunk: int = 8192
 ) -> None:
@@ -259,3 +288,20 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def dvc_add(data_dir: Path, paths: list[str]) -> None:
+    """Track data folders with DVC (not git), when data_dir lies in a DVC repo."""
+    if not any(
+        (parent / ".dvc").is_dir() for parent in [data_dir.resolve(), *data_dir.resolve().parents]
+    ):
+        log.warning(
+            "not inside a DVC repo: %s is not tracked (run `dvc init` and `dvc add`)", data_dir
+        )
+        return
+    targets = [str(data_dir / p) for p in paths]
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "add", "--quiet", *targets], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise PipelineError(f"dvc add failed: {result.stderr.strip().splitlines()[-1:]}")

@@ -15,12 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
-from pipeline.demo import dvc_add
+from pipeline.config import read_yaml
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.io import edit_yaml
+from pipeline.io import dvc_add, edit_yaml
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +58,7 @@ def add_pool(
 
     if not params_path.is_file():
         raise PipelineError(f"params file not found: {params_path}")
-    rounds = (yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}).get("rounds") or {}
+    rounds = (read_yaml(params_path) or {}).get("rounds") or {}
     pools_in_use = {str(r.get("pool")) for r in rounds.values()}
     unlabeled = data_dir / "unlabeled"
     in_place = resolved.parent == unlabeled.resolve()

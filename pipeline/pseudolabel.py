@@ -1,11 +1,18 @@
-"""pseudolabel stage: confident predictions on one unlabeled pool join the next round's training.
+"""pseudolabel stage: every pool so far is re-scored; confident predictions join the next round.
 
-Reads   data/unlabeled/<pool>/**, the round's ensemble, <ingest>/manifest.csv (content hashes of
-        labeled and test images), the round's pseudo-label input, data/truth.csv (optional)
-Writes  <out>/table.csv + images.npy   the cumulative set: previous rounds' rows + this round's
+Reads   data/unlabeled/<pool>/** (the round's new pool), the round's ensemble (calibrated on
+        validation), <ingest>/manifest.csv + classes.json, the round's pseudo-label input (every
+        earlier pool's images and decisions), data/truth.csv (optional)
+Writes  <out>/table.csv + images/   every pool image so far (eligible ones), its prediction, and
+                                    whether it is in the set the next round trains on, with
+                                    provenance: pool, the round it joined, the round it left
         <report>/metrics.json, candidates.csv, quarantine.csv, confidence.png, report.html
-Params  base, ingest (decoding limits), pseudolabel
+Params  base, ingest.max_image_pixels, ingest.shard_mib, pseudolabel
 
+Round k predicts the pools of rounds <= k with its own, better model: an image rejected before
+may join, and an accepted label the new model no longer supports (another class, or under the
+bar) leaves the set. The `curriculum` policy admits a growing top share of each predicted class
+(Curriculum Labeling, Cascante-Bandera et al. 2021), so no class floods the training set.
 Also `init_pseudo`, which writes the empty set round 0 starts from.
 """
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -24,11 +32,11 @@ from pipeline.config import BaseConfig, Params, PseudolabelConfig, to_dict
 from pipeline.errors import PipelineError
 from pipeline.ingest import QUARANTINE_COLUMNS, pack, read_truth, scan_folder
 from pipeline.io import (
+    ShardWriter,
     atomic_dir,
     read_array,
     read_json,
     read_table,
-    write_array,
     write_json,
     write_table,
     write_text,
@@ -41,33 +49,57 @@ PSEUDO_COLUMNS = [
     "id",
     "path",
     "sha256",
-    "label",
+    "pool",
+    "row",
+    "predicted",
     "confidence",
     "threshold",
-    "pool",
-    "round",
-    "model",
-    "row",
+    "accepted",  # in the set the next round trains on
+    "label",  # the accepted label ("" when not accepted)
+    "joined",  # round the current label joined ("" if never accepted)
+    "left",  # round the row last left the set ("" if it never left)
+    "round",  # round that scored this row last
+    "model",  # that round's ensemble (hash of ensemble.json)
 ]
+CHUNK = 8192  # images per read while copying packed sets
 
 
 # --------------------------------------------------------------------------------------------
 # 1) Thresholds and selection (pure functions over pred_probs (N, K))
 
 
-def class_thresholds(pred_probs: np.ndarray, cfg: PseudolabelConfig) -> np.ndarray:
+def curriculum_share(cfg: PseudolabelConfig, round_index: int) -> float:
+    """Share of each predicted class the curriculum admits in round `round_index` (0-based)."""
+    return min(cfg.share_max, cfg.share_start + cfg.share_step * round_index)
+
+
+def class_thresholds(
+    pred_probs: np.ndarray, cfg: PseudolabelConfig, round_index: int = 0
+) -> np.ndarray:
     """Per-class confidence thresholds (K,).
 
     fixed: tau for every class. flexmatch: tau scaled by how well each class is learned,
     beta_c = sigma_c / max(max_c sigma_c, unused) with sigma_c the confident predictions of
     class c, mapped through x / (2 - x) so poorly learned classes get a lower bar.
+    curriculum: the confidence of the last of the top share of each predicted class, and never
+    below min_confidence (a class nobody is predicted as gets a bar above 1).
     """
     k = pred_probs.shape[1]
+    predicted, confidence = pred_probs.argmax(1), pred_probs.max(1)
+    if cfg.policy == "curriculum":
+        share = curriculum_share(cfg, round_index)
+        bars = np.full(k, np.inf)
+        for c in range(k):
+            ranked = np.sort(confidence[predicted == c])[::-1]
+            take = math.floor(share * len(ranked))
+            if take:
+                bars[c] = max(ranked[take - 1], cfg.min_confidence)
+        return bars
     tau = cfg.threshold
     if cfg.policy == "fixed":
         return np.full(k, tau)
-    confident = pred_probs.max(1) >= tau
-    sigma = np.bincount(pred_probs.argmax(1)[confident], minlength=k).astype(float)
+    confident = confidence >= tau
+    sigma = np.bincount(predicted[confident], minlength=k).astype(float)
     unused = float((~confident).sum())
     beta = sigma / max(sigma.max(), unused, 1.0)
     return tau * beta / (2.0 - beta)
@@ -78,11 +110,12 @@ def select(
     member_probs: np.ndarray,
     cfg: PseudolabelConfig,
     labeled_share: np.ndarray,
+    round_index: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which rows to accept: (accepted (N,) bool, predicted (N,), threshold used (N,))."""
     predicted = pred_probs.argmax(1)
     confidence = pred_probs.max(1)
-    thresholds = class_thresholds(pred_probs, cfg)[predicted]
+    thresholds = class_thresholds(pred_probs, cfg, round_index)[predicted]
     accepted = confidence >= thresholds
     if cfg.agreement and len(member_probs):
         accepted &= (member_probs.argmax(2) == predicted[None, :]).all(0)
@@ -104,6 +137,38 @@ def select(
     return accepted, predicted, thresholds
 
 
+def provenance(
+    previous: pd.DataFrame, accepted: np.ndarray, labels: list[str], round_name: str
+) -> pd.DataFrame:
+    """joined / left columns for this round's decision over rows that start with `previous`'s
+    (N_prev rows, then new ones). A row whose label changes leaves and joins again."""
+    n = len(accepted)
+    was = np.zeros(n, bool)
+    was[: len(previous)] = previous["accepted"].to_numpy() == "True"
+    old_label = np.array([""] * n, dtype=object)
+    old_label[: len(previous)] = previous["label"].to_numpy()
+    joined = np.array([""] * n, dtype=object)
+    left = np.array([""] * n, dtype=object)
+    joined[: len(previous)] = previous["joined"].to_numpy()
+    left[: len(previous)] = previous["left"].to_numpy()
+    labels = np.asarray(labels, dtype=object)
+    stays = was & accepted & (old_label == labels)
+    leaves = was & ~stays
+    joins = accepted & ~stays
+    left[leaves] = round_name
+    joined[joins] = round_name
+    return pd.DataFrame(
+        {
+            "joined": joined,
+            "left": left,
+            "previous_label": old_label,
+            "stayed": stays,
+            "joins": joins,
+            "leaves": leaves,
+        }
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # 2) The stages
 
@@ -112,10 +177,49 @@ def init_pseudo(out_dir: Path, base: BaseConfig) -> None:
     """The empty pseudo-label set round 0 trains with."""
     with atomic_dir(out_dir) as tmp:
         write_table(tmp / "table.csv", pd.DataFrame(columns=PSEUDO_COLUMNS))
-        write_array(
-            tmp / "images.npy",
-            np.zeros((0, base.image_size, base.image_size, base.channels), np.uint8),
+        ShardWriter(tmp / "images", (base.image_size, base.image_size, base.channels)).close()
+
+
+def decode_pool(
+    data_dir: Path, pool: str, scratch: Path, params: Params, known: dict[str, str]
+) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
+    """Decode a new pool into `scratch`: (table, eligible (N,) bool, quarantine rows).
+
+    Test images, copies of labeled images and copies of earlier pools' images are not
+    eligible; neither is the second copy of an image within the pool.
+    """
+    candidates, quarantine = scan_folder(data_dir, f"unlabeled/{pool}", by_class=False)
+    table, rejected = pack(
+        candidates,
+        data_dir,
+        scratch,
+        params.base,
+        params.ingest.max_image_pixels,
+        split="pool",
+        shard_mib=params.ingest.shard_mib,
+        desc=f"pool {pool}",
+    )
+    quarantine += rejected
+    if not candidates:
+        quarantine.append(
+            {"path": f"unlabeled/{pool}", "split": "pool", "reason": "empty pool (no images)"}
         )
+    reasons = {
+        "test": "same image as a test image",
+        "train": "same image as a labeled image",
+        "pool": "same image as an image of an earlier pool",
+    }
+    seen: set[str] = set()
+    eligible = np.ones(len(table), bool)
+    for i, row in enumerate(table.itertuples()):
+        why = reasons.get(known.get(row.sha256, ""))
+        if why is None and row.sha256 in seen:
+            why = "exact duplicate within the pool"
+        if why:
+            eligible[i] = False
+            quarantine.append({"path": row.path, "split": "pool", "reason": why})
+        seen.add(row.sha256)
+    return table, eligible, quarantine
 
 
 def run(
@@ -140,150 +244,154 @@ def run(
     classes = read_json(ingest_dir / "classes.json")
     manifest = read_table(ingest_dir / "manifest.csv")
     previous = read_table(pseudo_in / "table.csv")
-    previous_images = read_array(pseudo_in / "images.npy")
+    if pool in set(previous["pool"]):
+        raise PipelineError(
+            f"pool {pool!r} was already scored by an earlier round; each round adds a new pool"
+        )
+    previous_images = read_array(pseudo_in / "images")
     model_id = hashlib.sha256((model_dir / "ensemble.json").read_bytes()).hexdigest()[:12]
 
-    # 1) decode the pool exactly as ingest decodes labeled images
-    candidates, quarantine = scan_folder(data_dir, f"unlabeled/{pool}", by_class=False)
-    scratch = out_dir.parent / f".{out_dir.name}.pool"
-    table, rejected = pack(
-        candidates,
-        data_dir,
-        scratch,
-        params.base,
-        params.ingest.max_image_pixels,
-        split="pool",
-        desc=f"pool {pool}",
-    )
-    quarantine += rejected
-    pool_images = np.asarray(read_array(scratch))
-    shutil.rmtree(scratch)
-    if not candidates:
-        quarantine.append(
-            {"path": f"unlabeled/{pool}", "split": "pool", "reason": "empty pool (no images)"}
-        )
-
-    # 2) never pseudo-label test images, copies of labeled images, or what is already accepted
+    # 1) decode the new pool exactly as ingest decodes labeled images
     known = dict(zip(manifest["sha256"], manifest["split"]))
-    known.update({sha: "pseudo" for sha in previous["sha256"]})
-    seen: set[str] = set()
-    eligible = np.ones(len(table), bool)
-    for i, row in enumerate(table.itertuples()):
-        why = {
-            "test": "same image as a test image",
-            "train": "same image as a labeled image",
-            "pseudo": "already pseudo-labeled in an earlier round",
-        }.get(known.get(row.sha256, ""))
-        if why is None and row.sha256 in seen:
-            why = "exact duplicate within the pool"
-        if why:
-            eligible[i] = False
-            quarantine.append({"path": row.path, "split": "pool", "reason": why})
-        seen.add(row.sha256)
+    known.update({sha: "pool" for sha in previous["sha256"]})
+    scratch = out_dir.parent / f".{out_dir.name}.pool"
+    new, eligible, quarantine = decode_pool(data_dir, pool, scratch, params, known)
+    new_images, decoded = read_array(scratch), len(new)
+    new = new[eligible].reset_index(drop=True).assign(pool=pool)
+    new_rows = np.flatnonzero(eligible)
 
-    # 3) predict the eligible images only, and select
-    eligible_images = pool_images[eligible]
-    probs, member_probs = ensemble.predict(eligible_images, members=True)
-    labeled_share = (
-        manifest.loc[manifest["split"] == "train", "label"]
-        .value_counts()
-        .reindex(classes, fill_value=0)
-        .to_numpy(float)
-    )
-    labeled_share /= max(labeled_share.sum(), 1.0)
-    accepted, predicted, thresholds = select(probs, member_probs, cfg, labeled_share)
-    candidates_table = (
-        table[eligible]
-        .reset_index(drop=True)
-        .assign(
-            predicted=[classes[i] for i in predicted],
+    # 2) every pool so far: earlier pools' images, then the new pool's, re-scored by this model
+    shape = (params.base.image_size, params.base.image_size, params.base.channels)
+    with atomic_dir(out_dir) as tmp:
+        writer = ShardWriter(tmp / "images", shape, params.ingest.shard_mib)
+        for start in range(0, len(previous_images), CHUNK):
+            writer.extend(previous_images[start : start + CHUNK])
+        for start in range(0, len(new_rows), CHUNK):
+            writer.extend(new_images[new_rows[start : start + CHUNK]])
+        writer.close()
+        images = read_array(tmp / "images")
+        probs, member_probs = ensemble.predict(images, members=True)
+        probs = probs.astype(np.float64)  # bars and confidences compare equal once written
+        labeled_share = (
+            manifest.loc[manifest["split"] == "train", "label"]
+            .value_counts()
+            .reindex(classes, fill_value=0)
+            .to_numpy(float)
+        )
+        labeled_share /= max(labeled_share.sum(), 1.0)
+        pools = list(dict.fromkeys([*previous["pool"], pool]))
+        accepted, predicted, thresholds = select(
+            probs, member_probs, cfg, labeled_share, round_index=len(pools) - 1
+        )
+        names = [classes[i] for i in predicted]
+        labels = np.where(accepted, names, "")
+        moves = provenance(previous, accepted, list(labels), round_name)
+        table = pd.concat(
+            [previous[["id", "path", "sha256", "pool"]], new[["id", "path", "sha256", "pool"]]],
+            ignore_index=True,
+        ).assign(
+            row=np.arange(len(probs)),
+            predicted=names,
             confidence=probs.max(1),
             threshold=thresholds,
             accepted=accepted,
+            label=labels,
+            joined=moves["joined"],
+            left=moves["left"],
+            round=round_name,
+            model=model_id,
         )
-    )
-    truth = read_truth(data_dir)
-    candidates_table["true_label"] = [truth.get(p, "") for p in candidates_table["path"]]
-    new = candidates_table[candidates_table["accepted"]]
-    new_rows = pd.DataFrame(
-        {
-            "id": new["id"],
-            "path": new["path"],
-            "sha256": new["sha256"],
-            "label": new["predicted"],
-            "confidence": new["confidence"],
-            "threshold": new["threshold"],
-            "pool": pool,
-            "round": round_name,
-            "model": model_id,
-        }
-    )
-    cumulative = pd.concat([previous.drop(columns="row"), new_rows], ignore_index=True)
-    cumulative["row"] = np.arange(len(cumulative))
-    images = (
-        np.concatenate([previous_images, eligible_images[new.index.to_numpy()]])
-        if len(new)
-        else previous_images
-    )
+        write_table(tmp / "table.csv", table[PSEUDO_COLUMNS])
+    shutil.rmtree(scratch)
 
-    metrics = pseudo_metrics(
-        candidates_table, classes, len(table), len(quarantine), len(cumulative)
+    # 3) report: every candidate with its move this round and, where known, its true label
+    truth = read_truth(data_dir)
+    candidates = table.assign(
+        true_label=[truth.get(p, "") for p in table["path"]],
+        previous_label=moves["previous_label"],
+        move=np.select(
+            [moves["joins"] & moves["leaves"], moves["joins"], moves["leaves"], moves["stayed"]],
+            ["relabeled", "joined", "left", "stayed"],
+            "",
+        ),
     )
-    with atomic_dir(out_dir) as tmp:
-        write_table(tmp / "table.csv", cumulative[PSEUDO_COLUMNS])
-        write_array(tmp / "images.npy", np.ascontiguousarray(images))
+    metrics = pseudo_metrics(candidates, classes, pool, decoded, len(new_rows), len(quarantine))
+    images = read_array(out_dir / "images")
     with atomic_dir(report_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
-        write_table(tmp / "candidates.csv", candidates_table)
+        write_table(tmp / "candidates.csv", candidates)
         write_table(tmp / "quarantine.csv", pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS))
         write_json(tmp / "params.json", {"base": to_dict(params.base), "pseudolabel": to_dict(cfg)})
-        plot_confidence(tmp / "confidence.png", candidates_table)
+        plot_confidence(tmp / "confidence.png", candidates)
         write_text(
             tmp / "report.html",
-            render(
-                round_name, pool, metrics, candidates_table, eligible_images, tmp, cfg.gallery_size
-            ),
+            render(round_name, pools, metrics, candidates, images, tmp, cfg.gallery_size),
         )
     acc = metrics.get("pseudo_label_accuracy")
     log.info(
-        "pseudolabel %s: %d of %d pool images accepted (%d in the cumulative set)%s",
+        "pseudolabel %s: %d of %d pool images in the set (%d joined, %d left; %d pools)%s",
         round_name,
         metrics["accepted"],
-        metrics["pool_images"],
-        len(cumulative),
+        metrics["candidates"],
+        metrics["joined"],
+        metrics["left"],
+        len(pools),
         f", accuracy vs truth {acc:.3f}" if acc is not None else "",
     )
     return metrics
 
 
 def pseudo_metrics(
-    candidates: pd.DataFrame, classes: list[str], decoded: int, quarantined: int, cumulative: int
+    candidates: pd.DataFrame,
+    classes: list[str],
+    pool: str,
+    decoded: int,
+    eligible: int,
+    quarantined: int,
 ) -> dict:
+    """Figures over every candidate so far (all pools), and this round's moves."""
     accepted = candidates[candidates["accepted"]]
+    joins = candidates["move"].isin(["joined", "relabeled"])
+    leaves = candidates["move"].isin(["left", "relabeled"])
     per_class = {}
     for c in classes:
         predicted_c = candidates[candidates["predicted"] == c]
         per_class[c] = {
             "candidates": len(predicted_c),
             "accepted": int(predicted_c["accepted"].sum()),
+            "joined": int(joins[predicted_c.index].sum()),
             "acceptance_rate": float(predicted_c["accepted"].mean()) if len(predicted_c) else 0.0,
         }
+    per_pool = {
+        name: {"candidates": len(rows), "accepted": int(rows["accepted"].sum())}
+        for name, rows in candidates.groupby("pool", sort=True)
+    }
     metrics = {
-        "pool_images": decoded,
-        "eligible": len(candidates),
+        "pool": pool,
+        "pool_images": decoded,  # decoded from the new pool
+        "eligible": eligible,  # of those, not copies of labeled, test or earlier pool images
         "quarantined": quarantined,
+        "candidates": len(candidates),
         "accepted": len(accepted),
         "acceptance_rate": len(accepted) / max(len(candidates), 1),
-        "cumulative": cumulative,
+        "joined": int(joins.sum()),  # a changed label leaves and joins again: "relabeled"
+        "left": int(leaves.sum()),
+        "relabeled": int((candidates["move"] == "relabeled").sum()),
+        "stayed": int((candidates["move"] == "stayed").sum()),
         "per_class": per_class,
+        "per_pool": per_pool,
     }
     known = accepted[accepted["true_label"] != ""]
     if len(known):
-        metrics["pseudo_label_accuracy"] = float((known["predicted"] == known["true_label"]).mean())
+        metrics["pseudo_label_accuracy"] = float((known["label"] == known["true_label"]).mean())
         for c in classes:
-            rows = known[known["predicted"] == c]
+            rows = known[known["label"] == c]
             if len(rows):
                 per_class[c]["accuracy"] = float((rows["true_label"] == c).mean())
+    left = candidates[leaves & (candidates["true_label"] != "")]
+    if len(left):
+        # Removals should mostly take out mistakes: the share of labels that left that were wrong.
+        metrics["left_were_wrong"] = float((left["previous_label"] != left["true_label"]).mean())
     return metrics
 
 
@@ -319,47 +427,76 @@ def _tile(row, image: np.ndarray) -> str:
     if row.true_label:
         ok = row.true_label == row.predicted
         truth = f"<div class='{'good' if ok else 'bad'}'>truth: {report.esc(row.true_label)}</div>"
+    was = (
+        f"<div>was <b>{report.esc(row.previous_label)}</b> until this round</div>"
+        if row.previous_label
+        else ""
+    )
     return (
         f"<div class='tile'><img alt='' src='{report.image_uri(image)}'>"
-        f"<div>pseudo-label <b>{report.esc(row.predicted)}</b></div>"
-        f"<div>confidence {row.confidence:.3f} (threshold {row.threshold:.3f})</div>{truth}"
+        f"<div>predicted <b>{report.esc(row.predicted)}</b></div>{was}"
+        f"<div>confidence {row.confidence:.3f} (bar {row.threshold:.3f})</div>{truth}"
         f"<div class='path'>{report.esc(row.path)}</div></div>"
     )
 
 
-def render(round_name, pool, metrics, candidates, images, folder, limit) -> str:
-    accepted = candidates[candidates["accepted"]].sort_values("confidence")
+def _gallery(title: str, rows: pd.DataFrame, images, limit: int) -> str:
+    tiles = "".join(_tile(r, images[int(r.row)]) for r in rows.head(limit).itertuples())
+    return f"<h2>{title} ({min(limit, len(rows))} of {len(rows)})</h2><div class='gallery'>{tiles}</div>"
+
+
+def render(round_name, pools, metrics, candidates, images, folder, limit) -> str:
+    accepted = candidates[candidates["accepted"]]
+    joined = candidates[candidates["move"].isin(["joined", "relabeled"])]
+    left = candidates[candidates["move"].isin(["left", "relabeled"])]
     near = candidates[~candidates["accepted"]].sort_values("confidence", ascending=False)
     cards = [
-        ("pool images", metrics["pool_images"]),
-        ("eligible", metrics["eligible"]),
-        ("accepted", metrics["accepted"]),
-        ("acceptance rate", f"{metrics['acceptance_rate']:.1%}"),
-        ("cumulative pseudo-labels", metrics["cumulative"]),
+        ("new pool images", metrics["pool_images"]),
+        ("pool images so far", metrics["candidates"]),
+        ("in the set", metrics["accepted"]),
+        ("share of pool images", f"{metrics['acceptance_rate']:.1%}"),
+        ("joined this round", metrics["joined"]),
+        ("left this round", metrics["left"]),
     ]
     if "pseudo_label_accuracy" in metrics:
         cards.append(("accuracy vs truth", f"{metrics['pseudo_label_accuracy']:.1%}"))
     rows = [
-        (c, v["candidates"], v["accepted"], v["acceptance_rate"], v.get("accuracy", ""))
+        (
+            c,
+            v["candidates"],
+            v["accepted"],
+            v["joined"],
+            v["acceptance_rate"],
+            v.get("accuracy", ""),
+        )
         for c, v in metrics["per_class"].items()
     ]
+    pool_rows = [(p, v["candidates"], v["accepted"]) for p, v in metrics["per_pool"].items()]
     body = (
-        f"<h1>Pseudo-labels &middot; round {report.esc(round_name)} &middot; pool {report.esc(pool)}</h1>"
-        "<p class='muted'>Pool images the round's ensemble is confident about join the next round's "
-        "training set. Accepted samples are shown least confident first: that is where mistakes hide.</p>"
+        f"<h1>Pseudo-labels &middot; round {report.esc(round_name)} &middot; pools "
+        f"{report.esc(', '.join(pools))}</h1>"
+        "<p class='muted'>This round's ensemble (temperature-calibrated on validation) re-scores "
+        "every pool so far. The images it is confident about form the set the next round trains "
+        "on: some join, and labels it no longer supports leave. Accepted samples are shown least "
+        "confident first: that is where mistakes hide.</p>"
         + report.cards(cards)
         + f"<p><img class='plot' alt='confidence histogram' src='{report.file_uri(folder / 'confidence.png')}'></p>"
-        + "<h2>Per class</h2>"
+        + "<h2>Per predicted class</h2>"
         + report.table(
-            ["class", "predicted", "accepted", "acceptance rate", "accuracy vs truth"], rows
+            ["class", "predicted", "in the set", "joined", "share", "accuracy vs truth"], rows
         )
-        + f"<h2>Accepted, least confident first ({min(limit, len(accepted))} of {len(accepted)})</h2>"
-        + "<div class='gallery'>"
-        + "".join(_tile(r, images[r.Index]) for r in accepted.head(limit).itertuples())
-        + "</div>"
-        + f"<h2>Narrowly rejected ({min(limit, len(near))} of {len(near)})</h2>"
-        + "<div class='gallery'>"
-        + "".join(_tile(r, images[r.Index]) for r in near.head(limit).itertuples())
-        + "</div>"
+        + "<h2>Per pool</h2>"
+        + report.table(["pool", "images", "in the set"], pool_rows)
+        + _gallery(
+            "Joined this round, least confident first",
+            joined.sort_values("confidence"),
+            images,
+            limit,
+        )
+        + _gallery("Left the set this round", left.sort_values("confidence"), images, limit)
+        + _gallery(
+            "In the set, least confident first", accepted.sort_values("confidence"), images, limit
+        )
+        + _gallery("Narrowly rejected", near, images, limit)
     )
     return report.page(f"Pseudo-labels - {round_name}", body)

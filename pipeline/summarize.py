@@ -176,8 +176,9 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder) -> str
     ]
     body = (
         "<h1>Dataset improvement rounds</h1>"
-        "<p class='muted'>Each round trains on the cleaned human labels plus the pseudo-labels accepted so far, "
-        "and is tested on the same held-out test split.</p>"
+        "<p class='muted'>Each round trains on the cleaned human labels plus the pseudo-label set the "
+        "round before it wrote, and is tested on the same held-out test split. After training, a "
+        "round re-scores every pool so far: its set is what the next round trains on.</p>"
         f"<p><img class='plot' alt='rounds plot' src='{report.file_uri(folder / 'rounds.png')}'></p>"
         + report.table(
             [
@@ -187,8 +188,8 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder) -> str
                 "val acc",
                 "test acc",
                 "macro-F1",
-                "pseudo accepted",
-                "pseudo acc",
+                "set after the round",
+                "set acc",
                 "reports",
             ],
             rows,

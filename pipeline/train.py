@@ -1,14 +1,18 @@
 """train stage: the residual CNN on the cleaned table plus the round's pseudo-labels.
 
-Reads   the cleaned training table + packed images, classes.json, the augment stage's policy,
-        the round's pseudo-label input folder (table.csv + images.npy; empty in round 0)
-Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at prediction
-        <report>/diagnostics.json, diagnostics.png, warnings.json, config.json
+Reads   the cleaned training table and the validation table (clean stage) + packed images,
+        classes.json, the augment stage's policy, the round's pseudo-label input folder
+        (table.csv + images/: the accepted rows are trained on; none in round 0)
+Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at prediction,
+                                              and the temperature fitted on validation
+        <report>/diagnostics.json, diagnostics.png, warnings.json, config.json, per_class.csv
         <live>/                                dvclive metrics and per-epoch plots
 Params  base, train
 
 The loop is a few small functions: `train_one_epoch`, `evaluate`, `fit`. Every epoch reseeds
 from (seed, epoch), so a run resumed from its last checkpoint equals an uninterrupted one.
+The budget is `train.epochs` but at least `train.min_steps` optimizer steps: a few hundred
+images get as many updates as a few thousand (epochs and patience are stretched alike).
 Batches come from pipeline/feed.py (either augmentation backend); with train.nproc > 1 the
 command runs under torchrun and `fit` wraps the model in DistributedDataParallel.
 """
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,6 +40,12 @@ from tqdm import tqdm
 
 from pipeline import report
 from pipeline.augment import reseed
+from pipeline.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
 from pipeline.config import AugmentConfig, ModelConfig, Params, TrainConfig, parse, to_dict
 from pipeline.errors import PipelineError
 from pipeline.feed import (
@@ -50,8 +61,15 @@ from pipeline.feed import (
     training_augmentation,
 )
 from pipeline.gpu_augment import BatchAugment
-from pipeline.ingest import stratified_holdout
-from pipeline.io import atomic_dir, atomic_path, read_array, read_json, read_table, write_json
+from pipeline.io import (
+    atomic_dir,
+    atomic_path,
+    read_array,
+    read_json,
+    read_table,
+    write_json,
+    write_table,
+)
 from pipeline.model import ResNet, build_model
 
 log = logging.getLogger(__name__)
@@ -242,17 +260,23 @@ def activation_stats(model: nn.Module, x: torch.Tensor, bins: np.ndarray) -> dic
 
 
 def diagnose(history: list[dict], cfg: TrainConfig) -> list[str]:
-    """Plain-language warnings from the tuning checklist."""
+    """Plain-language warnings from the tuning checklist.
+
+    A rise is judged on the mean of the last fifth of the epochs against the lowest loss
+    before it, and must give back a tenth of what was gained: the epoch-to-epoch noise of a long
+    run on a small set, near zero loss, is not a rise.
+    """
     warnings = []
-    losses = [h["train_loss"] for h in history]
-    rises = [i for i in range(1, len(losses)) if losses[i] > losses[i - 1] * 1.001]
-    streak = _longest_streak(rises)
-    if streak >= 3 or (len(losses) >= 3 and losses[-1] > losses[0]):
-        warnings.append(
-            f"Training loss rose for {max(streak, 1)} epochs in a row (from {losses[0]:.3f} to "
-            f"{losses[-1]:.3f}): the learning rate train.lr={cfg.lr:g} is probably too high. "
-            f"Try a third of it, or run `python -m pipeline lr-find`."
-        )
+    losses = np.array([h["train_loss"] for h in history])
+    tail = max(3, len(losses) // 5)
+    if len(losses) > tail:
+        recent, best = losses[-tail:].mean(), losses[:-tail].min()
+        if recent > best + 0.1 * (losses[0] - best) + 1e-3 or losses[-1] > losses[0]:
+            warnings.append(
+                f"Training loss rose (lowest {best:.3f}, last {tail} epochs {recent:.3f}): the "
+                f"learning rate train.lr={cfg.lr:g} is probably too high. Try a third of it, or "
+                f"run `python -m pipeline lr-find`."
+            )
     if len(losses) >= 3 and abs(losses[0] - losses[-1]) < 0.01 * abs(losses[0]):
         warnings.append(
             f"Training loss stayed flat ({losses[0]:.3f} -> {losses[-1]:.3f}): the learning rate "
@@ -266,14 +290,6 @@ def diagnose(history: list[dict], cfg: TrainConfig) -> list[str]:
                     f"(dead ReLUs): lower the learning rate or use train.model.activation: leaky_relu."
                 )
     return warnings
-
-
-def _longest_streak(indices: list[int]) -> int:
-    best = run = 0
-    for a, b in zip([None, *indices], indices):
-        run = run + 1 if a is not None and b == a + 1 else 1
-        best = max(best, run)
-    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,11 +324,21 @@ class Ensemble:
     classes: list[str]
     info: dict
 
-    def predict(self, images: np.ndarray, device: torch.device | None = None, **kw):
+    @property
+    def temperature(self) -> float:
+        return float(self.info.get("temperature", 1.0))
+
+    def predict(self, images, device: torch.device | None = None, *, calibrated: bool = True, **kw):
+        """predict_proba of the members; the averaged probabilities are temperature-scaled
+        unless calibrated=False (members' own probabilities never are)."""
         device = device or pick_device()
         for m in self.models:
             m.to(device)
-        return predict_proba(self.models, images, device, **kw)
+        out = predict_proba(self.models, images, device, **kw)
+        t = self.temperature if calibrated else 1.0
+        if isinstance(out, tuple):
+            return (apply_temperature(out[0], t), *out[1:])
+        return apply_temperature(out, t)
 
 
 def load_ensemble(model_dir: Path) -> Ensemble:
@@ -370,7 +396,7 @@ def fit(
     on its share of each epoch through DistributedDataParallel; the first process validates,
     diagnoses and writes, and sends each epoch's record to the others so all stop together.
     """
-    epochs = epochs or cfg.epochs
+    epochs, patience = budget(cfg, len(train), epochs or cfg.epochs)
     shard = current_shard()
     lead = shard.rank == 0
     model.to(device)
@@ -406,7 +432,7 @@ def fit(
         **({} if lead else {"disable": True}),  # one bar, from the first process
     )
     for epoch in bar:
-        if _should_stop(history, cfg):
+        if _should_stop(history, cfg.monitor, patience):
             break
         # 1) reseed everything from (seed, epoch): resuming reproduces an uninterrupted run
         torch.manual_seed(seed * 100_003 + epoch)
@@ -448,14 +474,22 @@ def _from_lead(record: dict, shard: Shard) -> dict:
     return box[0]
 
 
-def _should_stop(history: list[dict], cfg: TrainConfig) -> bool:
-    if not history or cfg.monitor not in history[-1]:
+def budget(cfg: TrainConfig, n: int, epochs: int) -> tuple[int, int]:
+    """(epochs, patience) for n training images: stretched alike until the run has at least
+    cfg.min_steps optimizer steps."""
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    stretch = max(1.0, cfg.min_steps / (epochs * steps_per_epoch))
+    return math.ceil(epochs * stretch), math.ceil(cfg.patience * stretch)
+
+
+def _should_stop(history: list[dict], monitor: str, patience: int) -> bool:
+    if not history or monitor not in history[-1]:
         return False
     best = 0
     for i, record in enumerate(history):
-        if _better(record, history[best], cfg.monitor):
+        if _better(record, history[best], monitor):
             best = i
-    return len(history) - 1 - best >= cfg.patience
+    return len(history) - 1 - best >= patience
 
 
 def _keep_top_k(
@@ -521,28 +555,35 @@ def fingerprint_of(*parts) -> str:
 
 def load_training_samples(
     table_path: Path,
+    val_path: Path,
     images_path: Path,
     classes: list[str],
     pseudo_dir: Path | None,
     augment_dir: Path | None,
-    val_fraction: float,
-    seed: int,
-) -> tuple[Samples, Samples, dict]:
-    """Human rows (minus a stratified validation split), offline copies and pseudo-labels."""
-    table = read_table(table_path)
+) -> tuple[Samples, Samples, pd.DataFrame]:
+    """Cleaned human rows, offline copies and accepted pseudo-labels; the scored validation rows.
+
+    Returns (train, val, counts): counts per class of human and pseudo-labeled training rows.
+    """
+    table, val_table = read_table(table_path), read_table(val_path)
+    val_table = val_table[val_table["scored"] == "True"]
     images = read_array(images_path)
-    unknown = sorted(set(table["label"]) - set(classes))
-    if unknown:
-        raise PipelineError(f"{table_path}: label {unknown[0]!r} is not in classes.json")
-    labels = table["label"].map(classes.index).to_numpy(np.int64)
-    is_val = stratified_holdout(table["label"], val_fraction, seed).to_numpy()
-    rows = table["row"].astype(int).to_numpy()
-    parts_x = [images[rows[~is_val]]]
-    parts_y = [labels[~is_val]]
-    counts = {"human": int((~is_val).sum()), "val": int(is_val.sum()), "offline": 0, "pseudo": 0}
+    for path, t in ((table_path, table), (val_path, val_table)):
+        unknown = sorted(set(t["label"]) - set(classes))
+        if unknown:
+            raise PipelineError(f"{path}: label {unknown[0]!r} is not in classes.json")
+    overlap = set(table["id"]) & set(val_table["id"])
+    if overlap:
+        raise PipelineError(
+            f"{table_path} holds validation rows ({sorted(overlap)[0]}): rerun clean"
+        )
+    parts_x = [images[table["row"].astype(int).to_numpy()]]
+    parts_y = [table["label"].map(classes.index).to_numpy(np.int64)]
+    counts = pd.DataFrame(0, index=classes, columns=["human", "offline", "pseudo"])
+    counts["human"] = table["label"].value_counts().reindex(classes, fill_value=0)
     if augment_dir is not None and (augment_dir / "offline" / "table.csv").is_file():
         offline = read_table(augment_dir / "offline" / "table.csv")
-        offline = offline[offline["source_id"].isin(table.loc[~is_val, "id"])]  # no val leakage
+        offline = offline[offline["source_id"].isin(table["id"])]  # copies of training rows only
         if len(offline):
             parts_x.append(
                 read_array(augment_dir / "offline" / "images.npy")[
@@ -550,24 +591,26 @@ def load_training_samples(
                 ]
             )
             parts_y.append(offline["label"].map(classes.index).to_numpy(np.int64))
-            counts["offline"] = len(offline)
+            counts["offline"] = offline["label"].value_counts().reindex(classes, fill_value=0)
     if pseudo_dir is not None and (pseudo_dir / "table.csv").is_file():
         pseudo = read_table(pseudo_dir / "table.csv")
+        pseudo = pseudo[(pseudo["accepted"] == "True") & pseudo["label"].isin(classes)]
         if len(pseudo):
-            pseudo = pseudo[pseudo["label"].isin(classes)]
-            parts_x.append(
-                read_array(pseudo_dir / "images.npy")[pseudo["row"].astype(int).to_numpy()]
-            )
+            parts_x.append(read_array(pseudo_dir / "images")[pseudo["row"].astype(int).to_numpy()])
             parts_y.append(pseudo["label"].map(classes.index).to_numpy(np.int64))
-            counts["pseudo"] = len(pseudo)
+            counts["pseudo"] = pseudo["label"].value_counts().reindex(classes, fill_value=0)
     train = Samples(np.concatenate(parts_x), np.concatenate(parts_y))
-    val = Samples(np.ascontiguousarray(images[rows[is_val]]), labels[is_val])
+    val = Samples(
+        np.ascontiguousarray(images[val_table["row"].astype(int).to_numpy()]),
+        val_table["label"].map(classes.index).to_numpy(np.int64),
+    )
     return train, val, counts
 
 
 def run(
     *,
     table_path: Path,
+    val_path: Path,
     images_path: Path,
     classes_path: Path,
     augment_dir: Path,
@@ -580,9 +623,10 @@ def run(
 ) -> dict:
     cfg, base = params.train, params.base
     classes = read_json(classes_path)
-    train, val, counts = load_training_samples(
-        table_path, images_path, classes, pseudo_dir, augment_dir, cfg.val_fraction, base.seed
+    train, val, per_class = load_training_samples(
+        table_path, val_path, images_path, classes, pseudo_dir, augment_dir
     )
+    counts = {k: int(v) for k, v in per_class.sum().items()} | {"val": len(val)}
     device = pick_device()
     saved = read_json(augment_dir / "params.json")["augment"]  # the policy the augment stage saved
     augmentation = training_augmentation(
@@ -635,25 +679,37 @@ def run(
             "config": config,
         }
         write_json(tmp / "ensemble.json", info)
+        # 6) calibrate: one temperature for the averaged probabilities, fitted on validation
         ensemble = load_ensemble(tmp)
-    ens_metrics = evaluate([m.to(device) for m in ensemble.models], val, device)
+        raw = ensemble.predict(val.images, device, calibrated=False)
+        info["temperature"] = fit_temperature(val.labels, raw)
+        write_json(tmp / "ensemble.json", info)
+    calibrated = apply_temperature(raw, info["temperature"])
     summary = {
         "epochs_run": len(result.history),
+        "epochs_budget": budget(cfg, len(train), cfg.epochs)[0],
         "best_val_acc": max(h["val_acc"] for h in result.history),
-        "ensemble_val_acc": ens_metrics["val_acc"],
-        "ensemble_val_loss": ens_metrics["val_loss"],
+        "ensemble_val_acc": float((raw.argmax(1) == val.labels).mean()),
+        "ensemble_val_loss": nll(val.labels, calibrated),
+        "temperature": info["temperature"],
+        "val_ece_before": expected_calibration_error(val.labels, raw)[0],
+        "val_ece_after": expected_calibration_error(val.labels, calibrated)[0],
         "train_size": len(train),
         **{f"train_size_{k}": v for k, v in counts.items()},
     }
     write_live(live_dir, result.history, summary)
-    write_report(report_dir, result, config, summary)
+    write_report(report_dir, result, config, summary, per_class)
     shutil.rmtree(state_dir, ignore_errors=True)
     for warning in result.warnings:
         log.warning("warning: %s", warning)
     log.info(
-        "train: ensemble of %d checkpoints, validation accuracy %.3f",
+        "train: ensemble of %d checkpoints, validation accuracy %.3f, temperature %.2f "
+        "(validation ECE %.3f -> %.3f)",
         len(result.kept),
-        ens_metrics["val_acc"],
+        summary["ensemble_val_acc"],
+        summary["temperature"],
+        summary["val_ece_before"],
+        summary["val_ece_after"],
     )
     return summary
 
@@ -675,9 +731,15 @@ def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:
         live.end()
 
 
-def write_report(report_dir: Path, result: FitResult, config: dict, summary: dict) -> None:
+def write_report(
+    report_dir: Path, result: FitResult, config: dict, summary: dict, per_class: pd.DataFrame
+) -> None:
     with atomic_dir(report_dir) as tmp:
         write_json(tmp / "config.json", config)
+        shares = per_class.assign(
+            pseudo_per_human=per_class["pseudo"] / per_class["human"].clip(lower=1)
+        )
+        write_table(tmp / "per_class.csv", shares.rename_axis("class").reset_index())
         write_json(
             tmp / "diagnostics.json",
             {"history": result.history, "kept": result.kept, "summary": summary},

@@ -28,7 +28,7 @@ import pandas as pd
 
 from pipeline import report
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_dir, edit_yaml, read_array, read_json, read_table, write_table
+from pipeline.io import Rows, atomic_dir, edit_yaml, read_array, read_json, read_table, write_table
 from pipeline.train import load_ensemble
 
 log = logging.getLogger(__name__)
@@ -307,25 +307,47 @@ def fetch_models(
     return folders
 
 
-def ensemble_runs(model_dirs: list[Path], ingest_dir: Path) -> pd.DataFrame:
-    """Test accuracy of each run's checkpoint ensemble and of all of them averaged."""
+def ensemble_runs(model_dirs: list[Path], ingest_dir: Path, val_path: Path) -> pd.DataFrame:
+    """Validation accuracy of each run's checkpoint ensemble and of all of them averaged; the
+    combined result's test accuracy, reported once (runs are compared on validation only)."""
     classes = read_json(ingest_dir / "classes.json")
     manifest = read_table(ingest_dir / "manifest.csv")
+    images = read_array(ingest_dir / "images")
+    val = read_table(val_path)
+    val = val[val["scored"] == "True"]
     test = manifest[manifest["split"] == "test"]
-    images = np.ascontiguousarray(
-        read_array(ingest_dir / "images")[test["row"].astype(int).to_numpy()]
-    )
-    labels = test["label"].map(classes.index).to_numpy()
-    rows, probs = [], []
+    splits = {
+        name: (
+            Rows(images, t["row"].astype(int).to_numpy()),
+            t["label"].map(classes.index).to_numpy(),
+        )
+        for name, t in (("val", val), ("test", test))
+    }
+    rows, probs = [], {"val": [], "test": []}
     for folder in model_dirs:
         ensemble = load_ensemble(folder)
         if ensemble.classes != classes:
             raise PipelineError(f"{folder} was trained on other classes than {ingest_dir}")
-        p = ensemble.predict(images)
-        probs.append(p)
-        rows.append({"run": folder.name, "test_accuracy": float((p.argmax(1) == labels).mean())})
-    combined = float((np.mean(probs, axis=0).argmax(1) == labels).mean())
-    rows.append({"run": "ensemble of all", "test_accuracy": combined})
+        for name, (x, _) in splits.items():
+            probs[name].append(ensemble.predict(x))
+        labels = splits["val"][1]
+        rows.append(
+            {
+                "run": folder.name,
+                "val_accuracy": float((probs["val"][-1].argmax(1) == labels).mean()),
+            }
+        )
+    combined = {
+        name: float((np.mean(probs[name], axis=0).argmax(1) == labels).mean())
+        for name, (_, labels) in splits.items()
+    }
+    rows.append(
+        {
+            "run": "ensemble of all",
+            "val_accuracy": combined["val"],
+            "test_accuracy": combined["test"],
+        }
+    )
     table = pd.DataFrame(rows)
-    table["gain_over_best_single"] = combined - table["test_accuracy"].iloc[:-1].max()
+    table["val_gain_over_best_single"] = combined["val"] - table["val_accuracy"].iloc[:-1].max()
     return table

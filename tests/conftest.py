@@ -23,8 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small and fast, but the same code paths as the demo.
 FAST = {
     "base": {"image_size": 8},
-    "clean": {"folds": 3, "epochs": 8, "batch_size": 32},
-    "train": {"epochs": 4, "batch_size": 32, "model": {"width": 8, "blocks": [1, 1]}, "top_k": 2},
+    "clean": {"folds": 3, "epochs": 8, "min_steps": 0, "batch_size": 32},
+    "train": {
+        "epochs": 4,
+        "min_steps": 0,
+        "batch_size": 32,
+        "model": {"width": 8, "blocks": [1, 1]},
+        "top_k": 2,
+    },
     "augment": {"preview_rows": 3, "preview_copies": 2},
 }
 
@@ -132,13 +138,23 @@ def ingested(project: Path) -> Path:
 
 
 def train_table(ingest_dir: Path) -> Path:
-    """The ingest manifest's training rows as a training table (what clean would write)."""
+    """The ingest manifest's training rows split as clean splits them, without cleaning:
+    train.csv, and val.csv beside it (every validation row scored). Returns train.csv."""
     import pandas as pd
 
+    from pipeline.ingest import stratified_holdout
+
     manifest = pd.read_csv(ingest_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    rows = manifest[manifest["split"] == "train"].assign(scored="True")
+    is_val = stratified_holdout(rows["label"], 0.2, 0, minimum=5)
     path = ingest_dir.parent / "train.csv"
-    manifest[manifest["split"] == "train"].to_csv(path, index=False)
+    rows[~is_val].to_csv(path, index=False)
+    rows[is_val].to_csv(val_table(path), index=False)
     return path
+
+
+def val_table(table: Path) -> Path:
+    return table.with_name("val.csv")
 
 
 def augment_and_train(root: Path, ingest_dir: Path, table: Path, params) -> Path:
@@ -149,6 +165,7 @@ def augment_and_train(root: Path, ingest_dir: Path, table: Path, params) -> Path
     augment.run(table, images, classes, root / "augment", params)
     train.run(
         table_path=table,
+        val_path=val_table(table),
         images_path=images,
         classes_path=classes,
         augment_dir=root / "augment",
@@ -165,7 +182,7 @@ def augment_and_train(root: Path, ingest_dir: Path, table: Path, params) -> Path
 # --------------------------------------------------------------------------------------------
 # A real project: git + DVC + the demo data, for the end-to-end tests
 
-E2E = {"clean": {"folds": 3, "epochs": 4}, "train": {"epochs": 4}}
+E2E = {"clean": {"folds": 3, "epochs": 4, "min_steps": 0}, "train": {"epochs": 4, "min_steps": 0}}
 
 
 GIT_IDENTITY = {

@@ -97,9 +97,16 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     clean_rows = sorted(
         p for p, t in truth.items() if p.startswith("labeled") and p.split("/")[1] == t
     )
-    (data / "overrides.csv").write_text(f"path,label\n{flipped[0]},keep\n{clean_rows[0]},drop\n")
     params = load_params(project / "params.yaml")
     ingest.run(data, project / "ingest", params)
+    # overrides for training rows (validation rows are scored, never trained on)
+    manifest = pd.read_csv(project / "ingest" / "manifest.csv", dtype=str, keep_default_na=False)
+    human = manifest[manifest["split"] == "train"].reset_index(drop=True)
+    is_val = ingest.stratified_holdout(human["label"], 0.2, 0, minimum=5)
+    val_paths = set(human.loc[is_val, "path"])
+    flipped = [p for p in flipped if p not in val_paths]
+    clean_rows = [p for p in clean_rows if p not in val_paths]
+    (data / "overrides.csv").write_text(f"path,label\n{flipped[0]},keep\n{clean_rows[0]},drop\n")
     metrics = clean.run(project / "ingest", data, project / "clean", params)
 
     classes = read_json(project / "ingest" / "classes.json")
@@ -153,3 +160,33 @@ def test_dropping_every_image_is_a_clear_error(project):
     ingest.run(data, project / "ingest", params)
     with pytest.raises(PipelineError, match="every training image was dropped"):
         clean.run(project / "ingest", data, project / "clean", params)
+
+
+def test_validation_rows_are_carved_before_cleaning_and_scored_by_the_rule(project):
+    data = project / "data"
+    truth = write_digits(data, {0: "zero", 1: "one", 2: "two"}, 40, flip=0.15, seed=2)
+    write_truth(data, truth)
+    ingest.run(data, project / "ingest", load_params(project / "params.yaml"))
+    tables = {}
+    for policy in ("drop", "flag"):
+        params = load_params(write_params(project, {"clean": {"policy": policy}}))
+        clean.run(project / "ingest", data, project / policy, params)
+        tables[policy] = [
+            pd.read_csv(project / policy / name, dtype=str, keep_default_na=False)
+            for name in ("train.csv", "val.csv", "issues.csv")
+        ]
+    (train_drop, val_drop, issues), (train_flag, val_flag, _) = tables["drop"], tables["flag"]
+    # the same rows whatever cleaning decides, at least 5 a class, and never trained on
+    assert val_drop["id"].tolist() == val_flag["id"].tolist()
+    assert val_drop.merge(issues, on="id")["given_label_x"].value_counts().min() >= 5
+    assert not set(val_drop["id"]) & (set(train_drop["id"]) | set(train_flag["id"]))
+    # a flagged validation row is scored against a confident suggestion, or not at all
+    rows = val_drop.merge(issues[["id", "label_issue", "suggested_label", "suggested_prob"]])
+    flagged = rows[rows["label_issue"] == "True"]
+    confident = flagged["suggested_prob"].astype(float) >= 0.9
+    assert (flagged.loc[confident, "label"] == flagged.loc[confident, "suggested_label"]).all()
+    assert (flagged.loc[confident, "scored"] == "True").all()
+    assert (flagged.loc[~confident, "scored"] == "False").all()
+    unflagged = rows[rows["label_issue"] == "False"]
+    assert (unflagged["label"] == unflagged["given_label"]).all()
+    assert (unflagged["scored"] == "True").all()

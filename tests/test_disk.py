@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.config import load_params
 
-from .conftest import ROOT, train_table, tree_hash, write_digits, write_params
+from .conftest import ROOT, train_table, tree_hash, val_table, write_digits, write_params
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)"
@@ -129,6 +129,7 @@ def test_train_onto_a_full_or_read_only_disk_names_the_path(ingested, project, p
             project,
             "train",
             "--table", str(table),
+            "--val", str(val_table(table)),
             "--augment", str(project / "augment"),
             "--model", str(disk / "model"),
             "--report", str(disk / "report"),

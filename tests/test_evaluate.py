@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from pipeline import evaluate, ingest
 from pipeline.config import load_params
 
-from .conftest import augment_and_train, chromium, write_params
+from .conftest import augment_and_train, chromium, train_table, write_params
 
 HOSTILE_CLASS = "<script>alert(1)</script>"
 HOSTILE_FILE = 'a"><img src=x onerror=alert(1)>'
@@ -68,10 +68,7 @@ def hostile_report(tmp_path_factory):
     (data / "labeled" / "labels.csv").write_text("\n".join(rows) + "\n")
     ingest_dir = root / "ingest"
     ingest.run(data, ingest_dir, params)
-    manifest = pd.read_csv(ingest_dir / "manifest.csv", dtype=str, keep_default_na=False)
-    table = root / "train.csv"
-    manifest[manifest["split"] == "train"].to_csv(table, index=False)
-    augment_and_train(root, ingest_dir, table, params)
+    augment_and_train(root, ingest_dir, train_table(ingest_dir), params)
     metrics = evaluate.run(
         root / "model", ingest_dir, root / "train", root / "evaluate", params, "r000"
     )

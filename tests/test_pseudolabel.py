@@ -9,8 +9,9 @@ from sklearn.datasets import load_digits
 from pipeline import pseudolabel
 from pipeline.config import PseudolabelConfig, load_params
 from pipeline.errors import PipelineError
+from pipeline.io import read_array
 
-from .conftest import augment_and_train, train_table, tree_hash, write_params
+from .conftest import augment_and_train, train_table, tree_hash, val_table, write_params
 
 
 def _probs(rows):
@@ -20,7 +21,10 @@ def _probs(rows):
 def test_fixed_threshold_accepts_only_confident_rows():
     probs = _probs([[0.97, 0.03], [0.6, 0.4], [0.02, 0.98]])
     accepted, predicted, thresholds = pseudolabel.select(
-        probs, np.zeros((0, 3, 2)), PseudolabelConfig(threshold=0.95), np.array([0.5, 0.5])
+        probs,
+        np.zeros((0, 3, 2)),
+        PseudolabelConfig(policy="fixed", threshold=0.95),
+        np.array([0.5, 0.5]),
     )
     assert accepted.tolist() == [True, False, True] and predicted.tolist() == [0, 0, 1]
     assert thresholds.tolist() == [0.95, 0.95, 0.95]
@@ -37,14 +41,14 @@ def test_flexmatch_lowers_the_bar_for_poorly_learned_classes():
 
 def test_per_class_cap_keeps_the_most_confident():
     probs = _probs([[0.99, 0.01], [0.96, 0.04], [0.98, 0.02], [0.01, 0.99]])
-    cfg = PseudolabelConfig(threshold=0.9, per_class_cap=2)
+    cfg = PseudolabelConfig(policy="fixed", threshold=0.9, per_class_cap=2)
     accepted, _, _ = pseudolabel.select(probs, np.zeros((0, 4, 2)), cfg, np.array([0.5, 0.5]))
     assert accepted.tolist() == [True, False, True, True]
 
 
 def test_balance_follows_the_labeled_class_distribution():
     probs = _probs([[0.99, 0.01]] * 6 + [[0.01, 0.99]] * 2)
-    cfg = PseudolabelConfig(threshold=0.9, balance=True)
+    cfg = PseudolabelConfig(policy="fixed", threshold=0.9, balance=True)
     accepted, predicted, _ = pseudolabel.select(
         probs, np.zeros((0, 8, 2)), cfg, np.array([0.5, 0.5])
     )
@@ -54,7 +58,7 @@ def test_balance_follows_the_labeled_class_distribution():
 def test_agreement_requires_every_ensemble_member():
     probs = _probs([[0.97, 0.03], [0.97, 0.03]])
     members = np.array([[[0.99, 0.01], [0.99, 0.01]], [[0.95, 0.05], [0.4, 0.6]]])
-    cfg = PseudolabelConfig(threshold=0.9, agreement=True)
+    cfg = PseudolabelConfig(policy="fixed", threshold=0.9, agreement=True)
     accepted, _, _ = pseudolabel.select(probs, members, cfg, np.array([0.5, 0.5]))
     assert accepted.tolist() == [True, False]
 
@@ -98,7 +102,7 @@ def test_never_pseudo_labels_test_images_or_copies_of_labeled_images(round0, pro
     assert sum("test image" in r for r in reasons.values()) == 5
     assert sum("labeled image" in r for r in reasons.values()) == 5
     assert "not an image" in reasons["unlabeled/mixed/broken.png"]
-    assert metrics["eligible"] == 0 and metrics["accepted"] == 0
+    assert metrics["candidates"] == 0 and metrics["accepted"] == 0
     assert tree_hash(data) == before
     record(
         "input",
@@ -126,11 +130,11 @@ def test_a_pool_identical_to_the_labeled_set_adds_nothing(round0, project, recor
     )
 
 
-def test_accepted_rows_carry_provenance_and_the_set_is_cumulative(round0, project):
+def _write_pools(data, pools, truth_rows=None):
+    """Digit pools under data/unlabeled/<pool>/nested/ and their truth; pools: {name: offset}."""
     digits = load_digits()
-    data = project / "data"
     truth = ["path,true_label"]
-    for pool, offset in (("p1", 100), ("p2", 130)):
+    for pool, offset in pools.items():
         folder = data / "unlabeled" / pool / "nested"
         folder.mkdir(parents=True)
         for i in np.flatnonzero(digits.target < 3)[offset : offset + 30]:
@@ -138,20 +142,103 @@ def test_accepted_rows_carry_provenance_and_the_set_is_cumulative(round0, projec
             Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(data / rel)
             truth.append(f"{rel},{['zero', 'one', 'two'][digits.target[i]]}")
     (data / "truth.csv").write_text("\n".join(truth) + "\n")
-    params = load_params(project / "params.yaml", {"pseudolabel.threshold": 0.5})
-    first = _run(project, params, "p1")
-    second = _run(project, params, "p2", name="r001", pseudo_in="r000/pseudo")
-    t1 = pd.read_csv(project / "r000" / "pseudo" / "table.csv", dtype=str)
-    t2 = pd.read_csv(project / "r001" / "pseudo" / "table.csv", dtype=str)
-    assert len(t1) == first["accepted"] > 0
-    assert len(t2) == len(t1) + second["accepted"]
-    assert t2.iloc[: len(t1)]["path"].tolist() == t1["path"].tolist()
-    assert set(t2["round"]) == {"r000", "r001"} and set(t2["pool"]) == {"p1", "p2"}
-    assert (t2["confidence"].astype(float) >= t2["threshold"].astype(float)).all()
+
+
+def test_every_round_rescores_every_pool_and_records_provenance(round0, project):
+    data = project / "data"
+    _write_pools(data, {"p1": 200, "p2": 300})
+    first = _run(project, round0, "p1")
+    second = _run(project, round0, "p2", name="r001", pseudo_in="r000/pseudo")
+    t1 = pd.read_csv(project / "r000" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
+    t2 = pd.read_csv(project / "r001" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
+    # every eligible pool image so far is in the table, the earlier pools first
+    assert len(t1) == first["candidates"] == 30 and len(t2) == second["candidates"] == 60
+    assert t2.iloc[:30]["path"].tolist() == t1["path"].tolist()
+    assert set(t2["pool"]) == {"p1", "p2"} and set(t2["round"]) == {"r001"}
+    assert read_array(project / "r001" / "pseudo" / "images").shape[0] == 60
+    # the curriculum admits half of each predicted class in round 0, 70% in round 1
+    in_set = t2["accepted"] == "True"
+    assert first["accepted"] == sum(int(0.5 * n) for n in t1["predicted"].value_counts())
+    assert in_set.sum() == second["accepted"] > first["accepted"]
+    assert (t2.loc[in_set, "label"] == t2.loc[in_set, "predicted"]).all()
+    assert (t2.loc[~in_set, "label"] == "").all()
+    confidence, bar = t2["confidence"].astype(float), t2["threshold"].astype(float)
+    assert (confidence[in_set] >= bar[in_set]).all() and (confidence[~in_set] < bar[~in_set]).all()
+    # the same model scores p1 again: rejected images join, nobody leaves
+    joined_late = t2.iloc[:30][(t1["accepted"] == "False") & in_set.iloc[:30]]
+    assert len(joined_late) > 0 and (joined_late["joined"] == "r001").all()
+    assert second["left"] == 0 and (t2["left"] == "").all()
     assert t2["model"].str.len().eq(12).all()
-    assert np.load(project / "r001" / "pseudo" / "images.npy").shape[0] == len(t2)
-    assert 0 <= first["pseudo_label_accuracy"] <= 1
+    assert first["pseudo_label_accuracy"] > 0.8
     assert (project / "r000" / "report" / "report.html").read_text().count("class='tile'") > 0
+
+
+def test_a_label_the_new_model_no_longer_supports_leaves_the_set(round0, ingested, project):
+    data = project / "data"
+    _write_pools(data, {"p1": 200, "p2": 300})
+    _run(project, round0, "p1")
+    # A second model trained with the labels of "zero" and "one" swapped disagrees with round 0.
+    table = train_table(ingested)
+    swap = {"zero": "one", "one": "zero", "two": "two"}
+    for path in (table, val_table(table)):
+        rows = pd.read_csv(path, dtype=str, keep_default_na=False)
+        rows.assign(label=rows["label"].map(swap)).to_csv(path, index=False)
+    augment_and_train(project / "swapped", ingested, table, round0)
+    metrics = pseudolabel.run(
+        round_name="r001",
+        pool="p2",
+        data_dir=data,
+        model_dir=project / "swapped" / "model",
+        ingest_dir=ingested,
+        pseudo_in=project / "r000" / "pseudo",
+        out_dir=project / "r001" / "pseudo",
+        report_dir=project / "r001" / "report",
+        params=round0,
+    )
+    t1 = pd.read_csv(project / "r000" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
+    t2 = pd.read_csv(project / "r001" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
+    was = t1[t1["accepted"] == "True"]
+    now = t2.set_index("path").loc[was["path"]]
+    moved = (now["label"].to_numpy() != was["label"].to_numpy()) & (
+        was["label"] != "two"
+    ).to_numpy()
+    assert moved.sum() > 0 and metrics["left"] >= moved.sum()
+    assert (now.loc[moved, "left"] == "r001").all()
+    # a changed label leaves and joins again, under the new label
+    rejoined = now[moved & (now["accepted"] == "True").to_numpy()]
+    assert (rejoined["joined"] == "r001").all()
+    candidates = pd.read_csv(project / "r001" / "report" / "candidates.csv", dtype=str)
+    assert (candidates.set_index("path").loc[now.index[moved], "move"] != "stayed").all()
+    # round 0's labels were right: the audit says the swapped model took out right labels
+    assert metrics["left_were_wrong"] < 0.2
+
+
+def test_a_pool_scored_by_an_earlier_round_is_refused(round0, project):
+    _write_pools(project / "data", {"p1": 200})
+    _run(project, round0, "p1")
+    with pytest.raises(PipelineError, match="already scored by an earlier round"):
+        _run(project, round0, "p1", name="r001", pseudo_in="r000/pseudo")
+
+
+def test_curriculum_admits_a_growing_top_share_of_each_class():
+    zeros = [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.7, 0.69, 0.68, 0.67]
+    ones = [0.8, 0.79, 0.78, 0.77, 0.55]
+    probs = _probs([[p, 1 - p] for p in zeros] + [[1 - p, p] for p in ones])
+    none = np.zeros((0, 15, 2))
+    cfg = PseudolabelConfig(policy="curriculum", share_start=0.5, share_step=0.25, share_max=0.9)
+
+    def per_class(accepted, predicted):
+        return np.bincount(predicted[accepted], minlength=2).tolist()
+
+    first, predicted, bars = pseudolabel.select(probs, none, cfg, np.ones(2) / 2, 0)
+    assert per_class(first, predicted) == [5, 2]  # half of each predicted class, the surest
+    assert first[:5].all() and first[10:12].all() and first.sum() == 7
+    assert bars[0] == 0.95 and bars[10] == 0.79
+    later, _, _ = pseudolabel.select(probs, none, cfg, np.ones(2) / 2, 2)
+    assert per_class(later, predicted) == [9, 4]  # 0.5 + 2 x 0.25, capped at 0.9
+    floor = PseudolabelConfig(**{**cfg.__dict__, "min_confidence": 0.75})
+    floored, _, _ = pseudolabel.select(probs, none, floor, np.ones(2) / 2, 2)
+    assert per_class(floored, predicted) == [6, 4]  # never under min_confidence
 
 
 def test_an_empty_pool_is_reported_not_a_crash(round0, project, record):

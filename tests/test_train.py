@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -12,12 +13,13 @@ import pytest
 import torch
 
 from pipeline import augment, feed, lr_find, train
+from pipeline.calibration import apply_temperature
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.io import read_array, read_json
 from pipeline.model import build_model
 
-from .conftest import train_table, write_params
+from .conftest import train_table, val_table, write_params
 
 
 def _samples(ingest_dir):
@@ -39,6 +41,7 @@ def train_command(table, ingested, name: str) -> list[str]:
         "pipeline",
         "train",
         "--table", str(table),
+        "--val", str(val_table(table)),
         "--ingest", str(ingested),
         "--augment", "artifacts/augment",
         "--model", f"artifacts/rounds/{name}/model",
@@ -77,8 +80,10 @@ def test_two_cpu_runs_with_the_same_seed_are_identical(ingested, fast_params):
 
 
 def _stage_args(project, ingested, name="r000"):
+    table = train_table(ingested)
     return dict(
-        table_path=train_table(ingested),
+        table_path=table,
+        val_path=val_table(table),
         images_path=ingested / "images",
         classes_path=ingested / "classes.json",
         augment_dir=project / "artifacts" / "augment",
@@ -122,7 +127,13 @@ def test_stage_writes_a_reloadable_ensemble_dvclive_and_diagnostics(ingested, pr
     members = np.stack(
         [train.predict_proba([m], images, torch.device("cpu")) for m in first.models]
     )
-    assert np.allclose(probs, members.mean(0), atol=1e-6)
+    raw = first.predict(images, calibrated=False)
+    assert np.allclose(raw, members.mean(0), atol=1e-6)
+    # the averaged probabilities are temperature-scaled, with the temperature fitted on validation
+    assert info["temperature"] == summary["temperature"] > 0
+    assert np.allclose(probs, apply_temperature(raw, info["temperature"]), atol=1e-6)
+    assert (probs.argmax(1) == raw.argmax(1)).all()
+    assert 0 <= summary["val_ece_after"] <= 1 and 0 <= summary["val_ece_before"] <= 1
     assert summary["train_size_human"] + summary["train_size_val"] == 90
 
 
@@ -183,6 +194,13 @@ def test_a_malicious_pickle_checkpoint_is_refused(tmp_path, record):
 
 def test_diagnostics_warn_in_plain_language(fast_params):
     rising = [{"train_loss": v, "activations": {}} for v in (1.0, 1.2, 1.5, 1.9, 2.4)]
+    # a long run on a small set: noisy from epoch to epoch, but falling
+    rng = np.random.default_rng(0)
+    noisy = [
+        {"train_loss": 2.0 * 0.97**e * (1 + 0.1 * rng.random()), "activations": {}}
+        for e in range(100)
+    ]
+    assert train.diagnose(noisy, fast_params.train) == []
     flat = [{"train_loss": v, "activations": {}} for v in (2.302, 2.301, 2.302, 2.300)]
     dead = [
         {"train_loss": v, "activations": {"blocks.0.act1": {"dead_fraction": 0.8}}}
@@ -233,3 +251,31 @@ def test_two_processes_under_torchrun_match_one_and_write_once(ingested, project
     assert abs(one["summary"]["ensemble_val_acc"] - two["summary"]["ensemble_val_acc"]) <= 0.1
     first, last = (np.array([h["train_loss"] for h in s["history"]]) for s in (one, two))
     assert last[-1] < 0.6 * last[0] and abs(first[-1] - last[-1]) < 0.3 * first[0]
+
+
+def test_small_sets_get_at_least_min_steps_with_patience_stretched_alike(fast_params):
+    cfg = replace(fast_params.train, batch_size=64, epochs=20, patience=6, min_steps=1000)
+    assert train.budget(cfg, 391, 20) == (143, 43)  # 7 steps an epoch: 1000 steps
+    assert train.budget(cfg, 100_000, 20) == (20, 6)  # large sets: the epochs as given
+    assert train.budget(replace(cfg, min_steps=0), 391, 20) == (20, 6)
+
+
+def test_validation_rows_are_never_trained_on(ingested, project):
+    table = train_table(ingested)
+    classes = read_json(ingested / "classes.json")
+    train_set, val_set, counts = train.load_training_samples(
+        table, val_table(table), ingested / "images", classes, None, None
+    )
+    images = read_array(ingested / "images")
+    val_rows = pd.read_csv(val_table(table), dtype=str)["row"].astype(int)
+    trained = {img.tobytes() for img in train_set.images}
+    assert len(val_set) == len(val_rows) > 0
+    assert not any(images[r].tobytes() in trained for r in val_rows)
+    assert counts["human"].sum() == len(train_set)
+    # a training table that holds a validation row is refused
+    both = pd.concat([pd.read_csv(table, dtype=str), pd.read_csv(val_table(table), dtype=str)])
+    both.to_csv(project / "leaky.csv", index=False)
+    with pytest.raises(PipelineError, match="holds validation rows"):
+        train.load_training_samples(
+            project / "leaky.csv", val_table(table), ingested / "images", classes, None, None
+        )
