@@ -8,10 +8,10 @@ the ingest stage packs them. Model: `train.model` from params.yaml. For each lin
 
 - model-only: forward, backward and step on batches sliced from one float tensor already on
   the GPU: no augmentation, no data movement; the ceiling for the others;
-- stage, gpu backend: `train.fit` with `augment.backend: gpu` (whole set on the GPU, the
+- stage, gpu backend: `loop.fit` with `augment.backend: gpu` (whole set on the GPU, the
   policy as batched tensor operations), bf16 autocast, channels-last;
 - stage, gpu backend + torch.compile (`train.compile: true`);
-- stage, albumentations backend: `train.fit` with per-sample albumentations in DataLoader
+- stage, albumentations backend: `loop.fit` with per-sample albumentations in DataLoader
   workers (`--workers`, default: the CPU count, at most 16);
 - inference: `predict_proba` (the evaluate and pseudolabel path) vs `model(x)` on resident
   tensors under inference_mode.
@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import augment, feed, train  # noqa: E402
+from pipeline import device as device_mod  # noqa: E402
+from pipeline import ensemble, feed, loop, transforms  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.gpu_augment import BatchAugment  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
@@ -77,7 +78,7 @@ def model_only_train(cfg, images, labels, device, epochs: int) -> float:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x_all = feed.to_input(torch.from_numpy(images), device)
+    x_all = device_mod.to_input(torch.from_numpy(images), device)
     y_all = torch.from_numpy(labels).to(device)
     amp = device.type == "cuda"
 
@@ -102,7 +103,7 @@ def model_only_train(cfg, images, labels, device, epochs: int) -> float:
 
 
 def stage_train(cfg, samples, device, epochs: int, augmentation) -> float:
-    """Images/s of train.fit, timed over `epochs` after a warm-up epoch."""
+    """Images/s of loop.fit, timed over `epochs` after a warm-up epoch."""
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, 10)
     times = []
@@ -111,7 +112,7 @@ def stage_train(cfg, samples, device, epochs: int, augmentation) -> float:
         synchronize(device)
         times.append(time.perf_counter())
 
-    train.fit(
+    loop.fit(
         model,
         samples,
         None,
@@ -127,7 +128,7 @@ def stage_train(cfg, samples, device, epochs: int, augmentation) -> float:
 
 @torch.inference_mode()
 def model_only_inference(model, images, device, batch_size: int) -> float:
-    x_all = feed.to_input(torch.from_numpy(images), device)
+    x_all = device_mod.to_input(torch.from_numpy(images), device)
     model.eval()
 
     def run():
@@ -144,10 +145,10 @@ def model_only_inference(model, images, device, batch_size: int) -> float:
 
 
 def stage_inference(model, images, device, batch_size: int) -> float:
-    train.predict_proba([model], images, device, batch_size)
+    ensemble.predict_proba([model], images, device, batch_size)
     synchronize(device)
     start = time.perf_counter()
-    train.predict_proba([model], images, device, batch_size)
+    ensemble.predict_proba([model], images, device, batch_size)
     synchronize(device)
     return len(images) / (time.perf_counter() - start)
 
@@ -174,7 +175,7 @@ def main() -> None:
     images, labels = generate(args.images)
     samples = feed.Samples(images, labels)
     batch_augment = BatchAugment(params.augment, params.base, CLASSES)
-    policies = augment.build_policies(params.augment, params.base, CLASSES)
+    policies = transforms.build_policies(params.augment, params.base, CLASSES)
 
     rows = {
         "model-only loop (resident tensors)": model_only_train(

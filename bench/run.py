@@ -101,7 +101,7 @@ def bench_stages(data_dir: Path, work: Path) -> dict:
 def bench_clean_split(sizes: list[int]) -> list[dict]:
     """The clean stage's two halves, timed separately on generated images."""
     from bench.gpu import generate
-    from pipeline import clean
+    from pipeline import clean, quality
     from pipeline.config import load_params
 
     params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
@@ -118,9 +118,9 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
         clean.outlier_scores(embeddings)
         cleanlab_part = time.perf_counter() - start
         start = time.perf_counter()
-        props = clean.image_properties(images)
+        props = quality.image_properties(images)
         sizes_table = pd.DataFrame({"width": np.full(n, 28), "height": np.full(n, 28)})
-        clean.quality_flags(props, sizes_table, params.clean.quality_z)
+        quality.quality_flags(props, sizes_table, params.clean.quality_z)
         checks = time.perf_counter() - start
         total = kfold + cleanlab_part + checks
         rows.append(

@@ -5,9 +5,9 @@
 For each N: generate N 28x28 PNGs (digits upscaled plus noise), then, each in its own child
 process so its peak RSS is its own (os.wait4):
   ingest     `python -m pipeline ingest` into sharded .npy files (ingest.shard_mib)
-  inference  the ensemble prediction path (train.predict_proba) over every packed image,
+  inference  the ensemble prediction path (ensemble.predict_proba) over every packed image,
              read shard by shard through PackedImages, as evaluate and pseudolabel read them
-  epoch      one training epoch (train.fit, albumentations backend) over min(N, 100k) images
+  epoch      one training epoch (loop.fit, albumentations backend) over min(N, 100k) images
              (the training set is held in memory as uint8: its figures are per image trained)
 Then fits time and peak RSS linearly in N (least squares) and prints per-N figures, the
 slopes (seconds and MiB per 100k images) and each stage's extrapolation to 1M, 10M, 100M.
@@ -37,7 +37,7 @@ import sys, torch
 from pipeline.config import load_params
 from pipeline.io import read_array
 from pipeline.model import build_model
-from pipeline.train import predict_proba
+from pipeline.ensemble import predict_proba
 params = load_params(sys.argv[2])
 images = read_array(sys.argv[1])
 torch.manual_seed(0)
@@ -53,7 +53,7 @@ from pipeline.config import load_params
 from pipeline.io import read_array
 from pipeline.model import build_model
 from pipeline.feed import Samples
-from pipeline.train import fit
+from pipeline.loop import fit
 params = load_params(sys.argv[2])
 packed = read_array(sys.argv[1])
 n = min(len(packed), 100_000)

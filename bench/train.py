@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import augment, feed, train  # noqa: E402
+from pipeline import device as device_mod  # noqa: E402
+from pipeline import ensemble, feed, loop, transforms  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.gpu_augment import BatchAugment  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
@@ -85,13 +86,13 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
-    device = feed.pick_device()
+    device = device_mod.pick_device()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 28, 28, 1), dtype=np.uint8)
     labels = rng.integers(0, 10, args.images).astype(np.int64)
     samples = feed.Samples(images, labels)
     classes = [str(i) for i in range(10)]
-    policies = augment.build_policies(params.augment, params.base, classes)
+    policies = transforms.build_policies(params.augment, params.base, classes)
     cfg = params.train
 
     batch_augment = BatchAugment(params.augment, params.base, classes)
@@ -99,7 +100,7 @@ def main() -> None:
     def stage_run(augmentation):
         torch.manual_seed(0)
         model = build_model(cfg.model, 1, 10)
-        train.fit(
+        loop.fit(
             model,
             samples,
             None,
@@ -122,7 +123,7 @@ def main() -> None:
     model = build_model(cfg.model, 1, 10).to(device)
 
     def stage_infer():
-        train.predict_proba([model], images, device, batch_size=1024)
+        ensemble.predict_proba([model], images, device, batch_size=1024)
 
     def bare_infer():
         bare_inference(model, images, 1024, device)

@@ -39,9 +39,11 @@ from tqdm import tqdm
 
 from pipeline import report
 from pipeline.config import Params, TrainConfig, to_dict
+from pipeline.device import pick_device
+from pipeline.ensemble import predict_proba
 from pipeline.errors import PipelineError
-from pipeline.feed import Samples, pick_device, training_augmentation
-from pipeline.ingest import confine, stratified_holdout
+from pipeline.feed import Samples, training_augmentation
+from pipeline.inputs import confine, stratified_holdout
 from pipeline.io import (
     read_array,
     read_json,
@@ -51,16 +53,15 @@ from pipeline.io import (
     write_table,
     write_text,
 )
+from pipeline.loop import fit
 from pipeline.model import build_model
-from pipeline.train import fit, predict_proba
+from pipeline.quality import QUALITY_CHECKS, image_properties, quality_flags
 
 log = logging.getLogger(__name__)
 
 # Exact neighbour searches compute distances a block of rows at a time; sklearn's default
 # block (1 GiB) alone would put the clean stage over 2 GiB on 100k images.
 KNN_WORKING_MIB = 128
-
-QUALITY_CHECKS = ("dark", "light", "blurry", "low_information", "odd_size")
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,61 +159,6 @@ def outlier_scores(embeddings: np.ndarray) -> np.ndarray:
         return OutOfDistribution(params={"k": k}).fit_score(features=embeddings, verbose=False)
 
 
-def image_properties(images: np.ndarray, chunk: int = 4096) -> pd.DataFrame:
-    """Brightness, contrast, sharpness (Laplacian variance) and entropy of each image, a chunk
-    of images at a time (the float copies of a whole set would not fit in memory)."""
-    parts = [
-        _image_properties(np.asarray(images[start : start + chunk]))
-        for start in range(0, len(images), chunk)
-    ]
-    return pd.concat(parts, ignore_index=True) if parts else _image_properties(images[:0])
-
-
-def _image_properties(images: np.ndarray) -> pd.DataFrame:
-    gray = images.astype(np.float32).mean(axis=-1)
-    lap = (
-        -4 * gray[:, 1:-1, 1:-1]
-        + gray[:, :-2, 1:-1]
-        + gray[:, 2:, 1:-1]
-        + gray[:, 1:-1, :-2]
-        + gray[:, 1:-1, 2:]
-    )
-    hist = np.stack([np.bincount(g.astype(np.uint8).ravel() // 16, minlength=16) for g in gray])
-    p = hist / hist.sum(1, keepdims=True)
-    entropy = -(p * np.log2(np.where(p > 0, p, 1))).sum(1)
-    return pd.DataFrame(
-        {
-            "brightness": gray.mean((1, 2)) / 255.0,
-            "contrast": gray.std((1, 2)) / 255.0,
-            "sharpness": np.log1p(lap.var((1, 2))),
-            "entropy": entropy,
-        }
-    )
-
-
-def quality_flags(props: pd.DataFrame, sizes: pd.DataFrame, z: float) -> pd.DataFrame:
-    """Image-quality flags where a property is a robust outlier (|robust z| > z) for this set."""
-    rz = {name: _robust_z(props[name].to_numpy()) for name in props}
-    area = _robust_z(np.log(sizes["width"].astype(float) * sizes["height"].astype(float)))
-    aspect = _robust_z(np.log(sizes["width"].astype(float) / sizes["height"].astype(float)))
-    return pd.DataFrame(
-        {
-            "dark": rz["brightness"] < -z,
-            "light": rz["brightness"] > z,
-            "blurry": rz["sharpness"] < -z,
-            "low_information": rz["entropy"] < -z,
-            "odd_size": (np.abs(area) > z) | (np.abs(aspect) > z),
-        }
-    )
-
-
-def _robust_z(values: np.ndarray) -> np.ndarray:
-    median = np.median(values)
-    mad = np.median(np.abs(values - median)) * 1.4826
-    spread = mad if mad > 1e-9 else (values.std() or 1.0)
-    return (values - median) / spread
-
-
 # --------------------------------------------------------------------------------------------
 # 3) Decisions
 
@@ -266,9 +212,9 @@ def validation_labels(
     return label, scored
 
 
-def read_overrides(data_dir: Path, classes: list[str]) -> pd.DataFrame:
-    """data/overrides.csv as (path, action): action is keep, drop or a class name."""
-    path = data_dir / "overrides.csv"
+def read_overrides(data_dir: Path, classes: list[str], path: Path | None = None) -> pd.DataFrame:
+    """data/overrides.csv (or `path`) as (path, action): action is keep, drop or a class name."""
+    path = path or data_dir / "overrides.csv"
     if not path.is_file():
         return pd.DataFrame(columns=["path", "action"])
     try:
@@ -340,7 +286,13 @@ def truth_scores(flagged: np.ndarray, given: pd.Series, truth: pd.Series) -> dic
 # 4) The stage
 
 
-def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict:
+def run(
+    ingest_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    params: Params,
+    overrides_path: Path | None = None,
+) -> dict:
     manifest = read_table(ingest_dir / "manifest.csv")
     classes = read_json(ingest_dir / "classes.json")
     images = read_array(ingest_dir / "images")
@@ -351,7 +303,7 @@ def run(ingest_dir: Path, data_dir: Path, out_dir: Path, params: Params) -> dict
     is_val = stratified_holdout(
         table["label"], cfg.val_fraction, params.base.seed, minimum=cfg.val_min_per_class
     ).to_numpy()
-    overrides = read_overrides(Path(data_dir), classes)
+    overrides = read_overrides(Path(data_dir), classes, overrides_path)
     labels = table["label"].map(classes.index).to_numpy(np.int64)
     train_images = np.ascontiguousarray(images[table["row"].astype(int).to_numpy()])
 

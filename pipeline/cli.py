@@ -30,6 +30,10 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")
 DataOpt = Annotated[Path, typer.Option("--data-dir", help="the input folder (see README)")]
 OutOpt = Annotated[Path, typer.Option("--out", help="folder the stage writes")]
 IngestOpt = Annotated[Path, typer.Option("--ingest", help="the ingest stage's output folder")]
+TruthOpt = Annotated[
+    Path | None,
+    typer.Option("--truth", help="audit file path,true_label (default: <data-dir>/truth.csv)"),
+]
 
 
 @app.command("demo-data")
@@ -49,12 +53,24 @@ def demo_data(
 def ingest(
     data_dir: DataOpt = Path("data"),
     out: OutOpt = Path("artifacts/ingest"),
+    truth: TruthOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Scan data/, quarantine bad files with a reason, pack images into one array."""
     from pipeline import ingest as stage
 
-    return stage.run(data_dir, out, load_params(params))
+    return stage.run(data_dir, out, load_params(params), truth)
+
+
+@app.command()
+def audit(
+    data_dir: DataOpt = Path("data"),
+    out: OutOpt = Path("artifacts/audit"),
+) -> dict:
+    """Copy the optional data/truth.csv and data/overrides.csv (or their headers) for DVC."""
+    from pipeline import audit as stage
+
+    return stage.run(data_dir, out)
 
 
 @app.command()
@@ -62,12 +78,16 @@ def clean(
     ingest_dir: IngestOpt = Path("artifacts/ingest"),
     data_dir: DataOpt = Path("data"),
     out: OutOpt = Path("artifacts/clean"),
+    overrides: Annotated[
+        Path | None,
+        typer.Option(help="user decisions path,label (default: <data-dir>/overrides.csv)"),
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """K-fold out-of-sample probabilities, cleanlab label issues, decisions and a gallery."""
     from pipeline import clean as stage
 
-    return stage.run(ingest_dir, data_dir, out, load_params(params))
+    return stage.run(ingest_dir, data_dir, out, load_params(params), overrides)
 
 
 @app.command()
@@ -197,6 +217,7 @@ def pseudolabel(
     model: Annotated[Path | None, typer.Option(help="the round's ensemble folder")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="pseudo-label set written")] = None,
     report: Annotated[Path | None, typer.Option(help="report folder")] = None,
+    truth: TruthOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Re-score every pool so far with the round's ensemble; write the set the next round trains on."""
@@ -212,6 +233,7 @@ def pseudolabel(
         out_dir=out or Path(f"artifacts/rounds/{round_name}/pseudo"),
         report_dir=report or Path(f"artifacts/reports/{round_name}/pseudolabel"),
         params=load_params(params),
+        truth_path=truth,
     )
 
 

@@ -27,8 +27,8 @@ from sklearn.metrics import (
 
 from pipeline import report
 from pipeline.calibration import apply_temperature, expected_calibration_error
-from pipeline.clean import image_properties, quality_flags
 from pipeline.config import Params, to_dict
+from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
 from pipeline.io import (
     Rows,
@@ -40,7 +40,7 @@ from pipeline.io import (
     write_table,
     write_text,
 )
-from pipeline.train import load_ensemble
+from pipeline.quality import image_properties, quality_flags
 
 log = logging.getLogger(__name__)
 

@@ -23,25 +23,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.augment import apply_policy, build_policies, load_transforms, reseed
 from pipeline.config import AugmentConfig, BaseConfig, TrainConfig
+from pipeline.device import to_input
 from pipeline.errors import PipelineError
 from pipeline.gpu_augment import BatchAugment
+from pipeline.transforms import apply_policy, build_policies, load_transforms, reseed
 
 log = logging.getLogger(__name__)
-
-
-def pick_device() -> torch.device:
-    """cuda:LOCAL_RANK under torchrun on GPUs, cuda alone, else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def to_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1] on `device`."""
-    x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 @dataclass(frozen=True)

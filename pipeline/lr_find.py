@@ -21,17 +21,17 @@ from tqdm import tqdm
 
 from pipeline import report
 from pipeline.config import Params
+from pipeline.device import pick_device
 from pipeline.feed import (
     Augmentation,
     Samples,
     Shard,
     make_feed,
-    pick_device,
     training_augmentation,
 )
 from pipeline.io import atomic_dir, edit_yaml, read_array, read_json, read_table, write_table
+from pipeline.loop import make_optimizer
 from pipeline.model import build_model
-from pipeline.train import make_optimizer
 
 log = logging.getLogger(__name__)
 

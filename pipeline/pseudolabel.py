@@ -29,8 +29,9 @@ import pandas as pd
 
 from pipeline import report
 from pipeline.config import BaseConfig, Params, PseudolabelConfig, to_dict
+from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
-from pipeline.ingest import QUARANTINE_COLUMNS, pack, read_truth, scan_folder
+from pipeline.inputs import QUARANTINE_COLUMNS, pack, read_truth, scan_folder
 from pipeline.io import (
     ShardWriter,
     atomic_dir,
@@ -41,7 +42,6 @@ from pipeline.io import (
     write_table,
     write_text,
 )
-from pipeline.train import load_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,7 @@ def run(
     out_dir: Path,
     report_dir: Path,
     params: Params,
+    truth_path: Path | None = None,
 ) -> dict:
     cfg = params.pseudolabel
     pool_dir = data_dir / "unlabeled" / pool
@@ -305,7 +306,7 @@ def run(
     shutil.rmtree(scratch)
 
     # 3) report: every candidate with its move this round and, where known, its true label
-    truth = read_truth(data_dir)
+    truth = read_truth(truth_path or data_dir / "truth.csv")
     candidates = table.assign(
         true_label=[truth.get(p, "") for p in table["path"]],
         previous_label=moves["previous_label"],

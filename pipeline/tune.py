@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report
+from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
 from pipeline.io import Rows, atomic_dir, edit_yaml, read_array, read_json, read_table, write_table
-from pipeline.train import load_ensemble
 
 log = logging.getLogger(__name__)
 

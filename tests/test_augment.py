@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import augment
+from pipeline import augment, transforms
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 
@@ -33,7 +33,7 @@ def test_policy_keeps_shape_and_dtype_and_uses_every_enabled_transform(tmp_path)
         },
     }
     params = load_params(write_params(tmp_path, extra))
-    policy = augment.build_transforms(params.augment, params.base)
+    policy = transforms.build_transforms(params.augment, params.base)
     names = [t.__class__.__name__ for t in policy.transforms]
     assert names == [
         "RandomResizedCrop",
@@ -52,15 +52,15 @@ def test_policy_keeps_shape_and_dtype_and_uses_every_enabled_transform(tmp_path)
 
 def test_saved_policy_reloads_and_reproduces_with_a_seed(tmp_path):
     params = load_params(write_params(tmp_path, {"base": {"image_size": 16}}))
-    policies = augment.build_policies(params.augment, params.base, ["a", "b"])
-    augment.save_transforms(tmp_path / "t", policies, ["a", "b"])
-    loaded = augment.load_transforms(tmp_path / "t", ["a", "b"])
-    augment.reseed(policies, 7)
-    augment.reseed(loaded, 7)
+    policies = transforms.build_policies(params.augment, params.base, ["a", "b"])
+    transforms.save_transforms(tmp_path / "t", policies, ["a", "b"])
+    loaded = transforms.load_transforms(tmp_path / "t", ["a", "b"])
+    transforms.reseed(policies, 7)
+    transforms.reseed(loaded, 7)
     image = _image()
     for _ in range(5):
         assert np.array_equal(
-            augment.apply_policy(policies, image, 0), augment.apply_policy(loaded, image, 0)
+            transforms.apply_policy(policies, image, 0), transforms.apply_policy(loaded, image, 0)
         )
 
 
@@ -71,18 +71,18 @@ def test_class_exclusions_leave_that_class_untouched_by_the_transform(tmp_path):
     extra = {"augment": {**only_flip, "hflip": {"p": 1.0}, "exclude": {"six": ["hflip"]}}}
     params = load_params(write_params(tmp_path, extra))
     classes = ["nine", "six"]
-    policies = augment.build_policies(params.augment, params.base, classes)
+    policies = transforms.build_policies(params.augment, params.base, classes)
     image = _image(8)
-    assert np.array_equal(augment.apply_policy(policies, image, classes.index("six")), image)
+    assert np.array_equal(transforms.apply_policy(policies, image, classes.index("six")), image)
     assert np.array_equal(
-        augment.apply_policy(policies, image, classes.index("nine")), image[:, ::-1]
+        transforms.apply_policy(policies, image, classes.index("nine")), image[:, ::-1]
     )
 
 
 def test_exclusion_of_an_unknown_class_is_refused(tmp_path):
     params = load_params(write_params(tmp_path, {"augment": {"exclude": {"seven": ["hflip"]}}}))
     with pytest.raises(PipelineError, match="augment.exclude names class 'seven'"):
-        augment.build_policies(params.augment, params.base, ["one", "two"])
+        transforms.build_policies(params.augment, params.base, ["one", "two"])
 
 
 def test_stage_writes_policy_preview_and_offline_copies(ingested, project):

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import clean, ingest
+from pipeline import clean, ingest, inputs
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -102,7 +102,7 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     # overrides for training rows (validation rows are scored, never trained on)
     manifest = pd.read_csv(project / "ingest" / "manifest.csv", dtype=str, keep_default_na=False)
     human = manifest[manifest["split"] == "train"].reset_index(drop=True)
-    is_val = ingest.stratified_holdout(human["label"], 0.2, 0, minimum=5)
+    is_val = inputs.stratified_holdout(human["label"], 0.2, 0, minimum=5)
     val_paths = set(human.loc[is_val, "path"])
     flipped = [p for p in flipped if p not in val_paths]
     clean_rows = [p for p in clean_rows if p not in val_paths]

@@ -3,9 +3,12 @@ import sys
 
 import pytest
 import yaml
+from ruamel.yaml import YAML
 
-from pipeline.config import load_params
+from pipeline.config import Params, load_params, read_yaml, to_dict
 from pipeline.errors import PipelineError
+from pipeline.io import edit_yaml
+from pipeline.tune import build_mesh, parse_range
 
 from .conftest import ROOT, write_params
 
@@ -84,3 +87,39 @@ def test_cli_missing_data_folder_is_one_clear_line(tmp_path):
     assert result.returncode == 1
     assert "error: no labeled data" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_typed_defaults_equal_the_committed_params():
+    committed = read_yaml(ROOT / "params.yaml")
+    committed.pop("rounds")
+    assert to_dict(Params()) | {"rounds": {}} == {**committed, "rounds": {}}
+
+
+@pytest.mark.parametrize("text", ["5e-4", "1e-05", "1E-3", "1.0e-4", "0.0005", "1e+0"])
+def test_numbers_in_exponent_form_are_numbers_as_dvc_reads_them(tmp_path, text):
+    path = write_params(tmp_path)
+    path.write_text(path.read_text().replace("weight_decay: 0.0005", f"weight_decay: {text}", 1))
+    assert load_params(path).clean.weight_decay == float(text)  # the first weight_decay
+
+
+def test_every_value_tune_queues_is_read_back_as_the_same_number(tmp_path):
+    ranges = [parse_range("train.lr=1e-1:1e-5"), parse_range("train.weight_decay=1e-3:1e-6")]
+    points = build_mesh(ranges, per_decade=1, jitter=0.0, seed=0)
+    points += build_mesh(ranges, per_decade=2, jitter=0.5, seed=1)
+    path = write_params(tmp_path)
+    for point in points:
+        for key, value in point.items():
+            # as `dvc exp run -S key=value` does: the text parsed as YAML, written back with
+            # ruamel's round-trip dumper (it keeps 1e-05 as 1e-05)
+            section, leaf = key.split(".")
+            parsed = YAML(typ="safe", pure=True).load(f"{value}")
+            edit_yaml(path, lambda doc, s=section, k=leaf, v=parsed: doc[s].__setitem__(k, v))
+            assert getattr(getattr(load_params(path), section), leaf) == value
+
+
+def test_a_pool_outside_data_unlabeled_is_refused_naming_the_key(tmp_path, record):
+    for pool in ("../../x", "a/b", ".hidden", ""):
+        path = write_params(tmp_path, {"rounds": {"r000": {"pool": pool, "pseudo_in": "x"}}})
+        with pytest.raises(PipelineError, match=r"rounds\.r000\.pool: .* directly under"):
+            load_params(path)
+    record("params", "a round's pool outside data/unlabeled/", "refused with the key path", 4)

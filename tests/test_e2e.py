@@ -1,6 +1,7 @@
 """The README's main path in a temporary git repo: demo-data, dvc repro, dvc push and pull
 into a fresh clone, add-pool, dvc repro. The tests run in this order on one project."""
 
+import ast
 import json
 import shutil
 import sys
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from .conftest import ROOT, dvc, sh, stages_ran, tree_hash
+from .conftest import ROOT, dvc, sh, stages_ran, stale, tree_hash
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,49 @@ def test_second_repro_does_nothing(repo):
     root, _, _ = repo
     again = dvc(root, "repro")
     assert stages_ran(again.stdout) == set()
-    assert "up to date" in dvc(root, "status").stdout
+    assert stale(root) == {}
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ("pipeline/train.py", {"train@r000", "train@r001"}),  # imported by training only
+        ("pipeline/feed.py", {"clean", "train@r000", "train@r001"}),  # batches: K-fold too
+        (
+            "pipeline/calibration.py",
+            {
+                "clean",
+                "train@r000",
+                "train@r001",
+                "evaluate@r000",
+                "evaluate@r001",
+                "pseudolabel@r000",
+                "pseudolabel@r001",
+                "init_pseudo",
+            },
+        ),  # fmt: skip
+        ("pipeline/summarize.py", {"summarize"}),
+        ("params.yaml", {"augment"}),  # augment.preview_rows: the K-fold does not read it
+    ],
+)
+def test_an_edit_makes_exactly_the_stages_that_run_it_stale(repo, edit, expected):
+    root, _, _ = repo
+    path = root / edit
+    original = path.read_text()
+    try:
+        if edit == "params.yaml":
+            path.write_text(original.replace("preview_rows: 8", "preview_rows: 5"))
+        else:  # a change to a function body
+            tree = ast.parse(original)
+            body = next(n for n in tree.body if isinstance(n, ast.FunctionDef)).body[-1]
+            lines = original.splitlines(keepends=True)
+            indent = " " * body.col_offset
+            lines.insert(body.lineno - 1, f"{indent}_ = None  # an edit\n")
+            path.write_text("".join(lines))
+        assert set(stale(root)) == expected
+    finally:
+        path.write_text(original)
+    assert stale(root) == {}
 
 
 def test_push_then_pull_into_a_fresh_clone_restores_every_output(repo, tmp_path, record):
@@ -88,13 +131,13 @@ def test_push_then_pull_into_a_fresh_clone_restores_every_output(repo, tmp_path,
     dvc(clone, "pull")
     for folder in ("data", "artifacts"):
         assert tree_hash(clone / folder) == tree_hash(project / folder), folder
-    assert "up to date" in dvc(clone, "status").stdout
+    assert stale(clone) == {}
     assert stages_ran(dvc(clone, "repro").stdout) == set()
     loaded = sh(
         clone,
         sys.executable,
         "-c",
-        "from pipeline.train import load_ensemble; "
+        "from pipeline.ensemble import load_ensemble; "
         "print(len(load_ensemble('artifacts/rounds/r001/model').models))",
     )
     assert int(loaded.stdout) >= 1
@@ -115,10 +158,13 @@ def test_add_pool_then_repro_runs_only_the_new_round_and_summary(repo, tmp_path)
         Image.fromarray(image).save(incoming / f"shifted_{i}.png")
     added = sh(root, sys.executable, "-m", "pipeline", "add-pool", str(incoming))
     assert "round r002" in added.stdout
-    status = json.loads(dvc(root, "status", "--json").stdout)
-    stale = {key for key in status if not key.endswith(".dvc")}
+    status = stale(root)
     # Only the new round is out of date; summarize follows once its reports change.
-    assert stale == {"train@r002", "evaluate@r002", "pseudolabel@r002"}, status
+    assert {k for k in status if not k.endswith(".dvc")} == {
+        "train@r002",
+        "evaluate@r002",
+        "pseudolabel@r002",
+    }, status
     output = dvc(root, "repro").stdout
     assert stages_ran(output) == {"train@r002", "evaluate@r002", "pseudolabel@r002", "summarize"}
     summary = json.loads((root / "artifacts/summary/metrics.json").read_text())
@@ -131,5 +177,24 @@ def test_changing_one_image_reruns_ingest(repo):
     image.write_bytes(
         (root / "data/labeled/4" / next((root / "data/labeled/4").iterdir()).name).read_bytes()
     )
-    status = json.loads(dvc(root, "status", "--json").stdout)
-    assert "ingest" in status
+    assert "ingest" in stale(root)
+
+
+def test_a_project_without_truth_or_overrides_runs_with_audit_figures_absent(repo, tmp_path):
+    project = tmp_path / "no_extras"
+    shutil.copytree(repo[0], project, symlinks=True)
+    for name in ("data/truth.csv", "data/truth.csv.dvc", "data/overrides.csv"):
+        (project / name).unlink(missing_ok=True)
+    output = dvc(project, "repro").stdout
+    assert {"ingest", "clean", "pseudolabel@r000", "summarize"} <= stages_ran(output)
+    assert stale(project) == {}
+    clean = json.loads((project / "artifacts/clean/metrics.json").read_text())
+    pseudo = json.loads((project / "artifacts/reports/r001/pseudolabel/metrics.json").read_text())
+    assert "truth" not in clean and clean["label_issues"] > 0
+    assert "pseudo_label_accuracy" not in pseudo and pseudo["accepted"] > 0
+    assert (project / "artifacts/audit/truth.csv").read_text() == "path,true_label\n"
+    # adding the file back makes exactly what it feeds stale, once `audit` has copied it
+    shutil.copy(repo[0] / "data/truth.csv", project / "data/truth.csv")
+    dvc(project, "repro", "audit")
+    rounds = {f"pseudolabel@r{i:03d}" for i in range(3)}  # r002 came with add-pool above
+    assert set(stale(project)) == {"ingest"} | rounds

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.images import Rejected, decode
-from pipeline.ingest import read_csv_manifest
+from pipeline.inputs import read_csv_manifest
 
 from .conftest import ROOT
 

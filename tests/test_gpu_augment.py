@@ -9,9 +9,9 @@ import torch
 from scipy.stats import ks_2samp
 from sklearn.datasets import load_digits
 
-from pipeline.augment import apply_policy, build_policies, reseed
 from pipeline.config import AugmentConfig, BaseConfig, parse, transform_names
 from pipeline.gpu_augment import BatchAugment, BatchParams
+from pipeline.transforms import apply_policy, build_policies, reseed
 
 SIZE = 32
 BORDER = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0}

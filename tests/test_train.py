@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import augment, feed, lr_find, train
+from pipeline import augment, diagnostics, ensemble, feed, loop, lr_find, train
 from pipeline.calibration import apply_temperature
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
@@ -53,7 +53,7 @@ def train_command(table, ingested, name: str) -> list[str]:
 def _fit(params, samples, seed=0, epochs=None):
     torch.manual_seed(seed)
     model = build_model(params.train.model, 1, 3)
-    result = train.fit(
+    result = loop.fit(
         model, samples, samples, params.train, seed=seed, device=torch.device("cpu"), epochs=epochs
     )
     return model, result
@@ -121,11 +121,11 @@ def test_stage_writes_a_reloadable_ensemble_dvclive_and_diagnostics(ingested, pr
         assert (args["report_dir"] / name).is_file()
     assert not args["state_dir"].exists()  # resume state is removed after success
     images = read_array(ingested / "images")[:20]
-    first, second = train.load_ensemble(model_dir), train.load_ensemble(model_dir)
+    first, second = ensemble.load_ensemble(model_dir), ensemble.load_ensemble(model_dir)
     probs = first.predict(images)
     assert np.array_equal(probs, second.predict(images))
     members = np.stack(
-        [train.predict_proba([m], images, torch.device("cpu")) for m in first.models]
+        [ensemble.predict_proba([m], images, torch.device("cpu")) for m in first.models]
     )
     raw = first.predict(images, calibrated=False)
     assert np.allclose(raw, members.mean(0), atol=1e-6)
@@ -183,7 +183,7 @@ def test_a_malicious_pickle_checkpoint_is_refused(tmp_path, record):
     path = tmp_path / "epoch_001.pt"
     path.write_bytes(pickle.dumps({"state_dict": Evil()}))
     with pytest.raises(PipelineError, match="refusing to load"):
-        train.load_checkpoint(path)
+        ensemble.load_checkpoint(path)
     assert not (tmp_path / "pwned").exists()
     record(
         "security",
@@ -200,17 +200,17 @@ def test_diagnostics_warn_in_plain_language(fast_params):
         {"train_loss": 2.0 * 0.97**e * (1 + 0.1 * rng.random()), "activations": {}}
         for e in range(100)
     ]
-    assert train.diagnose(noisy, fast_params.train) == []
+    assert diagnostics.diagnose(noisy, fast_params.train) == []
     flat = [{"train_loss": v, "activations": {}} for v in (2.302, 2.301, 2.302, 2.300)]
     dead = [
         {"train_loss": v, "activations": {"blocks.0.act1": {"dead_fraction": 0.8}}}
         for v in (2.0, 1.0, 0.5)
     ]
-    assert "too high" in " ".join(train.diagnose(rising, fast_params.train))
-    assert "too low" in " ".join(train.diagnose(flat, fast_params.train))
-    assert "dead" in " ".join(train.diagnose(dead, fast_params.train))
+    assert "too high" in " ".join(diagnostics.diagnose(rising, fast_params.train))
+    assert "too low" in " ".join(diagnostics.diagnose(flat, fast_params.train))
+    assert "dead" in " ".join(diagnostics.diagnose(dead, fast_params.train))
     falling = [{"train_loss": v, "activations": {}} for v in (2.0, 1.0, 0.5)]
-    assert train.diagnose(falling, fast_params.train) == []
+    assert diagnostics.diagnose(falling, fast_params.train) == []
 
 
 def test_lr_find_curve_has_its_minimum_between_its_ends(ingested, project):
@@ -255,9 +255,9 @@ def test_two_processes_under_torchrun_match_one_and_write_once(ingested, project
 
 def test_small_sets_get_at_least_min_steps_with_patience_stretched_alike(fast_params):
     cfg = replace(fast_params.train, batch_size=64, epochs=20, patience=6, min_steps=1000)
-    assert train.budget(cfg, 391, 20) == (143, 43)  # 7 steps an epoch: 1000 steps
-    assert train.budget(cfg, 100_000, 20) == (20, 6)  # large sets: the epochs as given
-    assert train.budget(replace(cfg, min_steps=0), 391, 20) == (20, 6)
+    assert loop.budget(cfg, 391, 20) == (143, 43)  # 7 steps an epoch: 1000 steps
+    assert loop.budget(cfg, 100_000, 20) == (20, 6)  # large sets: the epochs as given
+    assert loop.budget(replace(cfg, min_steps=0), 391, 20) == (20, 6)
 
 
 def test_validation_rows_are_never_trained_on(ingested, project):

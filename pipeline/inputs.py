@@ -1,0 +1,300 @@
+"""The input contract: finding candidate images under data/, decoding them into packed sets,
+confining user paths to data/, the truth file and stratified holdouts.
+
+Shared by ingest (labeled and test images), pseudolabel (pools) and clean (overrides, the
+validation split).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from pipeline.config import BaseConfig
+from pipeline.errors import PipelineError
+from pipeline.images import IMAGE_EXTENSIONS, SYSTEM_FILES, Rejected, decode
+from pipeline.io import ShardWriter, atomic_dir
+
+# --------------------------------------------------------------------------------------------
+# 1) Scanning: which files are candidates, and why the others are not
+
+MANIFEST_NAME = "labels.csv"
+
+
+QUARANTINE_COLUMNS = ["path", "split", "reason"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str  # relative to data/, POSIX separators
+    label: str  # "" for unlabeled pools
+
+
+def scan_folder(data_dir: Path, sub: str, *, by_class: bool) -> tuple[list[Candidate], list[dict]]:
+    """Candidates under data/<sub>; with by_class, the first folder level is the label."""
+    root = data_dir / sub
+    candidates: list[Candidate] = []
+    quarantine: list[dict] = []
+    if by_class and (root / MANIFEST_NAME).is_file():
+        return read_csv_manifest(data_dir, root / MANIFEST_NAME, sub)
+    if by_class:
+        for entry in sorted(root.iterdir()):
+            rel = _rel(data_dir, entry)
+            if entry.is_dir() and not entry.is_symlink() and not _is_hidden(entry.name):
+                files, rejected = _walk(data_dir, entry, sub)
+                quarantine += rejected
+                candidates += [Candidate(path, entry.name) for path in files]
+                if not files:
+                    quarantine.append(
+                        quarantine_row(rel, sub, "empty class folder (no usable images)")
+                    )
+            else:
+                quarantine.append(quarantine_row(rel, sub, _why_not_class_folder(entry)))
+    else:
+        files, quarantine = _walk(data_dir, root, sub)
+        candidates = [Candidate(path, "") for path in files]
+    return candidates, quarantine
+
+
+def read_csv_manifest(
+    data_dir: Path, csv_path: Path, sub: str
+) -> tuple[list[Candidate], list[dict]]:
+    """Rows of a `path,label` CSV whose paths stay inside data/; the rest are quarantined."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = [c for c in reader.fieldnames or [] if c is not None]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"{_rel(data_dir, csv_path)} is not a readable CSV: {exc}") from None
+    if not {"path", "label"} <= set(columns):
+        raise PipelineError(
+            f"{_rel(data_dir, csv_path)} needs a header with the columns path,label; "
+            f"it has {','.join(columns) or 'none'}"
+        )
+    candidates, quarantine = [], []
+    for line, row in enumerate(rows, start=2):
+        path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        where = f"{_rel(data_dir, csv_path)}:{line}"
+        if not path or not label:
+            quarantine.append(quarantine_row(where, sub, "row without a path or a label"))
+            continue
+        target, reason = confine(data_dir, path)
+        if reason:
+            quarantine.append(quarantine_row(path, sub, f"{reason} ({where})"))
+        elif not target.is_file():
+            quarantine.append(quarantine_row(path, sub, f"listed in {where} but no such file"))
+        else:
+            candidates.append(Candidate(_rel(data_dir, target), label))
+    return candidates, quarantine
+
+
+def confine(data_dir: Path, user_path: str) -> tuple[Path, str]:
+    """Resolve a user-given path inside data/; return (path, "") or (_, reason it is refused)."""
+    pure = PurePosixPath(user_path.replace("\\", "/"))
+    if pure.is_absolute() or (len(user_path) > 1 and user_path[1] == ":"):
+        return data_dir, "absolute path refused: paths must be relative to data/"
+    if ".." in pure.parts:
+        return data_dir, "path escapes data/ ('..' refused)"
+    target = data_dir / pure
+    if not _inside(target.resolve(), data_dir.resolve()):
+        return data_dir, "path resolves outside data/ through a symlink (refused)"
+    return target, ""
+
+
+def _walk(data_dir: Path, root: Path, sub: str) -> tuple[list[str], list[dict]]:
+    """Image files under root, any depth; every other entry gets a quarantine reason."""
+    files, quarantine = [], []
+    resolved_data = data_dir.resolve()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        for name in sorted(dirnames):
+            if _is_hidden(name) or (here / name).is_symlink():
+                why = "hidden folder" if _is_hidden(name) else "symlinked folder (not followed)"
+                quarantine.append(quarantine_row(_rel(data_dir, here / name), sub, why))
+        dirnames[:] = sorted(
+            d for d in dirnames if not _is_hidden(d) and not (here / d).is_symlink()
+        )
+        for name in sorted(filenames):
+            path = here / name
+            rel = _rel(data_dir, path)
+            reason = ""
+            if _is_hidden(name) or name.lower() in SYSTEM_FILES:
+                reason = "hidden or system file"
+            elif path.is_symlink() and not _inside(path.resolve(), resolved_data):
+                reason = "symlink pointing outside data/ (refused)"
+            elif not path.exists():
+                reason = "unreadable: broken symlink"
+            elif not path.is_file():
+                reason = "not a regular file"
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                reason = f"unsupported extension {path.suffix or '(none)'!r}"
+            if reason:
+                quarantine.append(quarantine_row(rel, sub, reason))
+            else:
+                files.append(rel)
+    return files, quarantine
+
+
+def _why_not_class_folder(entry: Path) -> str:
+    if _is_hidden(entry.name) or entry.name.lower() in SYSTEM_FILES:
+        return "hidden or system file"
+    if entry.is_symlink():
+        return "symlink at class level (not followed)"
+    return "not inside a class folder"
+
+
+# --------------------------------------------------------------------------------------------
+# 2) Decoding: stream every candidate into one packed array
+
+
+def pack(
+    candidates: list[Candidate],
+    data_dir: Path,
+    out: Path,
+    base: BaseConfig,
+    max_pixels: int,
+    *,
+    split: str | list[str],
+    shard_mib: float = 64.0,
+    desc: str = "ingest",
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Decode candidates into the packed image folder `out`; returns (table, quarantine rows).
+
+    Images go to disk shard by shard as they are decoded, so memory stays flat however many
+    there are; table row i is image i of `out`. `split` is one name for all or one per candidate.
+    """
+    splits = [split] * len(candidates) if isinstance(split, str) else split
+    records, quarantine = [], []
+    with atomic_dir(out) as tmp:
+        writer = ShardWriter(tmp, (base.image_size, base.image_size, base.channels), shard_mib)
+        for index, cand in enumerate(tqdm(candidates, desc=desc, unit="img", mininterval=1.0)):
+            try:
+                data = (data_dir / cand.path).read_bytes()
+                image = decode(
+                    data,
+                    image_size=base.image_size,
+                    channels=base.channels,
+                    resize=base.resize,
+                    max_pixels=max_pixels,
+                )
+            except Rejected as exc:
+                quarantine.append(quarantine_row(cand.path, splits[index], str(exc)))
+                continue
+            except OSError as exc:
+                quarantine.append(
+                    quarantine_row(cand.path, splits[index], f"unreadable: {exc.strerror or exc}")
+                )
+                continue
+            writer.append(image.pixels)
+            records.append(
+                {
+                    "id": image_id(cand.path),
+                    "path": cand.path,
+                    "sha256": image.sha256,
+                    "label": cand.label,
+                    "split": splits[index],
+                    "width": image.width,
+                    "height": image.height,
+                    "mode": image.mode,
+                    "note": image.note,
+                }
+            )
+        writer.close()
+    table = pd.DataFrame(records, columns=MANIFEST_COLUMNS[:-1])
+    table["row"] = np.arange(len(table))
+    return table, quarantine
+
+
+MANIFEST_COLUMNS = [
+    "id",
+    "path",
+    "sha256",
+    "label",
+    "split",
+    "width",
+    "height",
+    "mode",
+    "note",
+    "row",
+]
+
+
+def image_id(path: str) -> str:
+    """A short id that depends only on the path, so it is stable across runs."""
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# 3) Splits and the audit file
+
+
+def stratified_holdout(
+    labels: pd.Series, fraction: float, seed: int, *, minimum: int = 0
+) -> pd.Series:
+    """Stratified, seeded choice of held-out rows: a boolean mask aligned with `labels`.
+
+    Each class holds out round(fraction * n) rows, at least `minimum` of them; with a minimum,
+    never more than half the class, and never the whole class in any case.
+    """
+    rng = np.random.default_rng(seed)
+    held = pd.Series(False, index=labels.index)
+    for _, idx in labels.groupby(labels).groups.items():
+        idx = np.array(sorted(idx))
+        n_held = int(round(len(idx) * fraction))
+        if minimum:
+            n_held = min(max(n_held, minimum), len(idx) // 2)
+        n_held = min(n_held, len(idx) - 1)  # a class never loses all its training images
+        held[rng.permutation(idx)[:n_held]] = True
+    return held
+
+
+def attach_truth(table: pd.DataFrame, truth_path: Path) -> tuple[pd.DataFrame, int]:
+    """Add a `true_label` column from data/truth.csv ("" where unknown)."""
+    truth = read_truth(truth_path)
+    table = table.copy()
+    table["true_label"] = [truth.get(path, "") for path in table["path"]]
+    return table, len(truth)
+
+
+def read_truth(path: Path) -> dict[str, str]:
+    """path -> true label from a truth file (path,true_label); empty when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        truth = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
+    except pd.errors.EmptyDataError:
+        return {}
+    if not {"path", "true_label"} <= set(truth.columns):
+        raise PipelineError(
+            f"{path} needs the columns path,true_label; it has {','.join(truth.columns)}"
+        )
+    return dict(zip(truth["path"], truth["true_label"]))
+
+
+def quarantine_row(path: str, split: str, reason: str) -> dict:
+    return {"path": path, "split": split, "reason": reason}
+
+
+def _rel(data_dir: Path, path: Path) -> str:
+    try:
+        return path.relative_to(data_dir).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")

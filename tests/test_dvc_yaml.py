@@ -1,0 +1,84 @@
+"""dvc.yaml against the code: each stage's deps are its import closure inside pipeline/ plus
+its data, and every path it reads or writes appears in its command."""
+
+import ast
+import re
+from pathlib import Path
+
+import yaml
+
+from .conftest import ROOT
+
+# `python -m pipeline <command>` -> the stage module it runs
+COMMANDS = {
+    "audit": "audit",
+    "ingest": "ingest",
+    "clean": "clean",
+    "augment": "augment",
+    "init-pseudo": "pseudolabel",
+    "train": "train",
+    "evaluate": "evaluate",
+    "pseudolabel": "pseudolabel",
+    "summarize": "summarize",
+}
+STAGE_MODULES = set(COMMANDS.values())  # the modules dvc.yaml runs
+
+
+def imports_of(module: str) -> set[str]:
+    """pipeline modules `module` imports anywhere in its source (functions included)."""
+    tree = ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "pipeline":
+                found |= {alias.name for alias in node.names}
+            elif node.module.startswith("pipeline."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
+    return found
+
+
+def closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(imports_of(name))
+    return seen
+
+
+def stages():
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        yield name, stage.get("do", stage)
+
+
+def test_every_stage_depends_on_exactly_its_import_closure():
+    problems = []
+    for name, stage in stages():
+        command = re.search(r"python -m pipeline ([\w-]+)", stage["cmd"]).group(1)
+        expected = {f"pipeline/{m}.py" for m in closure(COMMANDS[command])}
+        listed = {d for d in stage["deps"] if d.startswith("pipeline/")}
+        for path in sorted(expected - listed):
+            problems.append(f"{name}: missing dep {path}")
+        for path in sorted(listed - expected):
+            problems.append(f"{name}: extra dep {path}")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_stage_module_imports_another():
+    for module in STAGE_MODULES:
+        others = imports_of(module) & (STAGE_MODULES - {module})
+        assert not others, f"pipeline/{module}.py imports stage module(s) {sorted(others)}"
+
+
+def test_every_path_a_stage_reads_or_writes_is_in_its_command():
+    for name, stage in stages():
+        paths = [d for d in stage["deps"] if not d.startswith("pipeline/")]
+        for section in ("outs", "metrics", "plots"):
+            paths += [next(iter(o)) if isinstance(o, dict) else o for o in stage.get(section, [])]
+        for path in paths:
+            # a file counts as named when the command names it or the folder holding it
+            folders = [str(p) for p in [Path(path), *Path(path).parents] if str(p) != "."]
+            assert any(f in stage["cmd"] for f in folders), f"{name}: {path} not in its command"
