@@ -295,8 +295,8 @@ def pytest_sessionfinish(session, exitstatus):
         and not config.option.markexpr
         and not config.option.lf
     )
-    if not _record or not whole or session.testsfailed:
-        return
+    if not _record or not whole or session.testsfailed or exitstatus != pytest.ExitCode.OK:
+        return  # a partial, failing or interrupted run leaves the record alone
     RECORD_PATH.parent.mkdir(exist_ok=True)
     RECORD_PATH.write_text(render_record(_record, session.testscollected), encoding="utf-8")
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import evaluate, ingest
+from pipeline import clean, evaluate, ingest, pseudolabel, summarize
 from pipeline.config import load_params
 
 from .conftest import augment_and_train, chromium, train_table, write_params
@@ -66,13 +66,36 @@ def hostile_report(tmp_path_factory):
                 f'"{path.relative_to(data).as_posix().replace(chr(34), chr(34) * 2)}","{label}"'
             )
     (data / "labeled" / "labels.csv").write_text("\n".join(rows) + "\n")
+    # a pool whose file names are hostile too
+    pool = data / "unlabeled" / "pool_001"
+    pool.mkdir(parents=True)
+    for n, i in enumerate(np.flatnonzero(digits.target < 3)[300:330]):
+        image = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(pool / f"{HOSTILE_FILE}_{n}.png")
     ingest_dir = root / "ingest"
     ingest.run(data, ingest_dir, params)
+    clean.run(ingest_dir, data, root / "clean", params)
     augment_and_train(root, ingest_dir, train_table(ingest_dir), params)
+    reports = root / "reports" / "r000"
+    reports.mkdir(parents=True)
+    (reports / "train").symlink_to(root / "train", target_is_directory=True)
     metrics = evaluate.run(
-        root / "model", ingest_dir, root / "train", root / "evaluate", params, "r000"
+        root / "model", ingest_dir, root / "train", reports / "evaluate", params, "r000"
     )
-    return root / "evaluate", metrics
+    pseudolabel.init_pseudo(root / "init", params.base)
+    pseudolabel.run(
+        round_name="r000",
+        pool="pool_001",
+        data_dir=data,
+        model_dir=root / "model",
+        ingest_dir=ingest_dir,
+        pseudo_in=root / "init",
+        out_dir=root / "pseudo",
+        report_dir=reports / "pseudolabel",
+        params=params,
+    )
+    summarize.run(root / "reports", root / "clean", ingest_dir, root / "summary")
+    return reports / "evaluate", metrics
 
 
 def test_report_escapes_hostile_class_and_file_names(hostile_report, record):
@@ -92,12 +115,37 @@ def test_report_escapes_hostile_class_and_file_names(hostile_report, record):
     record(
         "security",
         'class named `<script>alert(1)</script>`, file named `a"><img src=x onerror=alert(1)>`',
-        "escaped in every report (ingest, train, evaluate)",
+        "escaped in the evaluate report",
     )
     record(
         "input",
         "class names with a slash, spaces, `&` and non-Latin letters",
         "kept exactly, through ingest, train and evaluate",
+    )
+
+
+def test_clean_pseudolabel_and_summary_pages_escape_hostile_names(hostile_report, record):
+    root = hostile_report[0].parents[2]
+    pages = {
+        "clean": root / "clean" / "report.html",
+        "pseudolabel": root / "reports" / "r000" / "pseudolabel" / "report.html",
+        "summarize": root / "summary" / "index.html",
+    }
+    shown = {  # the hostile text each page shows (the summary lists rounds and links only)
+        "clean": [HOSTILE_CLASS, HOSTILE_FILE],
+        "pseudolabel": [HOSTILE_CLASS, HOSTILE_FILE],
+        "summarize": [],
+    }
+    for name, path in pages.items():
+        page = path.read_text()
+        assert "<script" not in page.lower(), name
+        assert "onerror=alert" not in page.replace("onerror=alert(1)&gt;", ""), name
+        for text in shown[name]:
+            assert html.escape(text, quote=True) in page, (name, text)
+    record(
+        "security",
+        'class named `<script>alert(1)</script>`, file named `a"><img src=x onerror=alert(1)>`',
+        "escaped in the clean and pseudolabel pages; no live markup in the summary page",
     )
 
 

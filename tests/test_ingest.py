@@ -98,8 +98,16 @@ def test_quarantines_every_bad_case_with_a_reason(bad_corpus, project, record):
     ):
         assert f"labeled/one/{name}" in accepted
     notes = dict(zip(manifest["path"], manifest["note"]))
-    assert "first frame" in notes["labeled/one/animated.gif"]
-    assert "scaled to 8 bits" in notes["labeled/one/sixteen.png"]
+    for name, note in {
+        "animated.gif": "first frame",
+        "sixteen.png": "scaled to 8 bits",
+        "cmyk.jpg": "CMYK converted",
+        "palette.png": "palette converted",
+        "alpha.png": "alpha composited",
+        "la.png": "alpha composited",
+    }.items():
+        assert note in notes[f"labeled/one/{name}"], name
+    assert notes["labeled/one/ñandú con espacios.png"] == ""  # nothing to convert
     assert metrics["quarantined"] == len(quarantine)
     assert read_json(project / "out" / "classes.json") == ["one", "zero"]
     images = read_array(project / "out" / "images")

@@ -51,10 +51,20 @@ def train_command(table, ingested, name: str) -> list[str]:
 
 
 def _fit(params, samples, seed=0, epochs=None):
+    """fit on four fifths of `samples`, validated on the other fifth."""
+    held = np.arange(len(samples)) % 5 == 0
+    train_set = feed.Samples(samples.images[~held], samples.labels[~held])
+    val_set = feed.Samples(samples.images[held], samples.labels[held])
     torch.manual_seed(seed)
     model = build_model(params.train.model, 1, 3)
     result = loop.fit(
-        model, samples, samples, params.train, seed=seed, device=torch.device("cpu"), epochs=epochs
+        model,
+        train_set,
+        val_set,
+        params.train,
+        seed=seed,
+        device=torch.device("cpu"),
+        epochs=epochs,
     )
     return model, result
 
@@ -149,8 +159,7 @@ def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested
     proc = subprocess.Popen(
         command("killed"), cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    while proc.poll() is None:  # no wall-time guess: wait for the first finished epoch
         if state.is_file() and torch.load(state, weights_only=True)["epoch"] >= 1:
             break
         time.sleep(0.05)
