@@ -170,7 +170,8 @@ def main() -> None:
     device = torch.device(args.device)
     started = time.perf_counter()
 
-    params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
+    # epochs are fixed here: min_steps would stretch a small run
+    params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "train.min_steps": 0})
     cfg = dataclasses.replace(params.train, batch_size=args.batch_size, num_workers=0)
     images, labels = generate(args.images)
     samples = feed.Samples(images, labels)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import yaml
+from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -232,7 +232,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    parse = YAML(typ="safe", pure=True).load  # YAML 1.2, as params.yaml is read: 5e-4 is a number
+    overrides = {k: parse(v) for k, v in (item.split("=", 1) for item in args.set)}
     started = time.perf_counter()
     results = []
     for regime in args.regimes:

@@ -74,8 +74,8 @@ def bench_stages(data_dir: Path, work: Path) -> dict:
     """Each stage's command on the generated set, with a short recipe: time and peak RSS."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["base"]["image_size"] = 28
-    params["clean"].update(folds=2, epochs=1)
-    params["train"].update(epochs=1)
+    params["clean"].update(folds=2, epochs=1, min_steps=0)
+    params["train"].update(epochs=1, min_steps=0)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     run = [sys.executable, "-m", "pipeline"]
     art = work / "artifacts"
@@ -83,7 +83,7 @@ def bench_stages(data_dir: Path, work: Path) -> dict:
         "ingest": [*run, "ingest", "--data-dir", str(data_dir), "--out", str(art / "ingest")],
         "clean": [*run, "clean", "--ingest", str(art / "ingest"), "--data-dir", str(data_dir), "--out", str(art / "clean")],
         "augment": [*run, "augment", "--table", str(art / "clean/train.csv"), "--ingest", str(art / "ingest"), "--out", str(art / "augment")],
-        "train": [*run, "train", "--table", str(art / "clean/train.csv"), "--ingest", str(art / "ingest"), "--augment", str(art / "augment"), "--model", str(art / "model"), "--report", str(art / "reports/r000/train"), "--live", str(art / "live")],
+        "train": [*run, "train", "--table", str(art / "clean/train.csv"), "--val", str(art / "clean/val.csv"), "--ingest", str(art / "ingest"), "--augment", str(art / "augment"), "--model", str(art / "model"), "--report", str(art / "reports/r000/train"), "--live", str(art / "live")],
         "evaluate": [*run, "evaluate", "--model", str(art / "model"), "--ingest", str(art / "ingest"), "--out", str(art / "reports/r000/evaluate")],
     }  # fmt: skip
     out = {}

@@ -38,7 +38,7 @@ from pipeline.config import load_params
 from pipeline.io import read_array
 from pipeline.model import build_model
 from pipeline.ensemble import predict_proba
-params = load_params(sys.argv[2])
+params = load_params(sys.argv[2], {"train.min_steps": 0, "clean.min_steps": 0})
 images = read_array(sys.argv[1])
 torch.manual_seed(0)
 model = build_model(params.train.model, 1, 10)
@@ -54,7 +54,7 @@ from pipeline.io import read_array
 from pipeline.model import build_model
 from pipeline.feed import Samples
 from pipeline.loop import fit
-params = load_params(sys.argv[2])
+params = load_params(sys.argv[2], {"train.min_steps": 0, "clean.min_steps": 0})
 packed = read_array(sys.argv[1])
 n = min(len(packed), 100_000)
 images = packed[np.arange(n)]

@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
     args = parser.parse_args()
 
-    params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
+    # epochs are fixed here: min_steps would stretch a small run
+    params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "train.min_steps": 0})
     device = device_mod.pick_device()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 28, 28, 1), dtype=np.uint8)

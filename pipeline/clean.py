@@ -76,8 +76,8 @@ def kfold_pred_probs(
     counts = np.bincount(labels, minlength=n_classes)
     if counts.min() < folds:
         raise PipelineError(
-            f"class #{int(counts.argmin())} has {int(counts.min())} labeled images, fewer than "
-            f"clean.folds ({folds}): lower clean.folds or add images to that class"
+            f"class {classes[int(counts.argmin())]!r} has {int(counts.min())} labeled images, "
+            f"fewer than clean.folds ({folds}): lower clean.folds or add images to that class"
         )
     device = pick_device()
     augmentation = training_augmentation(params.augment, params.base, classes, device)
@@ -356,6 +356,7 @@ def run(
     val = decided[is_val].copy()
     val["label"], val["scored"] = validation_labels(val, relabel_threshold=cfg.relabel_threshold)
     decided.loc[is_val, "decision"] = np.where(val["scored"], "validate", "unscored")
+    decided.loc[is_val, "label"] = val["label"]  # what the row is scored against
 
     kept = decided[~is_val & (decided["decision"] != "drop")]
     if kept.empty:

@@ -255,7 +255,7 @@ class PseudolabelConfig:
     share_start: float = prob(0.5)  # curriculum: share of each class admitted in round 0
     share_step: float = prob(0.2)  # curriculum: added per round (one round per pool)
     share_max: float = prob(0.9)  # curriculum: share never exceeded
-    per_class_cap: int = num(0, 0)  # most accepted per class and round; 0 = no cap
+    per_class_cap: int = num(0, 0)  # most in the set per class (every pool so far); 0 = no cap
     balance: bool = False  # cap classes to the labeled class distribution
     agreement: bool = False  # every ensemble member must predict the same class
     gallery_size: int = num(60, 1, 10000)

@@ -52,12 +52,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def lr_factor(cfg: TrainConfig, epochs: int) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at the start of each epoch."""
+def lr_factor(cfg: TrainConfig, epochs: int, stretch: float = 1.0) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at the start of each epoch. `stretch` is how much
+    `budget` lengthened the run: step and exponential decays slow down alike, so the schedule
+    keeps its shape over the budget."""
     if cfg.schedule == "step":
-        return lambda e: cfg.gamma ** (e // cfg.step_every)
+        return lambda e: cfg.gamma ** (e // round(cfg.step_every * stretch))
     if cfg.schedule == "exponential":
-        return lambda e: cfg.gamma**e
+        return lambda e: cfg.gamma ** (e / stretch)
     if cfg.schedule == "cosine":
         return lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
     return lambda e: 1.0
@@ -168,14 +170,15 @@ def fit(
     on its share of each epoch through DistributedDataParallel; the first process validates,
     diagnoses and writes, and sends each epoch's record to the others so all stop together.
     """
-    epochs, patience = budget(cfg, len(train), epochs or cfg.epochs)
+    asked = epochs or cfg.epochs
+    epochs, patience = budget(cfg, len(train), asked)
     shard = current_shard()
     lead = shard.rank == 0
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
-    factor = lr_factor(cfg, epochs)
+    factor = lr_factor(cfg, epochs, epochs / asked)
     history: list[dict] = []
     kept: list[dict] = []
     start = 0

@@ -6,6 +6,7 @@ Reads   data/unlabeled/<pool>/** (the round's new pool), the round's ensemble (c
 Writes  <out>/table.csv + images/   every pool image so far (eligible ones), its prediction, and
                                     whether it is in the set the next round trains on, with
                                     provenance: pool, the round it joined, the round it left
+        <out>/pools.json            the pools scored so far, in round order
         <report>/metrics.json, candidates.csv, quarantine.csv, confidence.png, report.html
 Params  base, ingest.max_image_pixels, ingest.shard_mib, pseudolabel
 
@@ -178,6 +179,7 @@ def init_pseudo(out_dir: Path, base: BaseConfig) -> None:
     with atomic_dir(out_dir) as tmp:
         write_table(tmp / "table.csv", pd.DataFrame(columns=PSEUDO_COLUMNS))
         ShardWriter(tmp / "images", (base.image_size, base.image_size, base.channels)).close()
+        write_json(tmp / "pools.json", [])
 
 
 def decode_pool(
@@ -245,7 +247,9 @@ def run(
     classes = read_json(ingest_dir / "classes.json")
     manifest = read_table(ingest_dir / "manifest.csv")
     previous = read_table(pseudo_in / "table.csv")
-    if pool in set(previous["pool"]):
+    # every pool scored so far, even one that gave no eligible image (it still counts a round)
+    pools = [*read_json(pseudo_in / "pools.json"), pool]
+    if pool in pools[:-1]:
         raise PipelineError(
             f"pool {pool!r} was already scored by an earlier round; each round adds a new pool"
         )
@@ -280,7 +284,6 @@ def run(
             .to_numpy(float)
         )
         labeled_share /= max(labeled_share.sum(), 1.0)
-        pools = list(dict.fromkeys([*previous["pool"], pool]))
         accepted, predicted, thresholds = select(
             probs, member_probs, cfg, labeled_share, round_index=len(pools) - 1
         )
@@ -303,6 +306,7 @@ def run(
             model=model_id,
         )
         write_table(tmp / "table.csv", table[PSEUDO_COLUMNS])
+        write_json(tmp / "pools.json", pools)
     shutil.rmtree(scratch)
 
     # 3) report: every candidate with its move this round and, where known, its true label

@@ -72,17 +72,17 @@ def load_training_samples(
     Returns (train, val, counts): counts per class of human and pseudo-labeled training rows.
     """
     table, val_table = read_table(table_path), read_table(val_path)
-    val_table = val_table[val_table["scored"] == "True"]
     images = read_array(images_path)
     for path, t in ((table_path, table), (val_path, val_table)):
         unknown = sorted(set(t["label"]) - set(classes))
         if unknown:
             raise PipelineError(f"{path}: label {unknown[0]!r} is not in classes.json")
-    overlap = set(table["id"]) & set(val_table["id"])
+    overlap = set(table["id"]) & set(val_table["id"])  # scored or not
     if overlap:
         raise PipelineError(
             f"{table_path} holds validation rows ({sorted(overlap)[0]}): rerun clean"
         )
+    val_table = val_table[val_table["scored"] == "True"]
     parts_x = [images[table["row"].astype(int).to_numpy()]]
     parts_y = [table["label"].map(classes.index).to_numpy(np.int64)]
     counts = pd.DataFrame(0, index=classes, columns=["human", "offline", "pseudo"])

@@ -143,8 +143,8 @@ def queue(points: list[dict[str, float]], *, epochs: int | None, prefix: str) ->
     names = []
     for point in points:
         sets = [f"{k}={v}" for k, v in point.items()]
-        if epochs:
-            sets.append(f"train.epochs={epochs}")
+        if epochs:  # a short schedule: exactly these epochs, not stretched to train.min_steps
+            sets += [f"train.epochs={epochs}", "train.min_steps=0"]
         name = f"{prefix}-{hashlib.sha1(json.dumps(sets).encode()).hexdigest()[:7]}"
         args = ["exp", "run", "--queue", "-n", name, TARGET]
         for s in sets:

@@ -73,12 +73,27 @@ def test_no_stage_module_imports_another():
         assert not others, f"pipeline/{module}.py imports stage module(s) {sorted(others)}"
 
 
+def command_paths(cmd: str) -> set[str]:
+    """The values of a command's options: `--out artifacts/x` -> artifacts/x."""
+    tokens = cmd.split()
+    return {b for a, b in zip(tokens, tokens[1:]) if a.startswith("--") and not b.startswith("-")}
+
+
 def test_every_path_a_stage_reads_or_writes_is_in_its_command():
+    problems = []
     for name, stage in stages():
+        given = command_paths(stage["cmd"])
         paths = [d for d in stage["deps"] if not d.startswith("pipeline/")]
         for section in ("outs", "metrics", "plots"):
             paths += [next(iter(o)) if isinstance(o, dict) else o for o in stage.get(section, [])]
         for path in paths:
-            # a file counts as named when the command names it or the folder holding it
-            folders = [str(p) for p in [Path(path), *Path(path).parents] if str(p) != "."]
-            assert any(f in stage["cmd"] for f in folders), f"{name}: {path} not in its command"
+            # named by the command itself, or inside a folder the command is given
+            if not any(path == g or path.startswith(g.rstrip("/") + "/") for g in given):
+                problems.append(f"{name}: {path} is not in its command")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_path_check_catches_an_unnamed_path():
+    given = command_paths("python -m pipeline x --out artifacts/x --data-dir data")
+    assert given == {"artifacts/x", "data"}
+    assert not any("artifacts/bogus/y.csv".startswith(g + "/") for g in given)

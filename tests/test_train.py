@@ -159,7 +159,8 @@ def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested
     proc = subprocess.Popen(
         command("killed"), cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    while proc.poll() is None:  # no wall-time guess: wait for the first finished epoch
+    hang = time.time() + 1800  # a guard against a hung process, not a guess of speed
+    while proc.poll() is None and time.time() < hang:  # wait for the first finished epoch
         if state.is_file() and torch.load(state, weights_only=True)["epoch"] >= 1:
             break
         time.sleep(0.05)
