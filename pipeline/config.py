@@ -214,7 +214,7 @@ class CleanConfig:
     # K-fold models share train.model but have their own short recipe, so tuning the final
     # model's optimizer (train.lr, ...) does not rerun cleaning.
     epochs: int = num(12, 1, 1000)
-    min_steps: int = num(400, 0, 10_000_000)  # at least this many optimizer steps per fold
+    min_steps: int = num(150, 0, 10_000_000)  # at least this many optimizer steps per fold
     lr: float = num(3e-3, 0.0, 10.0, open_lo=True)
     weight_decay: float = num(5e-4, 0.0, 1.0)  # AdamW, cosine schedule
     batch_size: int = num(64, 1, 65536)
@@ -230,7 +230,7 @@ class CleanConfig:
         "low_normalized_margin",
         "low_self_confidence",
     )
-    policy: str = choice("drop", "relabel", "flag")
+    policy: str = choice("relabel", "drop", "flag")
     relabel_threshold: float = prob(0.9)  # out-of-sample confidence needed to relabel
     near_duplicate_distance: float = num(0.005, 0.0, 1.0)  # cosine distance of embeddings
     outlier_quantile: float = num(0.01, 0.0, 0.5)  # lowest outlier scores flagged
@@ -251,7 +251,7 @@ class PseudolabelConfig:
     # flexmatch: tau scaled by how well each class is learned
     policy: str = choice("curriculum", "fixed", "flexmatch")
     threshold: float = prob(0.95)  # fixed tau; flexmatch's upper bound
-    min_confidence: float = prob(0.5)  # curriculum: calibrated confidence never admitted below
+    min_confidence: float = prob(0.9)  # curriculum: calibrated confidence never admitted below
     share_start: float = prob(0.5)  # curriculum: share of each class admitted in round 0
     share_step: float = prob(0.2)  # curriculum: added per round (one round per pool)
     share_max: float = prob(0.9)  # curriculum: share never exceeded

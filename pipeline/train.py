@@ -185,7 +185,7 @@ def run(
             "config": config,
         }
         write_json(tmp / "ensemble.json", info)
-        # 6) calibrate: one temperature for the averaged probabilities, fitted on validation
+        # Calibrate: one temperature for the averaged probabilities, fitted on validation.
         ensemble = load_ensemble(tmp)
         raw = ensemble.predict(val.images, device, calibrated=False)
         info["temperature"] = fit_temperature(val.labels, raw)

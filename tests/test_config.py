@@ -30,7 +30,7 @@ def test_project_params_load():
             "pseudolabel.threshold: 1.5 is out of range; allowed [0.0, 1.0]",
         ),
         ({"clean": {"folds": 0}}, "clean.folds: 0 is out of range; allowed [2, 20]"),
-        ({"clean": {"policy": "burn"}}, "clean.policy: 'burn' is not one of drop, relabel, flag"),
+        ({"clean": {"policy": "burn"}}, "clean.policy: 'burn' is not one of relabel, drop, flag"),
         ({"train": {"model": {"blocks": [1, -1]}}}, "train.model.blocks[1]: -1 is out of range"),
         ({"augment": {"crop": {"scale": [1.0, 0.5]}}}, "augment.crop.scale: expected [low, high]"),
         ({"augment": {"twirl": {"p": 0.5}}}, "unknown key 'augment.twirl'"),
