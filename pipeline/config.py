@@ -193,9 +193,9 @@ class TrainConfig:
     weight_decay: float = num(5e-4, 0.0, 1.0)  # L2
     l1: float = num(0.0, 0.0, 1.0)  # L1 penalty on weights, added to the loss
     batch_size: int = num(64, 1, 65536)
-    epochs: int = num(20, 1, 10000)  # at least; see min_steps
-    # Small sets get more epochs: at least this many optimizer steps (patience scales along),
-    # so a few hundred images are trained as long as a few thousand.
+    epochs: int = num(20, 1, 10000)
+    # At least this many optimizer steps in all: a small set is passed over several times per
+    # epoch, so a few hundred images are trained as long as a few thousand.
     min_steps: int = num(1000, 0, 10_000_000)
     schedule: str = choice("cosine", "constant", "step", "exponential")
     step_every: int = num(5, 1)  # epochs between decays ("step")

@@ -1,15 +1,17 @@
 """The training loop: `train_one_epoch`, `evaluate`, `fit`, and the optimizer and schedule.
 
 Shared by the train stage, clean's K-fold models and lr-find. Every epoch reseeds from
-(seed, epoch), so a run resumed from its last checkpoint equals an uninterrupted one. The
-budget is `epochs` but at least `min_steps` optimizer steps: a few hundred images get as many
-updates as a few thousand (epochs and patience are stretched alike). Under torchrun every
+(seed, epoch), so a run resumed from its last checkpoint equals an uninterrupted one. A run
+makes at least `min_steps` optimizer steps: a small set is passed over several times in each
+epoch (with fresh augmentation each time), so a few hundred images get as many updates as a few
+thousand while the epochs, patience and schedule keep their meaning and their cost per epoch. Under torchrun every
 process trains on its share of each epoch through DistributedDataParallel; the first process
 validates, diagnoses and writes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -52,14 +54,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def lr_factor(cfg: TrainConfig, epochs: int, stretch: float = 1.0) -> Callable[[int], float]:
-    """Multiplier of the base learning rate at the start of each epoch. `stretch` is how much
-    `budget` lengthened the run: step and exponential decays slow down alike, so the schedule
-    keeps its shape over the budget."""
+def lr_factor(cfg: TrainConfig, epochs: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at the start of each epoch."""
     if cfg.schedule == "step":
-        return lambda e: cfg.gamma ** (e // round(cfg.step_every * stretch))
+        return lambda e: cfg.gamma ** (e // cfg.step_every)
     if cfg.schedule == "exponential":
-        return lambda e: cfg.gamma ** (e / stretch)
+        return lambda e: cfg.gamma**e
     if cfg.schedule == "cosine":
         return lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
     return lambda e: 1.0
@@ -170,15 +170,15 @@ def fit(
     on its share of each epoch through DistributedDataParallel; the first process validates,
     diagnoses and writes, and sends each epoch's record to the others so all stop together.
     """
-    asked = epochs or cfg.epochs
-    epochs, patience = budget(cfg, len(train), asked)
+    epochs = epochs or cfg.epochs
+    passes = passes_per_epoch(cfg, len(train), epochs)
     shard = current_shard()
     lead = shard.rank == 0
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
-    factor = lr_factor(cfg, epochs, epochs / asked)
+    factor = lr_factor(cfg, epochs)
     history: list[dict] = []
     kept: list[dict] = []
     start = 0
@@ -207,7 +207,7 @@ def fit(
         **({} if lead else {"disable": True}),  # one bar, from the first process
     )
     for epoch in bar:
-        if _should_stop(history, cfg.monitor, patience):
+        if _should_stop(history, cfg.monitor, cfg.patience):
             break
         # 1) reseed everything from (seed, epoch): resuming reproduces an uninterrupted run
         torch.manual_seed(seed * 100_003 + epoch)
@@ -217,7 +217,7 @@ def fit(
             group["lr"] = cfg.lr * factor(epoch)
         # 2) train, 3) validate, 4) diagnose
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        batches = feed.epoch(seed * 7919 + epoch)
+        batches = epoch_batches(feed, seed * 7919 + epoch, passes)
         record.update(train_one_epoch(model, batches, optimizer, cfg, device, net=net))
         if lead:
             if val is not None and len(val):
@@ -249,12 +249,19 @@ def _from_lead(record: dict, shard: Shard) -> dict:
     return box[0]
 
 
-def budget(cfg: TrainConfig, n: int, epochs: int) -> tuple[int, int]:
-    """(epochs, patience) for n training images: stretched alike until the run has at least
-    cfg.min_steps optimizer steps."""
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    stretch = max(1.0, cfg.min_steps / (epochs * steps_per_epoch))
-    return math.ceil(epochs * stretch), math.ceil(cfg.patience * stretch)
+def passes_per_epoch(cfg: TrainConfig, n: int, epochs: int) -> int:
+    """Passes over n training images in each epoch: enough for `epochs` epochs to make at least
+    cfg.min_steps optimizer steps (1 for a set large enough on its own)."""
+    steps = max(1, math.ceil(n / cfg.batch_size))
+    return max(1, math.ceil(cfg.min_steps / (epochs * steps)))
+
+
+def epoch_batches(feed, seed: int, passes: int) -> Batches:
+    """One epoch: `passes` shuffled passes over the set, each with its own order."""
+    if passes == 1:
+        return feed.epoch(seed)
+    parts = [feed.epoch(seed + p * 1_000_003) for p in range(passes)]
+    return Batches(lambda: itertools.chain.from_iterable(parts), sum(map(len, parts)))
 
 
 def _should_stop(history: list[dict], monitor: str, patience: int) -> bool:

@@ -9,9 +9,8 @@ Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at
         <live>/                                dvclive metrics and per-epoch plots
 Params  base, train
 
-The loop is pipeline/loop.py (`fit`: the budget of `train.epochs` but at least
-`train.min_steps` optimizer steps, early stopping, the top-k checkpoints, resume); the
-ensemble, pipeline/ensemble.py. Batches come from pipeline/feed.py (either augmentation
+The loop is pipeline/loop.py (`fit`: `train.epochs` epochs of at least `train.min_steps` optimizer
+steps in all, early stopping, the top-k checkpoints, resume); the ensemble, pipeline/ensemble.py. Batches come from pipeline/feed.py (either augmentation
 backend); with train.nproc > 1 the command runs under torchrun and `fit` wraps the model in
 DistributedDataParallel.
 """
@@ -42,7 +41,7 @@ from pipeline.errors import PipelineError
 from pipeline.feed import Samples, distributed, training_augmentation
 from pipeline.gpu_augment import BatchAugment
 from pipeline.io import atomic_dir, read_array, read_json, read_table, write_json, write_table
-from pipeline.loop import FitResult, budget, fit
+from pipeline.loop import FitResult, fit, passes_per_epoch
 from pipeline.model import build_model
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ def run(
     calibrated = apply_temperature(raw, info["temperature"])
     summary = {
         "epochs_run": len(result.history),
-        "epochs_budget": budget(cfg, len(train), cfg.epochs)[0],
+        "passes_per_epoch": passes_per_epoch(cfg, len(train), cfg.epochs),
         "best_val_acc": max(h["val_acc"] for h in result.history),
         "ensemble_val_acc": float((raw.argmax(1) == val.labels).mean()),
         "ensemble_val_loss": nll(val.labels, calibrated),

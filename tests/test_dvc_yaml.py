@@ -3,7 +3,6 @@ its data, and every path it reads or writes appears in its command."""
 
 import ast
 import re
-from pathlib import Path
 
 import yaml
 

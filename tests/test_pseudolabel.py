@@ -1,4 +1,5 @@
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -147,8 +148,10 @@ def _write_pools(data, pools, truth_rows=None):
 def test_every_round_rescores_every_pool_and_records_provenance(round0, project):
     data = project / "data"
     _write_pools(data, {"p1": 200, "p2": 300})
-    first = _run(project, round0, "p1")
-    second = _run(project, round0, "p2", name="r001", pseudo_in="r000/pseudo")
+    # the curriculum alone: no confidence floor
+    params = replace(round0, pseudolabel=replace(round0.pseudolabel, min_confidence=0.0))
+    first = _run(project, params, "p1")
+    second = _run(project, params, "p2", name="r001", pseudo_in="r000/pseudo")
     t1 = pd.read_csv(project / "r000" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
     t2 = pd.read_csv(project / "r001" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
     # every eligible pool image so far is in the table, the earlier pools first
@@ -225,7 +228,9 @@ def test_curriculum_admits_a_growing_top_share_of_each_class():
     ones = [0.8, 0.79, 0.78, 0.77, 0.55]
     probs = _probs([[p, 1 - p] for p in zeros] + [[1 - p, p] for p in ones])
     none = np.zeros((0, 15, 2))
-    cfg = PseudolabelConfig(policy="curriculum", share_start=0.5, share_step=0.25, share_max=0.9)
+    cfg = PseudolabelConfig(
+        policy="curriculum", share_start=0.5, share_step=0.25, share_max=0.9, min_confidence=0.0
+    )
 
     def per_class(accepted, predicted):
         return np.bincount(predicted[accepted], minlength=2).tolist()

@@ -263,11 +263,28 @@ def test_two_processes_under_torchrun_match_one_and_write_once(ingested, project
     assert last[-1] < 0.6 * last[0] and abs(first[-1] - last[-1]) < 0.3 * first[0]
 
 
-def test_small_sets_get_at_least_min_steps_with_patience_stretched_alike(fast_params):
-    cfg = replace(fast_params.train, batch_size=64, epochs=20, patience=6, min_steps=1000)
-    assert loop.budget(cfg, 391, 20) == (143, 43)  # 7 steps an epoch: 1000 steps
-    assert loop.budget(cfg, 100_000, 20) == (20, 6)  # large sets: the epochs as given
-    assert loop.budget(replace(cfg, min_steps=0), 391, 20) == (20, 6)
+def test_small_sets_are_passed_over_until_min_steps(fast_params, ingested):
+    cfg = replace(fast_params.train, batch_size=64, epochs=20, min_steps=1000)
+    assert loop.passes_per_epoch(cfg, 391, 20) == 8  # 7 steps a pass: 20 x 56 >= 1000 steps
+    assert loop.passes_per_epoch(cfg, 100_000, 20) == 1  # large sets: one pass an epoch
+    assert loop.passes_per_epoch(replace(cfg, min_steps=0), 391, 20) == 1
+    # a real fit makes that many steps: 3 epochs of 2 passes over 3 batches
+    samples = _samples(ingested)
+    cfg = replace(fast_params.train, batch_size=32, min_steps=18, top_k=1)
+    steps = []
+    original = torch.optim.AdamW.step
+
+    def counted(self, *a, **k):
+        steps.append(1)
+        return original(self, *a, **k)
+
+    torch.optim.AdamW.step = counted
+    try:
+        loop.fit(build_model(cfg.model, 1, 3), samples, None, cfg, seed=0,
+                 device=torch.device("cpu"), epochs=3)  # fmt: skip
+    finally:
+        torch.optim.AdamW.step = original
+    assert len(samples) == 90 and len(steps) == 3 * 2 * 3
 
 
 def test_validation_rows_are_never_trained_on(ingested, project):
