@@ -293,7 +293,7 @@ def pytest_sessionfinish(session, exitstatus):
         config.args_source == pytest.Config.ArgsSource.TESTPATHS
         and not config.option.keyword
         and not config.option.markexpr
-        and not config.option.lf
+        and not getattr(config.option, "lf", False)
     )
     if not _record or not whole or session.testsfailed or exitstatus != pytest.ExitCode.OK:
         return  # a partial, failing or interrupted run leaves the record alone
