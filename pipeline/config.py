@@ -63,9 +63,7 @@ class DemoConfig:
     test_fraction: float = num(0.2, 0.05, 0.5)
     labeled_fraction: float = num(0.5, 0.05, 0.9)  # of what is left after the test split
     pools: int = num(2, 1, 10)  # the rest is split into this many unlabeled pools
-    image_px: int = num(
-        8, 8, 256
-    )  # side of the written PNGs (the scans are 8x8; larger is upscaled)
+    image_px: int = num(8, 8, 256)  # side of the written PNGs; the 8x8 scans are upscaled
 
 
 @dataclass(frozen=True)
@@ -281,7 +279,7 @@ class Params:
 
     def __post_init__(self) -> None:
         for name, entry in self.rounds.items():
-            if not _is_plain_name(entry.pool):
+            if not is_plain_name(entry.pool):
                 raise PipelineError(
                     f"rounds.{name}.pool: {entry.pool!r} must name a folder directly under "
                     f"data/unlabeled/ (no '/', no leading '.')"
@@ -293,7 +291,8 @@ class Params:
             )
 
 
-def _is_plain_name(name: str) -> bool:
+def is_plain_name(name: str) -> bool:
+    """A folder name directly under data/unlabeled/: no separator, not hidden, not `..`."""
     return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
 
 

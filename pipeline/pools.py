@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import read_yaml
+from pipeline.config import is_plain_name, read_yaml
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS
 from pipeline.io import dvc_add, edit_yaml
@@ -63,7 +63,7 @@ def add_pool(
     unlabeled = data_dir / "unlabeled"
     in_place = resolved.parent == unlabeled.resolve()
     name = name or (source.name if in_place else _free_name(unlabeled, pools_in_use))
-    if not name or "/" in name or "\\" in name or name.startswith(".") or name in ("..",):
+    if not is_plain_name(name):
         raise PipelineError(f"invalid pool name {name!r}: use letters, digits, '_' or '-'")
     if name in pools_in_use:
         raise PipelineError(f"pool {name!r} already has a round; choose another --name")
