@@ -10,10 +10,11 @@ Per seed, all trained with the same recipe and scored on the same test split:
   noisy      the labeled rows as given (no cleaning)
   true       the same rows with their *true* labels (a perfect annotator of the labeled set)
   ceiling    those rows plus every pool image, all with true labels
-  r000...    the pipeline's rounds, exactly as `dvc repro` runs them: clean -> train r000 ->
-             pseudo-label (every pool so far) -> train r001 -> ...
-plus the clean stage's flagged precision / recall, and per round the share of all pool images in
-the pseudo-label set, its accuracy, and the validation accuracy every choice is made on. The test
+  r000...    the pipeline's rounds, exactly as `dvc repro` runs them: clean -> train r000 (human
+             labels) -> r000's model labels pool 1 -> train r001 -> r001's model re-scores pools
+             1 and 2 -> train r002 -> ...
+plus the clean stage's flagged precision / recall, and per round the share of all pool images so
+far in the pseudo-label set it trained on, that set's accuracy, and the validation accuracy every choice is made on. The test
 split is only reported.
 
     python bench/outcome.py [--regimes demo low-label] [--seeds 0 1 2] [--set key=value ...]
@@ -132,43 +133,40 @@ def one_seed(regime: str, seed: int, overrides: dict) -> dict:
         for name, (table, val) in baseline_tables(work).items():
             result[name] = train_and_test(work, name, table, val, params, None)["test"]
 
-        pseudolabel.init_pseudo(work / "init", params.base)
-        pseudo_in = work / "init"
+        # the rounds exactly as `dvc repro` runs them: r000 on the human labels, then per pool
+        # the previous round's model labels every pool so far and the round trains on that set
+        pseudo_in = work / "r000" / "pseudo"
+        pseudolabel.init_pseudo(pseudo_in, params.base)
+        train_csv, val_csv = work / "clean" / "train.csv", work / "clean" / "val.csv"
+        rounds = [train_and_test(work, "r000", train_csv, val_csv, params, None)]
         pools = sorted(p.name for p in (data / "unlabeled").iterdir())
-        rounds = []
-        for index, pool in enumerate(pools):  # one round per pool, as `dvc repro` runs them
-            name = f"r{index:03d}"
-            figures = train_and_test(
-                work,
-                name,
-                work / "clean" / "train.csv",
-                work / "clean" / "val.csv",
-                params,
-                pseudo_in,
-            )
+        for index, pool in enumerate(pools, start=1):
+            name, previous = f"r{index:03d}", f"r{index - 1:03d}"
             pm = pseudolabel.run(
                 round_name=name,
                 pool=pool,
                 data_dir=data,
-                model_dir=work / name / "model",
+                model_dir=work / previous / "model",
                 ingest_dir=work / "ingest",
                 pseudo_in=pseudo_in,
                 out_dir=work / name / "pseudo",
                 report_dir=work / name / "pseudo_report",
                 params=params,
             )
+            pseudo_in = work / name / "pseudo"
+            figures = train_and_test(work, name, train_csv, val_csv, params, pseudo_in)
             figures.update(
                 pseudo_share=pm["accepted"] / max(pm["candidates"], 1),
                 pseudo_accuracy=pm.get("pseudo_label_accuracy"),
                 pseudo_left=pm["left"],
             )
             rounds.append(figures)
-            result[name] = figures["test"]
-            pseudo_in = work / name / "pseudo"
+        for index, figures in enumerate(rounds):
+            result[f"r{index:03d}"] = figures["test"]
         result["rounds"] = rounds
         result["last"] = rounds[-1]["test"]
-        result["final_set_share"] = rounds[-1]["pseudo_share"]
-        result["final_set_accuracy"] = rounds[-1]["pseudo_accuracy"]
+        result["final_set_share"] = rounds[-1].get("pseudo_share", 0.0)
+        result["final_set_accuracy"] = rounds[-1].get("pseudo_accuracy")
         result["ceiling"] = train_and_test(
             work,
             "ceiling",
@@ -191,7 +189,9 @@ def report(results: list[dict]) -> str:
         lines.append(" | ".join(head + ["flagged P / R", "set share / accuracy by round", "s"]))
         for r in runs:
             sets = ", ".join(
-                f"{x['pseudo_share']:.2f}/{x['pseudo_accuracy'] or 0:.3f}" for x in r["rounds"]
+                f"{x['pseudo_share']:.2f}/{x['pseudo_accuracy'] or 0:.3f}"
+                for x in r["rounds"]
+                if "pseudo_share" in x
             )
             cells = (
                 [str(r["seed"])]

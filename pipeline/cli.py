@@ -196,10 +196,10 @@ def show_errors(
 
 @app.command("init-pseudo")
 def init_pseudo(
-    out: OutOpt = Path("artifacts/pseudo/init"),
+    out: OutOpt = Path("artifacts/rounds/r000/pseudo"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Write the empty pseudo-label set that round 0 trains with."""
+    """Write the empty pseudo-label set: round r000's, where the first pool round starts."""
     from pipeline.pseudolabel import init_pseudo as stage
 
     stage(out, load_params(params).base)
@@ -207,29 +207,41 @@ def init_pseudo(
 
 @app.command()
 def pseudolabel(
-    round_name: Annotated[str, typer.Option("--round", help="round name, e.g. r000")] = "r000",
-    pool: Annotated[str, typer.Option(help="pool folder name under data/unlabeled/")] = "pool_001",
-    pseudo_in: Annotated[Path, typer.Option(help="this round's pseudo-label input")] = Path(
-        "artifacts/pseudo/init"
+    round_name: Annotated[str, typer.Option("--round", help="the round trained on the result")] = (
+        "r001"
     ),
+    pool: Annotated[str, typer.Option(help="pool folder name under data/unlabeled/")] = "pool_001",
+    previous: Annotated[
+        str | None, typer.Option(help="round whose model labels (default: the one before)")
+    ] = None,
+    pseudo_in: Annotated[
+        Path | None, typer.Option(help="the previous round's set (default: its pseudo/ folder)")
+    ] = None,
     data_dir: DataOpt = Path("data"),
     ingest_dir: IngestOpt = Path("artifacts/ingest"),
-    model: Annotated[Path | None, typer.Option(help="the round's ensemble folder")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="the labeling ensemble (default: the previous round's)")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="pseudo-label set written")] = None,
     report: Annotated[Path | None, typer.Option(help="report folder")] = None,
     truth: TruthOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
-    """Re-score every pool so far with the round's ensemble; write the set the next round trains on."""
+    """Re-score every pool so far with the previous round's ensemble; write this round's set."""
     from pipeline import pseudolabel as stage
 
+    if previous is None:
+        number = round_name[1:]
+        if not (round_name.startswith("r") and number.isdigit() and int(number) > 0):
+            raise PipelineError(f"--round {round_name!r}: expected r001, r002, ... or --previous")
+        previous = f"r{int(number) - 1:03d}"
     return stage.run(
         round_name=round_name,
         pool=pool,
         data_dir=data_dir,
-        model_dir=model or Path(f"artifacts/rounds/{round_name}/model"),
+        model_dir=model or Path(f"artifacts/rounds/{previous}/model"),
         ingest_dir=ingest_dir,
-        pseudo_in=pseudo_in,
+        pseudo_in=pseudo_in or Path(f"artifacts/rounds/{previous}/pseudo"),
         out_dir=out or Path(f"artifacts/rounds/{round_name}/pseudo"),
         report_dir=report or Path(f"artifacts/reports/{round_name}/pseudolabel"),
         params=load_params(params),

@@ -261,8 +261,8 @@ class PseudolabelConfig:
 
 @dataclass(frozen=True)
 class RoundConfig:
-    pool: str = ""
-    pseudo_in: str = ""
+    pool: str = ""  # folder under data/unlabeled/ this round adds
+    previous: str = "r000"  # the round whose model labels the pools; r000 trains on humans only
 
 
 @dataclass(frozen=True)
@@ -283,6 +283,12 @@ class Params:
                 raise PipelineError(
                     f"rounds.{name}.pool: {entry.pool!r} must name a folder directly under "
                     f"data/unlabeled/ (no '/', no leading '.')"
+                )
+            if name == "r000" or not (entry.previous == "r000" or entry.previous in self.rounds):
+                raise PipelineError(
+                    f"rounds.{name}: r000 is the round trained on human labels only; a pool "
+                    f"round's `previous` ({entry.previous!r}) must be r000 or another round "
+                    f"(`python -m pipeline add-pool` writes these entries)"
                 )
         if self.augment.hsv.p > 0 and self.base.channels != 3:
             raise PipelineError(

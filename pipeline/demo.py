@@ -109,8 +109,8 @@ def write_rounds(params_path: Path, pools: list[str]) -> None:
     """Set params.yaml's `rounds` to one round per pool, in order (comments kept)."""
     rounds: dict[str, dict] = {}
     for pool in pools:
-        name, pseudo_in = next_round(rounds)
-        rounds[name] = {"pool": pool, "pseudo_in": pseudo_in}
+        name, previous = next_round(rounds)
+        rounds[name] = {"pool": pool, "previous": previous}
 
     def replace(doc) -> None:
         current = {k: dict(v) for k, v in (doc.get("rounds") or {}).items()}

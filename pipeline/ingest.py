@@ -128,12 +128,13 @@ def run(data_dir: Path, out_dir: Path, params: Params, truth_path: Path | None =
         )
     candidates, quarantine = scan_folder(data_dir, "labeled", by_class=True)
     splits = ["train"] * len(candidates)
-    has_test = (data_dir / "test").is_dir()
-    if has_test:
+    test_candidates, test_quarantine = [], []
+    if (data_dir / "test").is_dir():  # absent or empty: a held-out share of labeled below
         test_candidates, test_quarantine = scan_folder(data_dir, "test", by_class=True)
-        candidates += test_candidates
-        splits += ["test"] * len(test_candidates)
-        quarantine += test_quarantine
+    has_test = bool(test_candidates)
+    candidates += test_candidates
+    splits += ["test"] * len(test_candidates)
+    quarantine += test_quarantine
 
     scratch = out_dir / ".images.unfiltered"
     shard_mib = params.ingest.shard_mib

@@ -1,8 +1,10 @@
 """add-pool: register a folder of unlabeled images as the next semi-supervised round.
 
 Copies (or hard-links) the folder into data/unlabeled/<name>/, tracks it with DVC, and appends
-`rounds.rNNN: {pool, pseudo_in}` to params.yaml with its comments kept. `dvc repro` then runs
-only the new round's stages and `summarize`.
+`rounds.rNNN: {pool, previous}` to params.yaml with its comments kept: round rNNN's model trains
+on the human labels plus the pseudo-labels that the previous round's model gives every pool so
+far. Round r000 (human labels only) is not listed; it always runs. `dvc repro` then runs only
+the new round's stages and `summarize`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def next_round(rounds: dict) -> tuple[str, str]:
-    """(name, pseudo_in) of the round after `rounds` (ordered by name)."""
-    if not rounds:
-        return "r000", "artifacts/pseudo/init"
-    last = sorted(rounds)[-1]
-    return f"r{len(rounds):03d}", f"artifacts/rounds/{last}/pseudo"
+    """(name, previous) of the round after `rounds` (ordered by name; r000 is implicit)."""
+    last = sorted(rounds)[-1] if rounds else "r000"
+    return f"r{len(rounds) + 1:03d}", last
 
 
 def add_pool(
@@ -85,22 +85,22 @@ def add_pool(
             f"{source} is already in data/unlabeled/ under another name; use --name {source.name}"
         )
 
-    round_name, pseudo_in = next_round(rounds)
+    round_name, previous = next_round(rounds)
 
     def append_round(doc) -> None:
         if doc.get("rounds") is None:
             doc["rounds"] = {}
-        doc["rounds"][round_name] = {"pool": name, "pseudo_in": pseudo_in}
+        doc["rounds"][round_name] = {"pool": name, "previous": previous}
 
     edit_yaml(params_path, append_round)
     if register:
         dvc_add(data_dir, [f"unlabeled/{name}"])
     log.info(
-        "add-pool: %d images in %s; round %s trains on %s",
+        "add-pool: %d images in %s; round %s trains on the pseudo-labels of %s's model",
         len(images),
         target,
         round_name,
-        pseudo_in,
+        previous,
     )
     return {"pool": name, "round": round_name, "images": len(images), "stale": stale_stages()}
 

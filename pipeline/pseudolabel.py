@@ -1,20 +1,20 @@
-"""pseudolabel stage: every pool so far is re-scored; confident predictions join the next round.
+"""pseudolabel stage: every pool so far is re-scored; confident predictions join this round's set.
 
-Reads   data/unlabeled/<pool>/** (the round's new pool), the round's ensemble (calibrated on
-        validation), <ingest>/manifest.csv + classes.json, the round's pseudo-label input (every
-        earlier pool's images and decisions), data/truth.csv (optional)
+Reads   data/unlabeled/<pool>/** (the round's new pool), the previous round's ensemble
+        (calibrated on validation) and pseudo-label set (every earlier pool's images and
+        decisions), <ingest>/manifest.csv + classes.json, data/truth.csv (optional)
 Writes  <out>/table.csv + images/   every pool image so far (eligible ones), its prediction, and
-                                    whether it is in the set the next round trains on, with
+                                    whether it is in the set this round trains on, with
                                     provenance: pool, the round it joined, the round it left
         <out>/pools.json            the pools scored so far, in round order
         <report>/metrics.json, candidates.csv, quarantine.csv, confidence.png, report.html
 Params  base, ingest.max_image_pixels, ingest.shard_mib, pseudolabel
 
-Round k predicts the pools of rounds <= k with its own, better model: an image rejected before
-may join, and an accepted label the new model no longer supports (another class, or under the
+Round k's set comes from the pools of rounds <= k, predicted by round k-1's model, which
+trained on the set before: an image rejected before may join, and an accepted label the new model no longer supports (another class, or under the
 bar) leaves the set. The `curriculum` policy admits a growing top share of each predicted class
 (Curriculum Labeling, Cascante-Bandera et al. 2021), so no class floods the training set.
-Also `init_pseudo`, which writes the empty set round 0 starts from.
+Also `init_pseudo`, which writes the empty set of round r000 (human labels only).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ PSEUDO_COLUMNS = [
     "predicted",
     "confidence",
     "threshold",
-    "accepted",  # in the set the next round trains on
+    "accepted",  # in the set this round trains on
     "label",  # the accepted label ("" when not accepted)
     "joined",  # round the current label joined ("" if never accepted)
     "left",  # round the row last left the set ("" if it never left)
@@ -175,7 +175,7 @@ def provenance(
 
 
 def init_pseudo(out_dir: Path, base: BaseConfig) -> None:
-    """The empty pseudo-label set round 0 trains with."""
+    """The empty pseudo-label set: round r000 trains on human labels only."""
     with atomic_dir(out_dir) as tmp:
         write_table(tmp / "table.csv", pd.DataFrame(columns=PSEUDO_COLUMNS))
         ShardWriter(tmp / "images", (base.image_size, base.image_size, base.channels)).close()
@@ -480,9 +480,9 @@ def render(round_name, pools, metrics, candidates, images, folder, limit) -> str
     body = (
         f"<h1>Pseudo-labels &middot; round {report.esc(round_name)} &middot; pools "
         f"{report.esc(', '.join(pools))}</h1>"
-        "<p class='muted'>This round's ensemble (temperature-calibrated on validation) re-scores "
-        "every pool so far. The images it is confident about form the set the next round trains "
-        "on: some join, and labels it no longer supports leave. Accepted samples are shown least "
+        "<p class='muted'>The previous round's ensemble (temperature-calibrated on validation) "
+        "re-scores every pool so far. The images it is confident about form the set this round "
+        "trains on: some join, and labels it no longer supports leave. Accepted samples are shown least "
         "confident first: that is where mistakes hide.</p>"
         + report.cards(cards)
         + f"<p><img class='plot' alt='confidence histogram' src='{report.file_uri(folder / 'confidence.png')}'></p>"

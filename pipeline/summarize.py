@@ -176,9 +176,10 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder) -> str
     ]
     body = (
         "<h1>Dataset improvement rounds</h1>"
-        "<p class='muted'>Each round trains on the cleaned human labels plus the pseudo-label set the "
-        "round before it wrote, and is tested on the same held-out test split. After training, a "
-        "round re-scores every pool so far: its set is what the next round trains on.</p>"
+        "<p class='muted'>Round r000 trains on the cleaned human labels. Each later round adds a "
+        "pool: the round before it re-scores every pool so far, and the round trains on the human "
+        "labels plus the images that model is confident about. Every round is tested on the same "
+        "held-out test split.</p>"
         f"<p><img class='plot' alt='rounds plot' src='{report.file_uri(folder / 'rounds.png')}'></p>"
         + report.table(
             [

@@ -2,7 +2,7 @@
 
 Reads   the cleaned training table and the validation table (clean stage) + packed images,
         classes.json, the augment stage's policy, the round's pseudo-label input folder
-        (table.csv + images/: the accepted rows are trained on; none in round 0)
+        (table.csv + images/: the accepted rows are trained on; none in r000)
 Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at prediction,
                                               and the temperature fitted on validation
         <report>/diagnostics.json, diagnostics.png, warnings.json, config.json, per_class.csv

@@ -2,7 +2,7 @@
 
 `dvc exp run --queue -S key=value` queues one experiment per mesh point and `dvc queue start`
 runs them: DVC's own experiment engine, not a home-made scheduler. Experiments target
-`train@r000`, and the score is its validation accuracy (never the test split). The user's
+the `train` stage (round r000, human labels only), and the score is its validation accuracy (never the test split). The user's
 params.yaml is left unchanged; `--apply NAME` writes a chosen experiment's values into it.
 
 Batch size is locked by default: it changes the noise scale of every step, so the best
@@ -33,7 +33,7 @@ from pipeline.io import Rows, atomic_dir, edit_yaml, read_array, read_json, read
 
 log = logging.getLogger(__name__)
 
-TARGET = "train@r000"
+TARGET = "train"
 METRICS_FILE = "artifacts/rounds/r000/live/metrics.json"
 DEFAULT_METRIC = "ensemble_val_acc"
 LOCKED = {"train.batch_size"}

@@ -241,7 +241,9 @@ DEMO_METRICS = [
     "artifacts/clean/metrics.json",
     "artifacts/reports/r000/evaluate/metrics.json",
     "artifacts/reports/r001/evaluate/metrics.json",
+    "artifacts/reports/r002/evaluate/metrics.json",
     "artifacts/reports/r001/pseudolabel/metrics.json",
+    "artifacts/reports/r002/pseudolabel/metrics.json",
     "artifacts/summary/metrics.json",
 ]
 

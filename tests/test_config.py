@@ -16,7 +16,7 @@ from .conftest import ROOT, write_params
 def test_project_params_load():
     params = load_params(ROOT / "params.yaml")
     assert params.train.model.blocks == (1, 1, 1)
-    assert set(params.rounds) == {"r000", "r001"}
+    assert set(params.rounds) == {"r001", "r002"}
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,12 @@ def test_every_value_tune_queues_is_read_back_as_the_same_number(tmp_path):
 
 def test_a_pool_outside_data_unlabeled_is_refused_naming_the_key(tmp_path, record):
     for pool in ("../../x", "a/b", ".hidden", ""):
-        path = write_params(tmp_path, {"rounds": {"r000": {"pool": pool, "pseudo_in": "x"}}})
-        with pytest.raises(PipelineError, match=r"rounds\.r000\.pool: .* directly under"):
+        path = write_params(tmp_path, {"rounds": {"r001": {"pool": pool, "previous": "r000"}}})
+        with pytest.raises(PipelineError, match=r"rounds\.r001\.pool: .* directly under"):
             load_params(path)
     record("params", "a round's pool outside data/unlabeled/", "refused with the key path", 4)
+    for rounds in ({"r000": {"pool": "a"}}, {"r001": {"pool": "a", "previous": "r005"}}):
+        path = write_params(tmp_path, {"rounds": rounds})
+        with pytest.raises(PipelineError, match=r"rounds\.r00.: r000 is the round trained on"):
+            load_params(path)
+    record("params", "a round named r000 or following an unknown round", "refused, named", 2)

@@ -8,12 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
 from .conftest import ROOT, dvc, sh, stages_ran, stale, tree_hash
 
 pytestmark = pytest.mark.slow
+
+TRAIN_ROUNDS = {"train_round@r001", "train_round@r002"}
 
 
 @pytest.fixture(scope="module")
@@ -29,22 +32,24 @@ def test_demo_repro_runs_every_stage_and_reports(repo):
         "clean",
         "augment",
         "init_pseudo",
-        "train@r000",
-        "evaluate@r000",
-        "pseudolabel@r000",
-        "train@r001",
-        "evaluate@r001",
+        "train",
+        "evaluate",
         "pseudolabel@r001",
+        "train_round@r001",
+        "evaluate_round@r001",
+        "pseudolabel@r002",
+        "train_round@r002",
+        "evaluate_round@r002",
         "summarize",
     }
     clean = json.loads((root / "artifacts/clean/metrics.json").read_text())
     assert clean["truth"]["truly_wrong"] > 0 and clean["label_issues"] > 0
     summary = json.loads((root / "artifacts/summary/metrics.json").read_text())
-    assert summary["rounds"] == 2 and summary["test_accuracy"] > 0.8
+    assert summary["rounds"] == 3 and summary["test_accuracy"] > 0.8
     for report in (
         "artifacts/clean/report.html",
-        "artifacts/reports/r001/evaluate/report.html",
-        "artifacts/reports/r000/pseudolabel/report.html",
+        "artifacts/reports/r002/evaluate/report.html",
+        "artifacts/reports/r001/pseudolabel/report.html",
         "artifacts/summary/index.html",
     ):
         assert (root / report).stat().st_size > 2000
@@ -74,19 +79,20 @@ def test_second_repro_does_nothing(repo):
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        ("pipeline/train.py", {"train@r000", "train@r001"}),  # imported by training only
-        ("pipeline/feed.py", {"clean", "train@r000", "train@r001"}),  # batches: K-fold too
+        ("pipeline/train.py", {"train", *TRAIN_ROUNDS}),  # imported by training only
+        ("pipeline/feed.py", {"clean", "train", *TRAIN_ROUNDS}),  # batches: K-fold too
         (
             "pipeline/calibration.py",
             {
                 "clean",
-                "train@r000",
-                "train@r001",
-                "evaluate@r000",
-                "evaluate@r001",
-                "pseudolabel@r000",
-                "pseudolabel@r001",
                 "init_pseudo",
+                "train",
+                "evaluate",
+                "pseudolabel@r001",
+                "pseudolabel@r002",
+                "evaluate_round@r001",
+                "evaluate_round@r002",
+                *TRAIN_ROUNDS,
             },
         ),  # fmt: skip
         ("pipeline/summarize.py", {"summarize"}),
@@ -138,7 +144,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_every_output(repo, tmp_path,
         sys.executable,
         "-c",
         "from pipeline.ensemble import load_ensemble; "
-        "print(len(load_ensemble('artifacts/rounds/r001/model').models))",
+        "print(len(load_ensemble('artifacts/rounds/r002/model').models))",
     )
     assert int(loaded.stdout) >= 1
     record(
@@ -157,18 +163,15 @@ def test_add_pool_then_repro_runs_only_the_new_round_and_summary(repo, tmp_path)
         image = np.roll((digits.images[i] * 16).clip(0, 255).astype(np.uint8), 1, axis=1)
         Image.fromarray(image).save(incoming / f"shifted_{i}.png")
     added = sh(root, sys.executable, "-m", "pipeline", "add-pool", str(incoming))
-    assert "round r002" in added.stdout
+    assert "round r003" in added.stdout
     status = stale(root)
     # Only the new round is out of date; summarize follows once its reports change.
-    assert {k for k in status if not k.endswith(".dvc")} == {
-        "train@r002",
-        "evaluate@r002",
-        "pseudolabel@r002",
-    }, status
+    new_round = {"pseudolabel@r003", "train_round@r003", "evaluate_round@r003"}
+    assert {k for k in status if not k.endswith(".dvc")} == new_round, status
     output = dvc(root, "repro").stdout
-    assert stages_ran(output) == {"train@r002", "evaluate@r002", "pseudolabel@r002", "summarize"}
+    assert stages_ran(output) == new_round | {"summarize"}
     summary = json.loads((root / "artifacts/summary/metrics.json").read_text())
-    assert summary["rounds"] == 3
+    assert summary["rounds"] == 4
 
 
 def test_changing_one_image_reruns_ingest(repo):
@@ -186,7 +189,7 @@ def test_a_project_without_truth_or_overrides_runs_with_audit_figures_absent(rep
     for name in ("data/truth.csv", "data/truth.csv.dvc", "data/overrides.csv"):
         (project / name).unlink(missing_ok=True)
     output = dvc(project, "repro").stdout
-    assert {"ingest", "clean", "pseudolabel@r000", "summarize"} <= stages_ran(output)
+    assert {"ingest", "clean", "pseudolabel@r001", "summarize"} <= stages_ran(output)
     assert stale(project) == {}
     clean = json.loads((project / "artifacts/clean/metrics.json").read_text())
     pseudo = json.loads((project / "artifacts/reports/r001/pseudolabel/metrics.json").read_text())
@@ -196,5 +199,39 @@ def test_a_project_without_truth_or_overrides_runs_with_audit_figures_absent(rep
     # adding the file back makes exactly what it feeds stale, once `audit` has copied it
     shutil.copy(repo[0] / "data/truth.csv", project / "data/truth.csv")
     dvc(project, "repro", "audit")
-    rounds = {f"pseudolabel@r{i:03d}" for i in range(3)}  # r002 came with add-pool above
+    rounds = {f"pseudolabel@r{i:03d}" for i in (1, 2, 3)}  # r003 came with add-pool above
     assert set(stale(project)) == {"ingest"} | rounds
+
+
+def test_a_users_first_project_has_no_test_split_no_pool_and_no_extras(repo, tmp_path):
+    """As a user starts: labeled images only. r000 still trains and is evaluated on a held-out
+    share of the labeled images; the first add-pool then runs only the new round."""
+    project = tmp_path / "first"
+    shutil.copytree(repo[0], project, symlinks=True)
+    for name in ("data/test", "data/unlabeled", "artifacts"):
+        shutil.rmtree(project / name)
+    for name in ("data/test.dvc", "data/truth.csv", "data/truth.csv.dvc", "dvc.lock"):
+        (project / name).unlink(missing_ok=True)
+    for pool_file in (project / "data").glob("unlabeled*.dvc"):
+        pool_file.unlink()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["rounds"] = {}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    output = dvc(project, "repro").stdout  # init_pseudo comes from DVC's run cache
+    assert stages_ran(output) == {"ingest", "clean", "augment", "train", "evaluate", "summarize"}
+    assert (project / "data/test").is_dir() and not any((project / "data/test").iterdir())
+    ingest = json.loads((project / "artifacts/ingest/metrics.json").read_text())
+    summary = json.loads((project / "artifacts/summary/metrics.json").read_text())
+    assert ingest["test_images"] > 0 and summary["rounds"] == 1
+    assert (project / "artifacts/reports/r000/evaluate/report.html").is_file()
+    assert stale(project) == {}
+
+    pool = repo[0] / "data/unlabeled/pool_001"
+    sh(project, sys.executable, "-m", "pipeline", "add-pool", str(pool))
+    output = dvc(project, "repro").stdout
+    assert stages_ran(output) == {
+        "pseudolabel@r001", "train_round@r001", "evaluate_round@r001", "summarize"
+    }  # fmt: skip
+    pseudo = json.loads((project / "artifacts/reports/r001/pseudolabel/metrics.json").read_text())
+    assert pseudo["candidates"] > 0 and "pseudo_label_accuracy" not in pseudo

@@ -28,11 +28,11 @@ def test_appends_the_next_round_and_keeps_comments(workspace):
         params_path=workspace / "params.yaml",
         register=False,
     )
-    assert result["pool"] == "pool_003" and result["round"] == "r002" and result["images"] == 3
+    assert result["pool"] == "pool_003" and result["round"] == "r003" and result["images"] == 3
     text = (workspace / "params.yaml").read_text()
     assert "# One entry per unlabeled pool" in text and "# seeds numpy" in text
     rounds = yaml.safe_load(text)["rounds"]
-    assert rounds["r002"] == {"pool": "pool_003", "pseudo_in": "artifacts/rounds/r001/pseudo"}
+    assert rounds["r003"] == {"pool": "pool_003", "previous": "r002"}
     assert (workspace / "data" / "unlabeled" / "pool_003" / "deep").is_dir()
     assert (workspace / "incoming" / "deep").is_dir()  # the source is copied, not moved
 
@@ -79,6 +79,6 @@ def test_refuses_bad_pools(workspace, source, name, message, record):
     )
 
 
-def test_first_round_starts_from_the_empty_set():
-    assert next_round({}) == ("r000", "artifacts/pseudo/init")
-    assert next_round({"r000": {}, "r001": {}}) == ("r002", "artifacts/rounds/r001/pseudo")
+def test_the_first_pool_round_follows_the_human_labels_round():
+    assert next_round({}) == ("r001", "r000")
+    assert next_round({"r001": {}, "r002": {}}) == ("r003", "r002")

@@ -74,7 +74,7 @@ def test_grid_runs_through_the_real_dvc_queue_and_refine_proposes_points_around_
     sh(tmp_path, *dvc, "add", "-q", "data/labeled", "data/test", "data/truth.csv")
     sh(tmp_path, "git", "add", "-A")
     sh(tmp_path, "git", "commit", "-qm", "project")
-    sh(tmp_path, *dvc, "repro", "train@r000")
+    sh(tmp_path, *dvc, "repro", "train")
     sh(tmp_path, "git", "add", "-A")
     sh(tmp_path, "git", "commit", "-qm", "round 0")
     params_before = (tmp_path / "params.yaml").read_text()
