@@ -193,20 +193,45 @@ def decide(
     return out
 
 
+def guarded_policy(
+    labels: np.ndarray, pred_probs: np.ndarray, policy: str, max_noise_rate: float
+) -> tuple[str, str]:
+    """(policy to apply, warning or ""): flag only when the K-fold models are too weak to judge.
+
+    When the estimated share of wrong labels is implausibly high, the usual cause is that the
+    K-fold models barely beat chance (too few images, a recipe unfit for the data), not that most
+    labels are wrong; dropping or relabeling would then throw away good labels.
+    """
+    noise = float(1.0 - np.trace(estimate_joint(labels, pred_probs)))
+    if noise <= max_noise_rate or policy == "flag":
+        return policy, ""
+    accuracy = float((pred_probs.argmax(1) == labels).mean())
+    chance = float(np.bincount(labels).max() / len(labels))
+    return "flag", (
+        f"the K-fold models estimate {noise:.0%} of the labels as wrong (above clean.max_noise_rate "
+        f"{max_noise_rate}) and agree with only {accuracy:.0%} of the given labels (majority class: "
+        f"{chance:.0%}); that usually means the models are too weak to judge the labels, not that "
+        f"the labels are that bad. Nothing was dropped or relabeled (clean.policy {policy!r} "
+        f"applied as 'flag'); review artifacts/clean/report.html, and check base.image_size, "
+        f"base.channels and train.model before trusting the flags."
+    )
+
+
 def validation_labels(
-    decided: pd.DataFrame, *, relabel_threshold: float
+    decided: pd.DataFrame, *, relabel_threshold: float, trust_model: bool = True
 ) -> tuple[pd.Series, pd.Series]:
     """(label scored against, scored?) for validation rows, whatever clean.policy says.
 
     Overrides win; a flagged label is replaced by a confident suggestion, otherwise the row
-    is left out of the score.
+    is left out of the score. Without trust_model (the noise guard tripped) flagged rows keep
+    their given label and are scored.
     """
     label = decided["given_label"].copy()
     scored = pd.Series(True, index=decided.index)
     for idx, row in decided.iterrows():
         if row["reason"].startswith("override:"):
             label[idx], scored[idx] = row["label"], row["decision"] != "drop"
-        elif row["label_issue"]:
+        elif row["label_issue"] and trust_model:
             confident = row["suggested_prob"] >= relabel_threshold
             label[idx], scored[idx] = row["suggested_label"], confident
     return label, scored
@@ -346,15 +371,20 @@ def run(
     }
     types.update({k: flags[k].to_numpy() for k in QUALITY_CHECKS})
     issues["issue_types"] = [";".join(t for t in types if types[t][i]) for i in range(len(issues))]
+    policy, guard = guarded_policy(labels, pred_probs, cfg.policy, cfg.max_noise_rate)
+    if guard:
+        log.warning("clean: WARNING %s", guard)
     decided = decide(
         issues,
         classes,
-        policy=params.clean.policy,
+        policy=policy,
         relabel_threshold=params.clean.relabel_threshold,
     )
     decided, unmatched = apply_overrides(decided, overrides)
     val = decided[is_val].copy()
-    val["label"], val["scored"] = validation_labels(val, relabel_threshold=cfg.relabel_threshold)
+    val["label"], val["scored"] = validation_labels(
+        val, relabel_threshold=cfg.relabel_threshold, trust_model=not guard
+    )
     decided.loc[is_val, "decision"] = np.where(val["scored"], "validate", "unscored")
     decided.loc[is_val, "label"] = val["label"]  # what the row is scored against
 
@@ -376,6 +406,8 @@ def run(
     cleaned = kept[["id", "path", "row", "label", "given_label", "decision"]]
 
     metrics = clean_metrics(labels, pred_probs, decided, types, classes, unmatched)
+    metrics["policy_applied"] = policy
+    metrics["guard"] = guard
     metrics["validation"] = {
         "rows": len(val),
         "scored": int(val["scored"].sum()),

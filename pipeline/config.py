@@ -230,6 +230,9 @@ class CleanConfig:
     )
     policy: str = choice("relabel", "drop", "flag")
     relabel_threshold: float = prob(0.9)  # out-of-sample confidence needed to relabel
+    # Above this estimated noise rate the K-fold models are presumed too weak to judge labels:
+    # nothing is dropped or relabeled (clean.policy acts as flag) and a warning says why.
+    max_noise_rate: float = prob(0.4)
     near_duplicate_distance: float = num(0.005, 0.0, 1.0)  # cosine distance of embeddings
     outlier_quantile: float = num(0.01, 0.0, 0.5)  # lowest outlier scores flagged
     quality_z: float = num(4.0, 1.0, 100.0)  # robust z-score for dark/light/blurry/low-info

@@ -190,3 +190,15 @@ def test_validation_rows_are_carved_before_cleaning_and_scored_by_the_rule(proje
     unflagged = rows[rows["label_issue"] == "False"]
     assert (unflagged["label"] == unflagged["given_label"]).all()
     assert (unflagged["scored"] == "True").all()
+
+
+def test_noise_guard_falls_back_to_flag_when_the_folds_are_near_chance():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 30)
+    near_chance = rng.dirichlet(np.ones(10), size=len(labels)).astype(np.float32)
+    policy, warning = clean.guarded_policy(labels, near_chance, "relabel", 0.4)
+    assert policy == "flag" and "clean.max_noise_rate" in warning
+    confident = np.full((len(labels), 10), 0.01, np.float32)
+    confident[np.arange(len(labels)), labels] = 0.91
+    assert clean.guarded_policy(labels, confident, "relabel", 0.4) == ("relabel", "")
+
