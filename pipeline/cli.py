@@ -288,6 +288,41 @@ def add_pool(
     return result
 
 
+@app.command()
+def init(
+    source: Annotated[Path, typer.Argument(help="folder of class folders, or a path,label CSV")],
+    test: Annotated[
+        Path | None, typer.Option(help="folder of class folders of test images")
+    ] = None,
+    pool: Annotated[
+        list[str] | None, typer.Option(help="NAME=DIR, a folder of unlabeled images; repeat")
+    ] = None,
+    link: Annotated[
+        bool, typer.Option("--link", help="hard-link files instead of copying")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="move a dataset already in data/ aside")
+    ] = False,
+    data_dir: DataOpt = Path("data"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """Bring your own images into data/ (copied, tracked with DVC) and write params that fit
+    them: image size, channels, HSV shifts, one round per pool."""
+    from pipeline import init as stage
+
+    summary = stage.run(
+        source,
+        test=test,
+        pools=pool,
+        link=link,
+        force=force,
+        data_dir=data_dir,
+        params_path=params,
+    )
+    typer.echo(stage.describe(summary))
+    return summary
+
+
 @app.command("lr-find")
 def lr_find(
     table: Annotated[Path, typer.Option(help="training table")] = Path("artifacts/clean/train.csv"),

@@ -190,6 +190,10 @@ class TrainConfig:
     momentum: float = num(0.9, 0.0, 0.9999)  # SGD only
     weight_decay: float = num(5e-4, 0.0, 1.0)  # L2
     l1: float = num(0.0, 0.0, 1.0)  # L1 penalty on weights, added to the loss
+    # Against the wrong labels cleaning misses: soft targets, and mixup (Zhang et al. 2018),
+    # which blends pairs of images and their labels; both keep a model from memorizing a label.
+    label_smoothing: float = num(0.0, 0.0, 0.5)
+    mixup: float = num(0.0, 0.0, 10.0)  # Beta(a, a) mixing weights; 0 = off
     batch_size: int = num(64, 1, 65536)
     epochs: int = num(20, 1, 10000)
     # At least this many optimizer steps in all: a small set is passed over several times per

@@ -22,8 +22,8 @@ from sklearn.datasets import load_digits
 
 from pipeline.config import Params
 from pipeline.errors import PipelineError
-from pipeline.io import dvc_add, edit_yaml, write_table
-from pipeline.pools import next_round
+from pipeline.io import dvc_add, write_table
+from pipeline.pools import write_rounds
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +103,3 @@ def run(
     if register:
         dvc_add(data_dir, ["labeled", "test", "truth.csv"] + [f"unlabeled/{p}" for p in pools])
     return counts
-
-
-def write_rounds(params_path: Path, pools: list[str]) -> None:
-    """Set params.yaml's `rounds` to one round per pool, in order (comments kept)."""
-    rounds: dict[str, dict] = {}
-    for pool in pools:
-        name, previous = next_round(rounds)
-        rounds[name] = {"pool": pool, "previous": previous}
-
-    def replace(doc) -> None:
-        current = {k: dict(v) for k, v in (doc.get("rounds") or {}).items()}
-        if current != rounds:
-            doc["rounds"] = rounds
-
-    edit_yaml(params_path, replace)

@@ -91,10 +91,19 @@ def train_one_epoch(
     seen, grad_norms = 0, []
     last = len(batches) - 1
     ratios: dict[str, float] = {}
+    mix = torch.distributions.Beta(cfg.mixup, cfg.mixup) if cfg.mixup > 0 else None
     for step, (x, y) in enumerate(batches):
+        if mix is not None:  # blend each image and its label with another of the batch
+            share = mix.sample().item()
+            partner = torch.randperm(len(y)).to(device)
+            x = share * x + (1 - share) * x[partner]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if mix is not None:
+                loss = share * loss + (1 - share) * F.cross_entropy(
+                    logits, y[partner], label_smoothing=cfg.label_smoothing
+                )
         objective = loss + cfg.l1 * l1_penalty(model) if cfg.l1 > 0 else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()

@@ -123,3 +123,18 @@ def _free_name(unlabeled: Path, in_use: set[str]) -> str:
     while (unlabeled / f"pool_{n:03d}").exists() or f"pool_{n:03d}" in in_use:
         n += 1
     return f"pool_{n:03d}"
+
+
+def write_rounds(params_path: Path, pools: list[str]) -> None:
+    """Set params.yaml's `rounds` to one round per pool, in order (comments kept)."""
+    rounds: dict[str, dict] = {}
+    for pool in pools:
+        name, previous = next_round(rounds)
+        rounds[name] = {"pool": pool, "previous": previous}
+
+    def replace(doc) -> None:
+        current = {k: dict(v) for k, v in (doc.get("rounds") or {}).items()}
+        if current != rounds:
+            doc["rounds"] = rounds
+
+    edit_yaml(params_path, replace)

@@ -201,4 +201,3 @@ def test_noise_guard_falls_back_to_flag_when_the_folds_are_near_chance():
     confident = np.full((len(labels), 10), 0.01, np.float32)
     confident[np.arange(len(labels)), labels] = 0.91
     assert clean.guarded_policy(labels, confident, "relabel", 0.4) == ("relabel", "")
-
