@@ -43,6 +43,7 @@ from pipeline.device import pick_device
 from pipeline.ensemble import predict_proba
 from pipeline.errors import PipelineError
 from pipeline.feed import Samples, training_augmentation
+from pipeline.images import thumbnail
 from pipeline.inputs import confine, stratified_holdout
 from pipeline.io import (
     read_array,
@@ -426,7 +427,10 @@ def run(
     write_json(
         out_dir / "params.json", {"base": to_dict(params.base), "clean": to_dict(params.clean)}
     )
-    write_text(out_dir / "report.html", render(decided, images, metrics, params.clean.gallery_size))
+    write_text(
+        out_dir / "report.html",
+        render(decided, images, metrics, params.clean.gallery_size, data_dir),
+    )
     truth = metrics.get("truth", {})
     log.info(
         "clean: %d label issues of %d (%s), %d dropped, %d relabeled%s",
@@ -475,7 +479,9 @@ def clean_metrics(labels, pred_probs, decided, types, classes, unmatched) -> dic
     return metrics
 
 
-def render(decided: pd.DataFrame, images: np.ndarray, metrics: dict, limit: int) -> str:
+def render(
+    decided: pd.DataFrame, images: np.ndarray, metrics: dict, limit: int, data_dir: Path
+) -> str:
     flagged = decided[decided["issue_types"] != ""].sort_values("label_quality")
     truth = metrics.get("truth")
     summary = [
@@ -498,8 +504,8 @@ def render(decided: pd.DataFrame, images: np.ndarray, metrics: dict, limit: int)
             verdict = f"<div class='{'good' if ok == row.label_issue else 'bad'}'>truth: {report.esc(row.true_label)}</div>"
         tiles.append(
             "<div class='tile'>"
-            f"<img alt='' src='{report.image_uri(images[int(row.row)])}'>"
-            f"<div>given <b>{report.esc(row.given_label)}</b> &rarr; suggested <b>{report.esc(row.suggested_label)}</b> "
+            + report.pictures(images[int(row.row)], thumbnail(data_dir / row.path))
+            + f"<div>given <b>{report.esc(row.given_label)}</b> &rarr; suggested <b>{report.esc(row.suggested_label)}</b> "
             f"({row.suggested_prob:.2f})</div>"
             f"<div>quality {row.label_quality:.3f} &middot; {report.esc(row.issue_types.replace(';', ', '))}</div>"
             f"<div>decision: <b>{report.esc(row.decision)}</b></div>{verdict}"

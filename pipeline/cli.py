@@ -162,6 +162,7 @@ def evaluate(
     train_report: Annotated[
         Path | None, typer.Option("--train-report", help="the round's train report (warnings)")
     ] = None,
+    data_dir: DataOpt = Path("data"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Test metrics, confusion matrix, calibration, slices and the misclassified-sample report."""
@@ -170,7 +171,9 @@ def evaluate(
     model = model or Path(f"artifacts/rounds/{round_name}/model")
     out = out or Path(f"artifacts/reports/{round_name}/evaluate")
     train_report = train_report or out.parent / "train"
-    return stage.run(model, ingest_dir, train_report, out, load_params(params), round_name)
+    return stage.run(
+        model, ingest_dir, train_report, out, load_params(params), round_name, data_dir
+    )
 
 
 @app.command("show-errors")

@@ -193,7 +193,7 @@ class TrainConfig:
     # Against the wrong labels cleaning misses: soft targets, and mixup (Zhang et al. 2018),
     # which blends pairs of images and their labels; both keep a model from memorizing a label.
     label_smoothing: float = num(0.0, 0.0, 0.5)
-    mixup: float = num(0.0, 0.0, 10.0)  # Beta(a, a) mixing weights; 0 = off
+    mixup: float = num(0.4, 0.0, 10.0)  # Beta(a, a) mixing weights; 0 = off
     batch_size: int = num(64, 1, 65536)
     epochs: int = num(20, 1, 10000)
     # At least this many optimizer steps in all: a small set is passed over several times per

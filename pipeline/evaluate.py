@@ -30,6 +30,7 @@ from pipeline.calibration import apply_temperature, expected_calibration_error
 from pipeline.config import Params, to_dict
 from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
+from pipeline.images import thumbnail
 from pipeline.io import (
     Rows,
     atomic_dir,
@@ -177,6 +178,7 @@ def run(
     out_dir: Path,
     params: Params,
     round_name: str,
+    data_dir: Path = Path("data"),
 ) -> dict:
     ensemble = load_ensemble(model_dir)
     classes = read_json(ingest_dir / "classes.json")
@@ -254,6 +256,7 @@ def run(
             test_images,
             tmp,
             params.evaluate.gallery_size,
+            data_dir,
         )
         write_text(tmp / "report.html", html)
     log.info(
@@ -267,11 +270,11 @@ def run(
     return metrics
 
 
-def _tile(row, image: np.ndarray) -> str:
+def _tile(row, image: np.ndarray, original: np.ndarray | None) -> str:
     return (
         "<div class='tile'>"
-        f"<img alt='' src='{report.image_uri(image)}'>"
-        f"<div>true <b>{report.esc(row.actual)}</b> &middot; predicted <b class='bad'>{report.esc(row.predicted)}</b></div>"
+        + report.pictures(image, original)
+        + f"<div>true <b>{report.esc(row.actual)}</b> &middot; predicted <b class='bad'>{report.esc(row.predicted)}</b></div>"
         f"<div>confidence {row.confidence:.2f} &middot; runner-up {report.esc(row.runner_up)} ({row.runner_up_prob:.2f})</div>"
         f"<div class='path'>{report.esc(row.path)}</div></div>"
     )
@@ -290,11 +293,14 @@ def render(
     images,
     folder,
     limit,
+    data_dir,
 ) -> str:
     wrong = predictions[~predictions["correct"].astype(bool)].sort_values(
         "confidence", ascending=False
     )
-    tiles = {r.Index: _tile(r, images[r.Index]) for r in wrong.itertuples()}
+    # the files as people know them, for the gallery's most confident mistakes
+    originals = {r.Index: thumbnail(data_dir / r.path) for r in wrong.head(limit).itertuples()}
+    tiles = {r.Index: _tile(r, images[r.Index], originals.get(r.Index)) for r in wrong.itertuples()}
     cells = []
     index = {c: i for i, c in enumerate(classes)}
     for (actual, predicted), group in wrong.groupby(["actual", "predicted"], sort=False):

@@ -15,6 +15,7 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -83,6 +84,29 @@ def decode(data: bytes, *, image_size: int, channels: int, resize: str, max_pixe
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return Decoded(pixels, sha256, width, height, mode, "; ".join(notes))
+
+
+THUMBNAIL_MAX_PIXELS = 100_000_000  # reports never decode a larger file
+
+
+def thumbnail(path: Path, max_side: int = 96) -> np.ndarray | None:
+    """The file as a person knows it, for reports: EXIF orientation applied, colour kept, at
+    most max_side px (aspect kept). None when it cannot be read (reports then show only the
+    model input). JPEGs are decoded at a reduced scale."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+                if not 0 < width * height <= THUMBNAIL_MAX_PIXELS:
+                    return None
+                image.draft("RGB", (max_side, max_side))
+                image = ImageOps.exif_transpose(image)
+                image = image.convert("RGB" if image.mode not in ("L", "1", "I;16") else "L")
+                image.thumbnail((max_side, max_side))
+                return np.asarray(image, dtype=np.uint8)
+        except Exception:  # noqa: BLE001 - a missing or broken file only costs the picture
+            return None
 
 
 def _normalize_mode(image: Image.Image, channels: int) -> tuple[Image.Image, str]:

@@ -32,6 +32,7 @@ from pipeline import report
 from pipeline.config import BaseConfig, Params, PseudolabelConfig, to_dict
 from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
+from pipeline.images import thumbnail
 from pipeline.inputs import QUARANTINE_COLUMNS, pack, read_truth, scan_folder
 from pipeline.io import (
     ShardWriter,
@@ -330,7 +331,7 @@ def run(
         plot_confidence(tmp / "confidence.png", candidates)
         write_text(
             tmp / "report.html",
-            render(round_name, pools, metrics, candidates, images, tmp, cfg.gallery_size),
+            render(round_name, pools, metrics, candidates, images, tmp, cfg.gallery_size, data_dir),
         )
     acc = metrics.get("pseudo_label_accuracy")
     log.info(
@@ -427,7 +428,7 @@ def plot_confidence(path: Path, candidates: pd.DataFrame) -> None:
     plt.close(fig)
 
 
-def _tile(row, image: np.ndarray) -> str:
+def _tile(row, image: np.ndarray, data_dir: Path) -> str:
     truth = ""
     if row.true_label:
         ok = row.true_label == row.predicted
@@ -438,19 +439,20 @@ def _tile(row, image: np.ndarray) -> str:
         else ""
     )
     return (
-        f"<div class='tile'><img alt='' src='{report.image_uri(image)}'>"
-        f"<div>predicted <b>{report.esc(row.predicted)}</b></div>{was}"
+        "<div class='tile'>"
+        + report.pictures(image, thumbnail(data_dir / row.path))
+        + f"<div>predicted <b>{report.esc(row.predicted)}</b></div>{was}"
         f"<div>confidence {row.confidence:.3f} (bar {row.threshold:.3f})</div>{truth}"
         f"<div class='path'>{report.esc(row.path)}</div></div>"
     )
 
 
-def _gallery(title: str, rows: pd.DataFrame, images, limit: int) -> str:
-    tiles = "".join(_tile(r, images[int(r.row)]) for r in rows.head(limit).itertuples())
+def _gallery(title: str, rows: pd.DataFrame, images, limit: int, data_dir: Path) -> str:
+    tiles = "".join(_tile(r, images[int(r.row)], data_dir) for r in rows.head(limit).itertuples())
     return f"<h2>{title} ({min(limit, len(rows))} of {len(rows)})</h2><div class='gallery'>{tiles}</div>"
 
 
-def render(round_name, pools, metrics, candidates, images, folder, limit) -> str:
+def render(round_name, pools, metrics, candidates, images, folder, limit, data_dir) -> str:
     accepted = candidates[candidates["accepted"]]
     joined = candidates[candidates["move"].isin(["joined", "relabeled"])]
     left = candidates[candidates["move"].isin(["left", "relabeled"])]
@@ -492,16 +494,14 @@ def render(round_name, pools, metrics, candidates, images, folder, limit) -> str
         )
         + "<h2>Per pool</h2>"
         + report.table(["pool", "images", "in the set"], pool_rows)
-        + _gallery(
-            "Joined this round, least confident first",
-            joined.sort_values("confidence"),
-            images,
-            limit,
+        + "".join(
+            _gallery(title, rows, images, limit, data_dir)
+            for title, rows in (
+                ("Joined this round, least confident first", joined.sort_values("confidence")),
+                ("Left the set this round", left.sort_values("confidence")),
+                ("In the set, least confident first", accepted.sort_values("confidence")),
+                ("Narrowly rejected", near),
+            )
         )
-        + _gallery("Left the set this round", left.sort_values("confidence"), images, limit)
-        + _gallery(
-            "In the set, least confident first", accepted.sort_values("confidence"), images, limit
-        )
-        + _gallery("Narrowly rejected", near, images, limit)
     )
     return report.page(f"Pseudo-labels - {round_name}", body)

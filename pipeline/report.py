@@ -24,6 +24,9 @@ th{background:#f0f2f5} td.num{text-align:right;font-variant-numeric:tabular-nums
 .tile{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:8px;width:180px;font-size:12px}
 .tile img{width:96px;height:96px;image-rendering:pixelated;display:block;margin:0 auto 6px;background:#000}
 .tile .path{color:#6a7280;word-break:break-all}
+.tile .pics{display:flex;gap:4px;justify-content:center;margin-bottom:6px}
+.tile .pics img{width:80px;height:80px;margin:0}
+.tile img.original{object-fit:contain;image-rendering:auto;background:#f3f4f6}
 .bad{color:#b42318;font-weight:600} .good{color:#067647;font-weight:600}
 img.plot{max-width:100%;border:1px solid #dde1e6;background:#fff}
 a{color:#175cd3}
@@ -51,6 +54,18 @@ def image_uri(pixels: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def pictures(model_input: np.ndarray, original: np.ndarray | None = None) -> str:
+    """A tile's picture: the original file (when readable) beside what the model saw."""
+    shown = f"<img alt='model input' title='model input' src='{image_uri(model_input)}'>"
+    if original is None:
+        return shown
+    return (
+        "<div class='pics'>"
+        f"<img class='original' alt='original file' title='original file' "
+        f"src='{image_uri(original)}'>{shown}</div>"
+    )
 
 
 def file_uri(path: Path) -> str:

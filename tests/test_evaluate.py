@@ -80,7 +80,7 @@ def hostile_report(tmp_path_factory):
     reports.mkdir(parents=True)
     (reports / "train").symlink_to(root / "train", target_is_directory=True)
     metrics = evaluate.run(
-        root / "model", ingest_dir, root / "train", reports / "evaluate", params, "r000"
+        root / "model", ingest_dir, root / "train", reports / "evaluate", params, "r000", data
     )
     pseudolabel.init_pseudo(root / "init", params.base)
     pseudolabel.run(
@@ -176,13 +176,17 @@ def test_report_renders_in_a_real_browser_without_console_errors(hostile_report,
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto((folder / "report.html").resolve().as_uri())
         tiles = page.locator("#gallery .tile").count()
+        originals = page.evaluate(  # each tile: the user's file beside the model input
+            "[...document.querySelectorAll('#gallery .tile img.original')]"
+            ".filter(i => i.complete && i.naturalWidth > 0).length"
+        )
         broken = page.evaluate(
             "[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length"
         )
         scripts = page.locator("script").count()
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
-    assert tiles == min(wrong, 200)
+    assert tiles == min(wrong, 200) and originals == tiles
     assert broken == 0 and scripts == 0
     assert errors == [] and dialogs == []
     record(

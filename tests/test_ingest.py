@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline import ingest
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
-from pipeline.images import decode
+from pipeline.images import decode, thumbnail
 from pipeline.io import read_array, read_json, write_packed
 
 from .conftest import tree_hash, write_digits, write_params
@@ -213,6 +213,19 @@ def test_exif_orientation_is_applied():
     ).pixels[..., 0]
     # Displayed upright it is 2 wide and 4 tall: bright columns in the middle, black at the sides.
     assert pixels[:, 1:3].min() > 200 and pixels[:, [0, 3]].max() < 50
+
+
+def test_report_thumbnails_show_the_file_upright_in_colour_and_skip_what_cannot_be_read(tmp_path):
+    photo = Image.new("RGB", (400, 200), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated: 200 wide, 400 tall
+    photo.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    pixels = thumbnail(tmp_path / "photo.jpg")
+    assert pixels.shape == (96, 48, 3) and pixels[..., 0].mean() > 150 > pixels[..., 1].mean()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.new("L", (12000, 12000)).save(tmp_path / "huge.png")  # over the reports' limit
+    for name in ("broken.png", "huge.png", "missing.png"):
+        assert thumbnail(tmp_path / name) is None, name
 
 
 def test_a_test_class_absent_from_training_is_quarantined(project, record):
