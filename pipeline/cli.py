@@ -326,6 +326,19 @@ def init(
     return summary
 
 
+@app.command("add-labels")
+def add_labels(
+    answers: Annotated[Path, typer.Argument(help="path,label CSV, e.g. a filled-in to_label.csv")],
+    data_dir: DataOpt = Path("data"),
+) -> dict:
+    """Copy answered pool images into data/labeled/<label>/added/<pool>/ and `dvc add` them."""
+    from pipeline.answers import add_labels as stage
+
+    result = stage(answers, data_dir=data_dir)
+    typer.echo(f"added {result['added']} labeled images; `dvc repro` reruns from ingest")
+    return result
+
+
 @app.command("lr-find")
 def lr_find(
     table: Annotated[Path, typer.Option(help="training table")] = Path("artifacts/clean/train.csv"),

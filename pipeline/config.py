@@ -264,6 +264,7 @@ class PseudolabelConfig:
     balance: bool = False  # cap classes to the labeled class distribution
     agreement: bool = False  # every ensemble member must predict the same class
     gallery_size: int = num(60, 1, 10000)
+    queue_size: int = num(50, 0, 100000)  # to_label.csv: pool images most worth a human label
 
 
 @dataclass(frozen=True)

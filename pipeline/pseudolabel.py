@@ -7,7 +7,9 @@ Writes  <out>/table.csv + images/   every pool image so far (eligible ones), its
                                     whether it is in the set this round trains on, with
                                     provenance: pool, the round it joined, the round it left
         <out>/pools.json            the pools scored so far, in round order
-        <report>/metrics.json, candidates.csv, quarantine.csv, confidence.png, report.html
+        <report>/metrics.json, candidates.csv, quarantine.csv, confidence.png, report.html,
+        <report>/to_label.csv   the pool images most worth a human label (labeling_queue), with
+                                an empty label column for `python -m pipeline add-labels`
 Params  base, ingest.max_image_pixels, ingest.shard_mib, pseudolabel
 
 Round k's set comes from the pools of rounds <= k, predicted by round k-1's model, which
@@ -137,6 +139,34 @@ def select(
             ranked = members[np.argsort(-confidence[members], kind="stable")]
             accepted[ranked[caps[c] :]] = False
     return accepted, predicted, thresholds
+
+
+def labeling_queue(
+    pred_probs: np.ndarray, embeddings: np.ndarray, accepted: np.ndarray, size: int
+) -> np.ndarray:
+    """Rows most worth a human label, in order: uncertain first, then spread out.
+
+    Among the rows not accepted, the 4 * size with the smallest margin between the calibrated
+    top two classes are candidates; greedy k-center in embedding space (cosine) then picks,
+    from the most uncertain one on, each next row farthest from those already picked, so the
+    queue does not spend a human's time on many near-identical images.
+    """
+    candidates = np.flatnonzero(~accepted)
+    if size <= 0 or not len(candidates):
+        return np.zeros(0, np.int64)
+    top2 = np.sort(pred_probs[candidates], axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    shortlist = candidates[np.argsort(margin, kind="stable")[: 4 * size]]
+    feats = embeddings[shortlist].astype(np.float64)
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    picked = [0]
+    distance = 1.0 - feats @ feats[0]
+    while len(picked) < min(size, len(shortlist)):
+        distance[picked] = -np.inf
+        nxt = int(np.argmax(distance))
+        picked.append(nxt)
+        distance = np.minimum(distance, 1.0 - feats @ feats[nxt])
+    return shortlist[picked]
 
 
 def provenance(
@@ -276,7 +306,7 @@ def run(
             writer.extend(new_images[new_rows[start : start + CHUNK]])
         writer.close()
         images = read_array(tmp / "images")
-        probs, member_probs = ensemble.predict(images, members=True)
+        probs, member_probs, embeddings = ensemble.predict(images, members=True, embeddings=True)
         probs = probs.astype(np.float64)  # bars and confidences compare equal once written
         labeled_share = (
             manifest.loc[manifest["split"] == "train", "label"]
@@ -322,16 +352,33 @@ def run(
         ),
     )
     metrics = pseudo_metrics(candidates, classes, pool, decoded, len(new_rows), len(quarantine))
+    queue = candidates.iloc[labeling_queue(probs, embeddings, accepted, cfg.queue_size)]
+    top2 = np.sort(probs[queue.index], axis=1)[:, -2:]
+    queue = queue.assign(
+        rank=np.arange(1, len(queue) + 1), margin=top2[:, 1] - top2[:, 0], label=""
+    )[["rank", "path", "pool", "predicted", "confidence", "margin", "label", "true_label"]]
+    metrics["queue"] = len(queue)
     images = read_array(out_dir / "images")
     with atomic_dir(report_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
         write_table(tmp / "candidates.csv", candidates)
+        write_table(tmp / "to_label.csv", queue)
         write_table(tmp / "quarantine.csv", pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS))
         write_json(tmp / "params.json", {"base": to_dict(params.base), "pseudolabel": to_dict(cfg)})
         plot_confidence(tmp / "confidence.png", candidates)
         write_text(
             tmp / "report.html",
-            render(round_name, pools, metrics, candidates, images, tmp, cfg.gallery_size, data_dir),
+            render(
+                round_name,
+                pools,
+                metrics,
+                candidates,
+                queue,
+                images,
+                tmp,
+                cfg.gallery_size,
+                data_dir,
+            ),
         )
     acc = metrics.get("pseudo_label_accuracy")
     log.info(
@@ -452,11 +499,12 @@ def _gallery(title: str, rows: pd.DataFrame, images, limit: int, data_dir: Path)
     return f"<h2>{title} ({min(limit, len(rows))} of {len(rows)})</h2><div class='gallery'>{tiles}</div>"
 
 
-def render(round_name, pools, metrics, candidates, images, folder, limit, data_dir) -> str:
+def render(round_name, pools, metrics, candidates, queue, images, folder, limit, data_dir) -> str:
     accepted = candidates[candidates["accepted"]]
     joined = candidates[candidates["move"].isin(["joined", "relabeled"])]
     left = candidates[candidates["move"].isin(["left", "relabeled"])]
     near = candidates[~candidates["accepted"]].sort_values("confidence", ascending=False)
+    queued = candidates.loc[queue.index]
     cards = [
         ("new pool images", metrics["pool_images"]),
         ("pool images so far", metrics["candidates"]),
@@ -501,6 +549,7 @@ def render(round_name, pools, metrics, candidates, images, folder, limit, data_d
                 ("Left the set this round", left.sort_values("confidence")),
                 ("In the set, least confident first", accepted.sort_values("confidence")),
                 ("Narrowly rejected", near),
+                ("Worth a human label (to_label.csv): uncertain and diverse", queued),
             )
         )
     )

@@ -174,6 +174,24 @@ def test_every_round_rescores_every_pool_and_records_provenance(round0, project)
     assert t2["model"].str.len().eq(12).all()
     assert first["pseudo_label_accuracy"] > 0.8
     assert (project / "r000" / "report" / "report.html").read_text().count("class='tile'") > 0
+    # the labeling queue: rejected pool images only, most uncertain first, a label to fill in
+    queue = pd.read_csv(project / "r001" / "report" / "to_label.csv", keep_default_na=False)
+    assert len(queue) == min(second["candidates"] - second["accepted"], 50) == second["queue"]
+    assert set(queue["path"]) <= set(t2.loc[~in_set, "path"]) and (queue["label"] == "").all()
+    assert queue["rank"].tolist() == list(range(1, len(queue) + 1))
+    assert set(queue["true_label"]) <= {"zero", "one", "two"}
+
+
+def test_the_labeling_queue_starts_uncertain_and_skips_near_identical_images():
+    probs = _probs([[0.51, 0.49], [0.52, 0.48], [0.6, 0.4], [0.99, 0.01], [0.55, 0.45]])
+    embeddings = np.array([[1.0, 0.0], [1.0, 0.001], [0.0, 1.0], [0.7, 0.7], [0.6, 0.8]])
+    accepted = np.array([False, False, False, False, True])
+    queue = pseudolabel.labeling_queue(probs, embeddings, accepted, size=2)
+    # row 0 is the most uncertain; row 1 is nearly as uncertain but a near copy of row 0, so
+    # the farthest of the shortlist comes second; the accepted row 4 is never queued
+    assert queue.tolist() == [0, 2]
+    assert pseudolabel.labeling_queue(probs, embeddings, accepted, size=0).tolist() == []
+    assert sorted(pseudolabel.labeling_queue(probs, embeddings, accepted, size=9)) == [0, 1, 2, 3]
 
 
 def test_a_label_the_new_model_no_longer_supports_leaves_the_set(round0, ingested, project):

@@ -1,0 +1,132 @@
+"""add-labels: a human's answers to the labeling queue join the labeled set.
+
+    python -m pipeline add-labels ANSWERS.csv        (path,label; e.g. a filled-in to_label.csv)
+
+Each answered pool image (path relative to data/, under data/unlabeled/<pool>/) is copied to
+data/labeled/<label>/added/<pool>/<file>, so ingest reads it as any labeled image and the path
+says where it came from; data/added_labels.csv records every answer (labeled path, pool path,
+label, time). `dvc add data/labeled` then leaves the next `dvc repro` to rerun from ingest. The
+pool keeps its copy: ingest's duplicate rules keep a labeled image out of pseudo-labeling.
+
+All answers are checked before anything is written; one problem refuses the whole file with
+one line: an unknown class, a path outside the pools or missing, a byte copy of a test image,
+an image already in the labeled set, or one image answered twice. Rows with an empty label
+(unanswered queue items) are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from pipeline.errors import PipelineError
+from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.io import atomic_path, dvc_add, write_table
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ["path", "source", "label", "added"]
+
+
+def add_labels(answers: Path, *, data_dir: Path = Path("data"), register: bool = True) -> dict:
+    data_dir = Path(data_dir)
+    rows = read_answers(Path(answers))
+    labeled = data_dir / "labeled"
+    classes = {p.name for p in labeled.iterdir() if p.is_dir()} if labeled.is_dir() else set()
+    test_hashes = _hashes(data_dir / "test")
+    labeled_hashes = _hashes(labeled)
+    plan, seen = [], {}
+    for line, rel, label in rows:
+        where = f"{Path(answers).name}:{line}"
+        pure = PurePosixPath(rel.replace("\\", "/"))
+        parts = pure.parts
+        if pure.is_absolute() or ".." in parts or len(parts) < 3 or parts[0] != "unlabeled":
+            raise PipelineError(f"{where}: {rel!r} is not a pool image (unlabeled/<pool>/...)")
+        source = data_dir / pure
+        if not source.is_file() or source.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise PipelineError(f"{where}: {rel} is not an image file in data/")
+        if label not in classes:
+            raise PipelineError(
+                f"{where}: unknown class {label!r} (classes: {', '.join(sorted(classes))})"
+            )
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        if digest in test_hashes:
+            raise PipelineError(f"{where}: {rel} is a copy of test image {test_hashes[digest]}")
+        if digest in labeled_hashes:
+            raise PipelineError(f"{where}: {rel} is already labeled as {labeled_hashes[digest]}")
+        if digest in seen:
+            raise PipelineError(f"{where}: {rel} is the same image as line {seen[digest]}")
+        seen[digest] = line
+        target = labeled / label / "added" / Path(*parts[1:])
+        if target.exists():
+            raise PipelineError(f"{where}: {target} exists already (answered before?)")
+        plan.append((source, target, label))
+
+    if not plan:
+        raise PipelineError(f"{answers} holds no answered row (path,label with a label)")
+    written: list[Path] = []
+    try:
+        for source, target, _ in plan:
+            with atomic_path(target) as tmp:
+                shutil.copy2(source, tmp)
+            written.append(target)
+    except (OSError, PipelineError) as exc:
+        for path in written:  # nothing half-written: the answers join all together or not at all
+            path.unlink(missing_ok=True)
+        raise PipelineError(f"cannot copy into {labeled}: {exc}") from None
+    record(data_dir, plan)
+    if register:
+        dvc_add(data_dir, ["labeled"])
+    log.info("add-labels: %d images joined data/labeled/ (see data/added_labels.csv)", len(plan))
+    return {"added": len(plan), "classes": sorted({label for _, _, label in plan})}
+
+
+def read_answers(path: Path) -> list[tuple[int, str, str]]:
+    """(line, path, label) of every answered row."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = set(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
+    if not {"path", "label"} <= columns:
+        raise PipelineError(f"{path} needs a header with path,label")
+    return [
+        (line, (row["path"] or "").strip(), (row["label"] or "").strip())
+        for line, row in enumerate(rows, start=2)
+        if (row.get("label") or "").strip()
+    ]
+
+
+def record(data_dir: Path, plan: list[tuple[Path, Path, str]]) -> None:
+    """Append the answers to data/added_labels.csv (rewritten atomically)."""
+    log_path = data_dir / "added_labels.csv"
+    old = pd.read_csv(log_path, dtype=str) if log_path.is_file() else pd.DataFrame()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    new = pd.DataFrame(
+        [
+            (t.relative_to(data_dir).as_posix(), s.relative_to(data_dir).as_posix(), label, stamp)
+            for s, t, label in plan
+        ],
+        columns=LOG_COLUMNS,
+    )
+    write_table(log_path, pd.concat([old, new], ignore_index=True)[LOG_COLUMNS])
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    """sha256 -> path (relative to root's parent) of every image file under root."""
+    out = {}
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                out[hashlib.sha256(path.read_bytes()).hexdigest()] = path.relative_to(
+                    root.parent
+                ).as_posix()
+    return out
