@@ -56,7 +56,7 @@ from pipeline.io import (
 )
 from pipeline.loop import fit
 from pipeline.model import build_model
-from pipeline.quality import QUALITY_CHECKS, image_properties, quality_flags
+from pipeline.quality import QUALITY_CHECKS, image_properties, quality_scores
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,11 @@ def find_issues(labels: np.ndarray, pred_probs: np.ndarray, *, filter_by: str) -
     )
 
 
-def near_duplicates(embeddings: np.ndarray, max_distance: float) -> tuple[np.ndarray, np.ndarray]:
-    """(is_duplicate (N,) bool, partner (N,) int or -1): later members of close pairs."""
+def near_duplicates(
+    embeddings: np.ndarray, max_distance: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(is_duplicate (N,) bool, partner (N,) int or -1, cosine distance to the nearest other
+    row (N,)): is_duplicate marks the later members of close pairs."""
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     unit = embeddings / np.maximum(norms, 1e-12)
     nn = NearestNeighbors(n_neighbors=2, metric="cosine").fit(unit)
@@ -150,7 +153,7 @@ def near_duplicates(embeddings: np.ndarray, max_distance: float) -> tuple[np.nda
     partner = np.where(distances[:, 1] <= max_distance, neighbors[:, 1], -1)
     # Flag only the later index of each pair, so one copy of every duplicate stays unflagged.
     is_dup = (partner >= 0) & (partner < np.arange(len(partner)))
-    return is_dup, partner
+    return is_dup, partner, distances[:, 1]
 
 
 def outlier_scores(embeddings: np.ndarray) -> np.ndarray:
@@ -337,7 +340,7 @@ def run(
     pred_probs, embeddings = kfold_pred_probs(train_images, labels, len(classes), params, classes)
 
     found = find_issues(labels, pred_probs, filter_by=params.clean.filter_by)
-    is_dup, partner = near_duplicates(embeddings, params.clean.near_duplicate_distance)
+    is_dup, partner, nearest = near_duplicates(embeddings, params.clean.near_duplicate_distance)
     ood = outlier_scores(embeddings)
     is_outlier = (
         ood <= np.quantile(ood, params.clean.outlier_quantile)
@@ -345,7 +348,8 @@ def run(
         else np.zeros(len(ood), bool)
     )
     props = image_properties(train_images)
-    flags = quality_flags(props, table[["width", "height"]], params.clean.quality_z)
+    scores = quality_scores(props, table[["width", "height"]], params.clean.quality_z)
+    flags = scores < 0.5  # quality_flags
 
     issues = pd.DataFrame(
         {
@@ -372,6 +376,18 @@ def run(
     }
     types.update({k: flags[k].to_numpy() for k in QUALITY_CHECKS})
     issues["issue_types"] = [";".join(t for t in types if types[t][i]) for i in range(len(issues))]
+    # cleanlab Datalab's shape: is_<type>_issue and <type>_score (lower = more severe) per type
+    type_scores = {
+        "label": found["label_quality"].to_numpy(),
+        # the near-duplicate flag is cosine distance <= near_duplicate_distance: score 0.5 there
+        "near_duplicate": 1.0 - 0.5 ** (nearest / max(cfg.near_duplicate_distance, 1e-12)),
+        "outlier": ood,
+        **{k: scores[k].to_numpy() for k in QUALITY_CHECKS},
+    }
+    for name, values in type_scores.items():
+        issues[f"is_{name}_issue"] = types["label_issue" if name == "label" else name]
+        issues[f"{name}_score"] = values
+    issues["predicted_label"] = [classes[i] for i in pred_probs.argmax(1)]
     policy, guard = guarded_policy(labels, pred_probs, cfg.policy, cfg.max_noise_rate)
     if guard:
         log.warning("clean: WARNING %s", guard)

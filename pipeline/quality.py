@@ -42,20 +42,26 @@ def _image_properties(images: np.ndarray) -> pd.DataFrame:
     )
 
 
-def quality_flags(props: pd.DataFrame, sizes: pd.DataFrame, z: float) -> pd.DataFrame:
-    """Image-quality flags where a property is a robust outlier (|robust z| > z) for this set."""
+def quality_scores(props: pd.DataFrame, sizes: pd.DataFrame, z: float) -> pd.DataFrame:
+    """Datalab-style scores per check in (0, 1], lower = more severe: z / (z + excess), where
+    excess is the robust z-score in the check's bad direction. A score under 0.5 means
+    |robust z| > z for this set: that is the flag."""
     rz = {name: _robust_z(props[name].to_numpy()) for name in props}
     area = _robust_z(np.log(sizes["width"].astype(float) * sizes["height"].astype(float)))
     aspect = _robust_z(np.log(sizes["width"].astype(float) / sizes["height"].astype(float)))
-    return pd.DataFrame(
-        {
-            "dark": rz["brightness"] < -z,
-            "light": rz["brightness"] > z,
-            "blurry": rz["sharpness"] < -z,
-            "low_information": rz["entropy"] < -z,
-            "odd_size": (np.abs(area) > z) | (np.abs(aspect) > z),
-        }
-    )
+    excess = {
+        "dark": -rz["brightness"],
+        "light": rz["brightness"],
+        "blurry": -rz["sharpness"],
+        "low_information": -rz["entropy"],
+        "odd_size": np.maximum(np.abs(area), np.abs(aspect)),
+    }
+    return pd.DataFrame({k: z / (z + np.maximum(np.asarray(v), 0.0)) for k, v in excess.items()})
+
+
+def quality_flags(props: pd.DataFrame, sizes: pd.DataFrame, z: float) -> pd.DataFrame:
+    """Image-quality flags where a property is a robust outlier (|robust z| > z) for this set."""
+    return quality_scores(props, sizes, z) < 0.5
 
 
 def _robust_z(values: np.ndarray) -> np.ndarray:

@@ -120,6 +120,19 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     ).mean() > 0.85  # columns follow classes.json
 
     assert metrics["truth"]["recall"] >= 0.7 and metrics["truth"]["precision"] >= 0.7
+    # Datalab's shape: one is_<type>_issue and one <type>_score per type, filtered directly
+    table = pd.read_csv(project / "clean" / "issues.csv")
+    for name in ("label", "near_duplicate", "outlier", "dark", "light", "blurry",
+                 "low_information", "odd_size"):  # fmt: skip
+        flagged, score = table[f"is_{name}_issue"], table[f"{name}_score"]
+        assert flagged.dtype == bool and score.between(0, 1).all(), name
+        if name in clean.QUALITY_CHECKS:  # a flag is a score under 0.5
+            assert ((score < 0.5) == flagged).all(), name
+        if name == "near_duplicate":  # the later member of each close pair is flagged
+            assert (score[flagged] <= 0.5).all()
+    label_issues = table[table["is_label_issue"]]
+    assert set(label_issues["path"]) & set(flipped)
+    assert (table["predicted_label"].astype(str).isin(classes)).all()
     by_path = issues.set_index("path")
     assert by_path.loc[flipped[0], "decision"] == "keep"
     assert by_path.loc[clean_rows[0], "decision"] == "drop"
