@@ -1,9 +1,11 @@
 """evaluate stage: error analysis of a round's checkpoint ensemble on the test split.
 
-Reads   <model>/ (the ensemble), <ingest>/manifest.csv, images/, <train report>/warnings.json
+Reads   <model>/ (the ensemble), <ingest>/manifest.csv, images/, <train report>/warnings.json,
+        data/ (the original files, for the report's thumbnails)
 Writes  <out>/metrics.json      accuracy, macro-F1, balanced accuracy, top-k, ECE
         <out>/per_class.csv     precision, recall, F1, support per class
-        <out>/predictions.csv   one row per test image (actual, predicted: DVC's confusion plot)
+        <out>/predictions.csv   one row per test image (actual, predicted: DVC's confusion plot),
+                                with the test-label audit: label_issue, label_quality
         <out>/slices.csv        accuracy by image property bins and by quality flag
         <out>/confusion.png, reliability.png
         <out>/report.html       the misclassified-sample report
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from cleanlab.filter import find_label_issues
+from cleanlab.rank import get_label_quality_scores
 from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
@@ -224,6 +228,8 @@ def run(
             "correct": predicted == labels,
         }
     )
+    predictions["label_issue"], predictions["label_quality"] = audit_test_labels(labels, probs)
+    metrics["test_label_issues"] = int(predictions["label_issue"].sum())
     warnings = (
         read_json(train_report / "warnings.json")
         if train_report and (train_report / "warnings.json").is_file()
@@ -268,6 +274,19 @@ def run(
         out_dir / "report.html",
     )
     return metrics
+
+
+def audit_test_labels(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(likely mislabeled (N,) bool, label quality (N,)) for the test split: cleanlab on the
+    round's predictions, which are out-of-sample since the test split is never trained on.
+    Only reported: the test split is never changed."""
+    quality = get_label_quality_scores(labels, probs)
+    try:
+        issues = find_label_issues(labels, probs, filter_by="prune_by_noise_rate")
+    except ValueError as exc:  # e.g. a class absent from the test split's predictions
+        log.warning("evaluate: test-label audit skipped: %s", exc)
+        issues = np.zeros(len(labels), bool)
+    return issues, quality
 
 
 def _tile(row, image: np.ndarray, original: np.ndarray | None) -> str:
@@ -340,6 +359,8 @@ def render(
         (k.replace("_", " "), f"{v:.1%}") for k, v in metrics.items() if k.startswith("top")
     ]
     shown = wrong.head(limit)
+    audit = predictions[predictions["label_issue"].astype(bool)].sort_values("label_quality")
+    audit = audit[audit.index.isin(tiles.keys())].head(limit)
     body_html = (
         f"<h1>Misclassified samples &middot; round {report.esc(round_name)}</h1>"
         "<p class='muted'>Test split, predicted by the round's checkpoint ensemble. Start with the "
@@ -348,6 +369,12 @@ def render(
         + (f"<h2>Warnings from training</h2>{report.warnings_html(warnings)}" if warnings else "")
         + f"<h2>Most confident mistakes ({len(shown)} of {len(wrong)})</h2>"
         + f"<div class='gallery' id='gallery'>{''.join(tiles[i] for i in shown.index)}</div>"
+        + f"<h2>Test labels that look wrong ({metrics['test_label_issues']})</h2>"
+        "<p class='muted'>cleanlab on this round's test predictions (out-of-sample: the test split "
+        "is never trained on), least likely label first. Only an audit: the test split is never "
+        "changed; if a label is wrong, fix the file's folder under data/test/ yourself. Column "
+        "<code>label_issue</code> of predictions.csv lists them all.</p>"
+        + f"<div class='gallery' id='audit'>{''.join(tiles[i] for i in audit.index)}</div>"
         + "<h2>Per class</h2>"
         + report.table(
             ["class", "precision", "recall", "F1", "support"], per_class.itertuples(index=False)

@@ -34,6 +34,20 @@ def test_summary_has_top_k_only_with_more_than_five_classes():
     assert "top3_accuracy" not in evaluate.summary_metrics(labels % 2, probs[:, :2], 10)
 
 
+def test_the_test_label_audit_lists_labels_the_model_confidently_contradicts():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    probs = np.full((120, 3), 0.02)
+    probs[np.arange(120), labels] = 0.96
+    probs += rng.uniform(0, 0.01, probs.shape)
+    wrong = np.array([3, 50, 90])  # the model is sure these are another class
+    probs[wrong] = probs[wrong][:, [1, 2, 0]]
+    probs /= probs.sum(1, keepdims=True)
+    issues, quality = evaluate.audit_test_labels(labels, probs)
+    assert set(np.flatnonzero(issues)) == set(wrong)
+    assert quality[wrong].max() < np.delete(quality, wrong).min()
+
+
 def test_most_confused_pairs_are_ordered_by_count():
     matrix = np.array([[5, 3, 0], [1, 5, 0], [0, 7, 5]])
     pairs = evaluate.most_confused(matrix, ["a", "b", "c"])
