@@ -2,8 +2,9 @@
 
 Reads   data/truth.csv      (optional audit: path,true_label)
         data/overrides.csv  (optional user decisions: path,label|keep|drop)
-Writes  <out>/truth.csv, <out>/overrides.csv   a byte copy of each, or only its header when the
-                                               file is absent
+        data/pseudo_overrides.csv  (optional decisions on pseudo-labels: path,label|reject)
+Writes  <out>/truth.csv, overrides.csv, pseudo_overrides.csv   a byte copy of each, or only its
+                                                             header when the file is absent
         data/test/          created empty when absent (ingest then holds out ingest.test_fraction
                             of data/labeled as the test split)
 Params  none
@@ -25,7 +26,11 @@ from pipeline.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-FILES = {"truth.csv": "path,true_label", "overrides.csv": "path,label"}
+FILES = {
+    "truth.csv": "path,true_label",
+    "overrides.csv": "path,label",
+    "pseudo_overrides.csv": "path,label",
+}
 
 
 def run(data_dir: Path, out_dir: Path) -> dict[str, bool]:

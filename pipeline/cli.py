@@ -228,6 +228,10 @@ def pseudolabel(
     out: Annotated[Path | None, typer.Option("--out", help="pseudo-label set written")] = None,
     report: Annotated[Path | None, typer.Option(help="report folder")] = None,
     truth: TruthOpt = None,
+    overrides: Annotated[
+        Path | None,
+        typer.Option(help="path,label|reject decisions (default: <data-dir>/pseudo_overrides.csv)"),
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Re-score every pool so far with the previous round's ensemble; write this round's set."""
@@ -249,6 +253,7 @@ def pseudolabel(
         report_dir=report or Path(f"artifacts/reports/{round_name}/pseudolabel"),
         params=load_params(params),
         truth_path=truth,
+        overrides_path=overrides,
     )
 
 

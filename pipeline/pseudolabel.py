@@ -64,6 +64,7 @@ PSEUDO_COLUMNS = [
     "left",  # round the row last left the set ("" if it never left)
     "round",  # round that scored this row last
     "model",  # that round's ensemble (hash of ensemble.json)
+    "human",  # a person's decision from data/pseudo_overrides.csv: reject or a class ("" if none)
 ]
 CHUNK = 8192  # images per read while copying packed sets
 
@@ -139,6 +140,26 @@ def select(
             ranked = members[np.argsort(-confidence[members], kind="stable")]
             accepted[ranked[caps[c] :]] = False
     return accepted, predicted, thresholds
+
+
+def read_pseudo_overrides(path: Path, classes: list[str]) -> dict[str, str]:
+    """data/pseudo_overrides.csv (path,label) as {path: "reject" or a class}; absent: {}."""
+    if not path.is_file():
+        return {}
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
+    except pd.errors.EmptyDataError:
+        return {}
+    if not {"path", "label"} <= set(table.columns):
+        raise PipelineError(f"{path} needs the columns path,label")
+    for line, row in enumerate(table.itertuples(), start=2):
+        if row.label != "reject" and row.label not in classes:
+            raise PipelineError(
+                f"{path}:{line}: {row.label!r} is not reject or a class ({', '.join(classes)})"
+            )
+    return dict(zip(table["path"].str.strip(), table["label"].str.strip()))
 
 
 def labeling_queue(
@@ -267,6 +288,7 @@ def run(
     report_dir: Path,
     params: Params,
     truth_path: Path | None = None,
+    overrides_path: Path | None = None,
 ) -> dict:
     cfg = params.pseudolabel
     pool_dir = data_dir / "unlabeled" / pool
@@ -319,7 +341,13 @@ def run(
             probs, member_probs, cfg, labeled_share, round_index=len(pools) - 1
         )
         names = [classes[i] for i in predicted]
-        labels = np.where(accepted, names, "")
+        labels = np.where(accepted, names, "").astype(object)
+        # a person's word wins over the model's: rejected never joins, confirmed joins as said
+        paths = [*previous["path"], *new["path"]]
+        human = read_pseudo_overrides(overrides_path or data_dir / "pseudo_overrides.csv", classes)
+        decided = np.array([human.get(p, "") for p in paths], dtype=object)
+        accepted = np.where(decided == "reject", False, accepted | (decided != ""))
+        labels = np.where((decided != "") & (decided != "reject"), decided, labels)
         moves = provenance(previous, accepted, list(labels), round_name)
         table = pd.concat(
             [previous[["id", "path", "sha256", "pool"]], new[["id", "path", "sha256", "pool"]]],
@@ -335,6 +363,7 @@ def run(
             left=moves["left"],
             round=round_name,
             model=model_id,
+            human=decided,
         )
         write_table(tmp / "table.csv", table[PSEUDO_COLUMNS])
         write_json(tmp / "pools.json", pools)

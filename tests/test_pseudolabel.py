@@ -276,3 +276,28 @@ def test_an_empty_pool_is_reported_not_a_crash(round0, project, record):
 def test_a_missing_pool_is_a_clear_error(round0, project):
     with pytest.raises(PipelineError, match="pool 'nope' not found"):
         _run(project, round0, "nope")
+
+
+def test_a_persons_decisions_on_pseudo_labels_win_over_the_model(round0, project, record):
+    data = project / "data"
+    _write_pools(data, {"p1": 200})
+    first = _run(project, round0, "p1")
+    table = pd.read_csv(project / "r000" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
+    rejected = table[table["accepted"] == "True"].iloc[0]
+    confirmed = table[table["accepted"] == "False"].iloc[0]
+    other = next(c for c in ("zero", "one", "two") if c != confirmed["predicted"])
+    (data / "pseudo_overrides.csv").write_text(
+        f"path,label\n{rejected['path']},reject\n{confirmed['path']},{other}\n"
+    )
+    again = _run(project, round0, "p1", name="r000b")
+    after = pd.read_csv(
+        project / "r000b" / "pseudo" / "table.csv", dtype=str, keep_default_na=False
+    ).set_index("path")
+    assert after.loc[rejected["path"], "accepted"] == "False"
+    assert after.loc[rejected["path"], "human"] == "reject"
+    assert after.loc[confirmed["path"], ["accepted", "label"]].tolist() == ["True", other]
+    assert again["accepted"] == first["accepted"]  # one out, one in
+    (data / "pseudo_overrides.csv").write_text("path,label\nx.png,seven\n")
+    with pytest.raises(PipelineError, match="not reject or a class"):
+        _run(project, round0, "p1", name="r000c")
+    record("input", "data/pseudo_overrides.csv naming an unknown class", "refused, one line")
