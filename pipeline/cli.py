@@ -344,6 +344,19 @@ def add_labels(
     return result
 
 
+@app.command()
+def review(
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0: any free one)")] = 8765,
+    data_dir: DataOpt = Path("data"),
+    artifacts: Annotated[Path, typer.Option(help="the pipeline's outputs")] = Path("artifacts"),
+) -> None:
+    """A local page to relabel, keep or drop label issues, reject or confirm pseudo-labels and
+    flag test labels; each click is written to the file in data/ the pipeline reads."""
+    from pipeline.review import serve
+
+    serve(port, data_dir, artifacts)
+
+
 @app.command("lr-find")
 def lr_find(
     table: Annotated[Path, typer.Option(help="training table")] = Path("artifacts/clean/train.csv"),
