@@ -89,6 +89,7 @@ def kfold_pred_probs(
         batch_size=params.clean.batch_size,
         epochs=params.clean.epochs,
         min_steps=params.clean.min_steps,
+        mixup=params.clean.mixup,
         num_workers=params.train.num_workers,
     )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.base.seed)

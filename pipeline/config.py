@@ -220,6 +220,7 @@ class CleanConfig:
     lr: float = num(3e-3, 0.0, 10.0, open_lo=True)
     weight_decay: float = num(5e-4, 0.0, 1.0)  # AdamW, cosine schedule
     batch_size: int = num(64, 1, 65536)
+    mixup: float = num(0.4, 0.0, 10.0)  # as train.mixup: folds memorize fewer wrong labels
     # The validation split: human-labeled rows carved before cleaning, the same in every round.
     val_fraction: float = num(0.2, 0.0, 0.5)  # of each class's labeled rows
     val_min_per_class: int = num(5, 0, 100000)  # at least this many (at most half the class)

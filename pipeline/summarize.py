@@ -109,20 +109,32 @@ def run(reports: Path, clean_dir: Path, ingest_dir: Path, out_dir: Path) -> dict
         raise PipelineError(f"no evaluated round under {reports}")
     diffs = changes(reports, list(table["round"]))
     last = table.iloc[-1]
+    best = best_round(table)
     metrics = {
         "rounds": len(table),
         "last_round": last["round"],
         "test_accuracy": float(last["test_accuracy"]),
         "macro_f1": float(last["macro_f1"]),
         "gain_over_first_round": float(last["test_accuracy"] - table.iloc[0]["test_accuracy"]),
+        "best_round_by_validation": best["round"],
     }
+    advice = ""
+    if best["round"] != last["round"]:
+        advice = (
+            f"round {best['round']} scores higher on validation ({best['val_accuracy']:.3f}) "
+            f"than the last round {last['round']} ({last['val_accuracy']:.3f}): the pseudo-labels "
+            f"added since did not help on validation. Use artifacts/rounds/{best['round']}/model, "
+            f"or look at the pseudo-labels (`python -m pipeline review`)"
+        )
+        log.warning("summarize: WARNING %s", advice)
     with atomic_dir(out_dir) as tmp:
         write_table(tmp / "rounds.csv", table)
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "changes.json", diffs)
         plot_rounds(tmp / "rounds.png", table)
         write_text(
-            tmp / "index.html", render(table, diffs, reports, clean_dir, ingest_dir, out_dir, tmp)
+            tmp / "index.html",
+            render(table, diffs, reports, clean_dir, ingest_dir, out_dir, tmp, advice),
         )
     log.info(
         "summarize: %d rounds; last %s test accuracy %.3f (%+.3f since the first)",
@@ -134,7 +146,16 @@ def run(reports: Path, clean_dir: Path, ingest_dir: Path, out_dir: Path) -> dict
     return metrics
 
 
-def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder) -> str:
+def best_round(table: pd.DataFrame) -> pd.Series:
+    """The round with the highest validation accuracy, the later one on ties (test never
+    chooses); the last round when no round has a validation figure."""
+    val = table["val_accuracy"].astype(float)
+    if val.isna().all():
+        return table.iloc[-1]
+    return table[val == val.max()].iloc[-1]
+
+
+def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice="") -> str:
     def link(target: Path, text: str) -> str:
         if not target.exists():
             return f"<span class='muted'>{report.esc(text)} (missing)</span>"
@@ -180,7 +201,8 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder) -> str
         "pool: the round before it re-scores every pool so far, and the round trains on the human "
         "labels plus the images that model is confident about. Every round is tested on the same "
         "held-out test split.</p>"
-        f"<p><img class='plot' alt='rounds plot' src='{report.file_uri(folder / 'rounds.png')}'></p>"
+        + (f"<p class='warn'>{report.esc(advice)}</p>" if advice else "")
+        + f"<p><img class='plot' alt='rounds plot' src='{report.file_uri(folder / 'rounds.png')}'></p>"
         + report.table(
             [
                 "round",
@@ -189,8 +211,8 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder) -> str
                 "val acc",
                 "test acc",
                 "macro-F1",
-                "set after the round",
-                "set acc",
+                "pool images it trained on",
+                "their accuracy",
                 "reports",
             ],
             rows,
