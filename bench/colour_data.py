@@ -57,8 +57,10 @@ def load_photos() -> dict[str, np.ndarray]:
         raise SystemExit(f"needs scikit-image ({exc}); see this file's docstring") from exc
     from sklearn.datasets import load_sample_images
 
-    photos = {n: getattr(sk, n)()[..., :3] for n in
-              ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina")}
+    photos = {
+        n: getattr(sk, n)()[..., :3]
+        for n in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina")
+    }
     sample = load_sample_images()
     for path, image in zip(sample.filenames, sample.images):
         photos[Path(path).stem] = image  # china, flower
@@ -72,7 +74,10 @@ def jitter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     hsv = np.asarray(Image.fromarray((a * 255).astype(np.uint8)).convert("HSV")).astype(np.float32)
     hsv[..., 0] = (hsv[..., 0] + rng.uniform(-10, 10)) % 256  # about +-14 degrees
     hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.7, 1.3), 0, 255)
-    a = np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")).astype(np.float32) / 255
+    a = (
+        np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")).astype(np.float32)
+        / 255
+    )
     a = a * rng.uniform(0.9, 1.1, size=3)  # white balance
     mean = a.mean()
     a = (a - mean) * rng.uniform(0.7, 1.3) + mean * rng.uniform(0.7, 1.3)  # contrast, brightness
@@ -90,9 +95,12 @@ def sample(photo: np.ndarray, box, rng: np.random.Generator) -> Image.Image:
     rh, rw = y1 - y0, x1 - x0
     side = rng.uniform(0.1, 0.6) * min(rh, rw)
     aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    ch, cw = int(min(rh, max(8, side / np.sqrt(aspect)))), int(min(rw, max(8, side * np.sqrt(aspect))))
+    ch, cw = (
+        int(min(rh, max(8, side / np.sqrt(aspect)))),
+        int(min(rw, max(8, side * np.sqrt(aspect)))),
+    )
     top, left = y0 + rng.integers(0, rh - ch + 1), x0 + rng.integers(0, rw - cw + 1)
-    crop = Image.fromarray(np.ascontiguousarray(photo[top:top + ch, left:left + cw]))
+    crop = Image.fromarray(np.ascontiguousarray(photo[top : top + ch, left : left + cw]))
     if rng.random() < 0.5:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     longer = int(rng.integers(40, 121))
@@ -142,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # labeled: exactly round(flip * N) images get a wrong class, spread over classes at random
     labeled = [c for c in names for _ in range(args.per_class)]
-    wrong = set(rng.choice(len(labeled), size=round(args.flip * len(labeled)), replace=False).tolist())
+    wrong = set(
+        rng.choice(len(labeled), size=round(args.flip * len(labeled)), replace=False).tolist()
+    )
     for i, cls in enumerate(labeled):
         given = cls
         if i in wrong:
@@ -162,8 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         w = csv.writer(f)
         w.writerow(["path", "true_label"])
         w.writerows(truth)
-    print(f"{out}: {len(labeled)} labeled ({len(wrong)} wrong), {len(names) * args.test_per_class} test, "
-          f"{args.pools} pools x {len(names) * args.pool_per_class}; classes {', '.join(names)}")
+    print(
+        f"{out}: {len(labeled)} labeled ({len(wrong)} wrong), {len(names) * args.test_per_class} test, "
+        f"{args.pools} pools x {len(names) * args.pool_per_class}; classes {', '.join(names)}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.io import atomic_path, dvc_add, write_table
+from pipeline.io import atomic_path, dvc_add, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,15 @@ def add_labels(answers: Path, *, data_dir: Path = Path("data"), register: bool =
     data_dir = Path(data_dir)
     rows = read_answers(Path(answers))
     labeled = data_dir / "labeled"
+    if (labeled / "labels.csv").is_file():
+        raise PipelineError(
+            f"{labeled}/labels.csv lists the labeled images, so copies into class folders would "
+            f"be ignored: append path,label rows to it yourself"
+        )
+    log_path = data_dir / "added_labels.csv"
+    old_log = read_table(log_path) if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
+    if list(old_log.columns) != LOG_COLUMNS:
+        raise PipelineError(f"{log_path} needs the columns {','.join(LOG_COLUMNS)}")
     classes = {p.name for p in labeled.iterdir() if p.is_dir()} if labeled.is_dir() else set()
     test_hashes = _hashes(data_dir / "test")
     labeled_hashes = _hashes(labeled)
@@ -80,7 +89,7 @@ def add_labels(answers: Path, *, data_dir: Path = Path("data"), register: bool =
         for path in written:  # nothing half-written: the answers join all together or not at all
             path.unlink(missing_ok=True)
         raise PipelineError(f"cannot copy into {labeled}: {exc}") from None
-    record(data_dir, plan)
+    record(log_path, old_log, plan, data_dir)
     if register:
         dvc_add(data_dir, ["labeled"])
     log.info("add-labels: %d images joined data/labeled/ (see data/added_labels.csv)", len(plan))
@@ -105,10 +114,8 @@ def read_answers(path: Path) -> list[tuple[int, str, str]]:
     ]
 
 
-def record(data_dir: Path, plan: list[tuple[Path, Path, str]]) -> None:
+def record(log_path: Path, old: pd.DataFrame, plan: list[tuple[Path, Path, str]], data_dir) -> None:
     """Append the answers to data/added_labels.csv (rewritten atomically)."""
-    log_path = data_dir / "added_labels.csv"
-    old = pd.read_csv(log_path, dtype=str) if log_path.is_file() else pd.DataFrame()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     new = pd.DataFrame(
         [

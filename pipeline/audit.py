@@ -10,7 +10,7 @@ Writes  <out>/truth.csv, overrides.csv, pseudo_overrides.csv   a byte copy of ea
 Params  none
 
 DVC cannot depend on a file that may not exist. This stage runs on every `dvc repro`
-(`always_changed` in dvc.yaml; it reads two small files) and ingest, clean and pseudolabel
+(`always_changed` in dvc.yaml; it reads three small files) and ingest, clean and pseudolabel
 depend on its copies, which only change when the user's files do: a project without them runs,
 and adding, editing or removing either reruns exactly the stages it feeds. The same holds
 for the data/test folder ingest depends on: a user may bring no test split.

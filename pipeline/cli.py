@@ -67,7 +67,8 @@ def audit(
     data_dir: DataOpt = Path("data"),
     out: OutOpt = Path("artifacts/audit"),
 ) -> dict:
-    """Copy the optional data/truth.csv and data/overrides.csv (or their headers) for DVC."""
+    """Copy the optional truth.csv, overrides.csv and pseudo_overrides.csv of data/ (or their
+    headers) for DVC; create data/test/ empty when it is absent."""
     from pipeline import audit as stage
 
     return stage.run(data_dir, out)

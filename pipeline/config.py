@@ -258,7 +258,7 @@ class PseudolabelConfig:
     policy: str = choice("curriculum", "fixed", "flexmatch")
     threshold: float = prob(0.95)  # fixed tau; flexmatch's upper bound
     min_confidence: float = prob(0.9)  # curriculum: calibrated confidence never admitted below
-    share_start: float = prob(0.5)  # curriculum: share of each class admitted in round 0
+    share_start: float = prob(0.5)  # curriculum: share of each class admitted for round r001
     share_step: float = prob(0.2)  # curriculum: added per round (one round per pool)
     share_max: float = prob(0.9)  # curriculum: share never exceeded
     per_class_cap: int = num(0, 0)  # most in the set per class (every pool so far); 0 = no cap
@@ -293,11 +293,12 @@ class Params:
                     f"rounds.{name}.pool: {entry.pool!r} must name a folder directly under "
                     f"data/unlabeled/ (no '/', no leading '.')"
                 )
-            if name == "r000" or not (entry.previous == "r000" or entry.previous in self.rounds):
+            known = entry.previous == "r000" or entry.previous in self.rounds
+            if name == "r000" or not known or entry.previous >= name:
                 raise PipelineError(
-                    f"rounds.{name}: r000 is the round trained on human labels only; a pool "
-                    f"round's `previous` ({entry.previous!r}) must be r000 or another round "
-                    f"(`python -m pipeline add-pool` writes these entries)"
+                    f"rounds.{name}: r000 is the round trained on human labels only; each pool "
+                    f"round follows r000 or an earlier round (previous: {entry.previous!r}); "
+                    f"`python -m pipeline add-pool` writes these entries"
                 )
         if self.augment.hsv.p > 0 and self.base.channels != 3:
             raise PipelineError(

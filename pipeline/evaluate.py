@@ -317,9 +317,15 @@ def render(
     wrong = predictions[~predictions["correct"].astype(bool)].sort_values(
         "confidence", ascending=False
     )
-    # the files as people know them, for the gallery's most confident mistakes
-    originals = {r.Index: thumbnail(data_dir / r.path) for r in wrong.head(limit).itertuples()}
-    tiles = {r.Index: _tile(r, images[r.Index], originals.get(r.Index)) for r in wrong.itertuples()}
+    audit = predictions[predictions["label_issue"].astype(bool)].sort_values("label_quality")
+    audit = audit.head(limit)
+    # the files as people know them, for the galleries (most confident mistakes, audit)
+    shown = pd.concat([wrong.head(limit), audit])
+    originals = {r.Index: thumbnail(data_dir / r.path) for r in shown.itertuples()}
+    tiles = {
+        r.Index: _tile(r, images[r.Index], originals.get(r.Index))
+        for r in pd.concat([wrong, audit]).itertuples()
+    }
     cells = []
     index = {c: i for i, c in enumerate(classes)}
     for (actual, predicted), group in wrong.groupby(["actual", "predicted"], sort=False):
@@ -359,8 +365,6 @@ def render(
         (k.replace("_", " "), f"{v:.1%}") for k, v in metrics.items() if k.startswith("top")
     ]
     shown = wrong.head(limit)
-    audit = predictions[predictions["label_issue"].astype(bool)].sort_values("label_quality")
-    audit = audit[audit.index.isin(tiles.keys())].head(limit)
     body_html = (
         f"<h1>Misclassified samples &middot; round {report.esc(round_name)}</h1>"
         "<p class='muted'>Test split, predicted by the round's checkpoint ensemble. Start with the "

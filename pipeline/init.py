@@ -41,7 +41,16 @@ from pipeline.pools import write_rounds
 log = logging.getLogger(__name__)
 
 RESERVED = ("labeled", "test", "unlabeled")  # folder names inside SRC that are not classes
-DATASET = ("labeled", "test", "unlabeled", "truth.csv", "overrides.csv")
+DATASET = (  # what data/ holds of one dataset; --force moves all of it aside
+    "labeled",
+    "test",
+    "unlabeled",
+    "truth.csv",
+    "overrides.csv",
+    "pseudo_overrides.csv",
+    "test_audit.csv",
+    "added_labels.csv",
+)
 SIZE_RANGE = (16, 32)  # px; larger trains slowly on a CPU (raise base.image_size on a GPU)
 COLOUR_SAMPLE = 200  # images decoded to decide base.channels
 COLOUR_SPREAD = 8.0  # mean |R-G|, |G-B| above this (0-255) makes an image colourful
@@ -311,6 +320,9 @@ def make_room(data_dir: Path, force: bool) -> Path | None:
         for path in (data_dir / name, data_dir / f"{name}.dvc"):
             if path.exists():
                 shutil.move(str(path), str(aside / path.name))
+    artifacts = data_dir.parent / "artifacts"  # models and reports of the old dataset
+    if artifacts.is_dir():
+        shutil.move(str(artifacts), str(aside / "artifacts"))
     return aside
 
 
@@ -393,5 +405,8 @@ def describe(summary: dict) -> str:
         )
     if summary["moved_aside"]:
         lines.append(f"  the previous dataset was moved to {summary['moved_aside']}")
-    lines.append("next: dvc repro   (then open artifacts/summary/index.html)")
+    lines.append(
+        "next: git add -A && git commit -m 'my data' && dvc repro"
+        "   (then open artifacts/summary/index.html)"
+    )
     return "\n".join(lines)

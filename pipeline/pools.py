@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def next_round(rounds: dict) -> tuple[str, str]:
     """(name, previous) of the round after `rounds` (ordered by name; r000 is implicit)."""
     last = sorted(rounds)[-1] if rounds else "r000"
-    return f"r{len(rounds) + 1:03d}", last
+    numbers = [int(name[1:]) for name in rounds if name[1:].isdigit()]
+    return f"r{max(numbers, default=0) + 1:03d}", last
 
 
 def add_pool(

@@ -154,12 +154,13 @@ def read_pseudo_overrides(path: Path, classes: list[str]) -> dict[str, str]:
         return {}
     if not {"path", "label"} <= set(table.columns):
         raise PipelineError(f"{path} needs the columns path,label")
+    table = table.assign(path=table["path"].str.strip(), label=table["label"].str.strip())
     for line, row in enumerate(table.itertuples(), start=2):
         if row.label != "reject" and row.label not in classes:
             raise PipelineError(
                 f"{path}:{line}: {row.label!r} is not reject or a class ({', '.join(classes)})"
             )
-    return dict(zip(table["path"].str.strip(), table["label"].str.strip()))
+    return dict(zip(table["path"], table["label"]))
 
 
 def labeling_queue(
@@ -346,6 +347,7 @@ def run(
         paths = [*previous["path"], *new["path"]]
         human = read_pseudo_overrides(overrides_path or data_dir / "pseudo_overrides.csv", classes)
         decided = np.array([human.get(p, "") for p in paths], dtype=object)
+        unmatched = len(set(human) - set(paths))  # not an eligible pool image (yet)
         accepted = np.where(decided == "reject", False, accepted | (decided != ""))
         labels = np.where((decided != "") & (decided != "reject"), decided, labels)
         moves = provenance(previous, accepted, list(labels), round_name)
@@ -387,6 +389,8 @@ def run(
         rank=np.arange(1, len(queue) + 1), margin=top2[:, 1] - top2[:, 0], label=""
     )[["rank", "path", "pool", "predicted", "confidence", "margin", "label", "true_label"]]
     metrics["queue"] = len(queue)
+    metrics["human_decisions"] = int((table["human"] != "").sum())
+    metrics["human_decisions_unmatched"] = unmatched
     images = read_array(out_dir / "images")
     with atomic_dir(report_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)

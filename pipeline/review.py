@@ -24,6 +24,7 @@ import logging
 import secrets
 import subprocess
 import sys
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -54,6 +55,7 @@ class Workspace:
         self.classes: list[str] = read_json(ingest / "classes.json")
         self.token = secrets.token_urlsafe(16)
         self.status: list[str] = []
+        self.lock = threading.Lock()  # one action at a time: each rewrites a whole file
 
     def last_round(self) -> str | None:
         done = sorted(p.parent.name for p in self.artifacts.glob("reports/*/evaluate"))
@@ -102,13 +104,16 @@ class Workspace:
             action, label
         )
         file = self.data_dir / FILES[kind]
-        old = read_table(file) if file.is_file() else pd.DataFrame(columns=["path", "label"])
-        new = pd.concat(
-            [old[old["path"] != path], pd.DataFrame({"path": [path], "label": [value]})],
-            ignore_index=True,
-        )
-        write_table(file, new[["path", "label"]])
-        self.status = stale_stages()
+        with self.lock:
+            old = read_table(file) if file.is_file() else pd.DataFrame(columns=["path", "label"])
+            if not {"path", "label"} <= set(old.columns):
+                raise PipelineError(f"{file} needs the columns path,label: fix it by hand first")
+            new = pd.concat(  # other columns a person added are kept
+                [old[old["path"] != path], pd.DataFrame({"path": [path], "label": [value]})],
+                ignore_index=True,
+            ).fillna("")
+            write_table(file, new)
+            self.status = stale_stages()
         return f"{path}: {value} (in data/{FILES[kind]})"
 
     def pending(self) -> list[tuple[str, str, str]]:
@@ -136,7 +141,9 @@ def stale_stages() -> list[str]:
 
 def render(ws: Workspace, message: str = "") -> str:
     token = report.esc(ws.token)
-    options = "".join(f"<option>{report.esc(c)}</option>" for c in ws.classes)
+    options = "".join(
+        f"<option value='{report.esc(c)}'>{report.esc(c)}</option>" for c in ws.classes
+    )
 
     def form(kind: str, path: str, buttons: list[tuple[str, str]], choose: bool) -> str:
         select = f"<select name='label'>{options}</select>" if choose else ""
@@ -236,8 +243,12 @@ def make_handler(ws: Workspace):
                 self._send(HTTPStatus.OK, render(ws, query.get("message", [""])[0]), "text/html")
 
         def do_POST(self) -> None:  # noqa: N802
-            length = min(int(self.headers.get("Content-Length") or 0), 65536)
-            form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode("utf-8")).items()}
+            try:
+                length = min(int(self.headers.get("Content-Length") or 0), 65536)
+                raw = self.rfile.read(length).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return self._send(HTTPStatus.BAD_REQUEST, "unreadable form")
+            form = {k: v[0] for k, v in parse_qs(raw).items()}
             if urlsplit(self.path).path != "/action":
                 return self._send(HTTPStatus.NOT_FOUND, "not found")
             if not self._allowed(form.get("token", "")):

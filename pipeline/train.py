@@ -222,9 +222,15 @@ def run(
 def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:
     """dvclive metrics and per-epoch plots, written as a whole once training has finished."""
     from dvclive import Live
+    from scmrepo.exceptions import SCMError
 
     with atomic_dir(live_dir) as tmp:
-        live = Live(dir=str(tmp), dvcyaml=None, save_dvc_exp=False, report=None)
+        try:
+            live = Live(dir=str(tmp), dvcyaml=None, save_dvc_exp=False, report=None)
+        except SCMError as exc:  # dvclive reads the git revision even when it saves no experiment
+            raise PipelineError(
+                f"git: {exc}; commit once before `dvc repro` (git add -A && git commit -m start)"
+            ) from None
         for record in history:
             live.log_metric("lr", record["lr"], plot=True)
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "grad_norm"):

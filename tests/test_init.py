@@ -165,11 +165,19 @@ def test_init_then_dvc_repro_on_colour_photos_without_truth_or_overrides(tmp_pat
     write_photos(photos, 12)
     write_photos(photos / "unlabeled" / "first", 4, seed=3, flat=True)
     out = sh(root, sys.executable, "-m", "pipeline", "init", str(photos)).stdout
-    assert "base.channels: 3" in out and "next: dvc repro" in out
+    assert "base.channels: 3" in out and "dvc repro" in out
     refused = sh(root, sys.executable, "-m", "pipeline", "init", str(photos), check=False)
     assert refused.returncode == 1 and "--force" in refused.stderr
     assert "Traceback" not in refused.stderr
 
+    uncommitted = tmp_path / "uncommitted"  # a user who skips the commit init asks for
+    shutil.copytree(root, uncommitted, symlinks=True)
+    before_commit = dvc(uncommitted, "repro", check=False)
+    assert before_commit.returncode != 0
+    assert "commit once before" in before_commit.stdout + before_commit.stderr
+    assert "Traceback" not in before_commit.stdout + before_commit.stderr
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-qm", "my data")
     ran = stages_ran(dvc(root, "repro").stdout)
     assert {"ingest", "clean", "train", "evaluate", "pseudolabel@r001", "summarize"} <= ran
     ingest = yaml.safe_load((root / "artifacts/ingest/metrics.json").read_text())

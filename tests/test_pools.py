@@ -82,3 +82,4 @@ def test_refuses_bad_pools(workspace, source, name, message, record):
 def test_the_first_pool_round_follows_the_human_labels_round():
     assert next_round({}) == ("r001", "r000")
     assert next_round({"r001": {}, "r002": {}}) == ("r003", "r002")
+    assert next_round({"r001": {}, "r003": {}}) == ("r004", "r003")  # never reuses a name

@@ -1,5 +1,6 @@
 """`review`: the local page whose clicks land in the files the pipeline reads."""
 
+import html
 import re
 import socket
 import subprocess
@@ -111,6 +112,36 @@ def test_requests_need_the_token_and_names_are_escaped(server, workspace, record
     assert not (workspace / "data" / "overrides.csv").exists()
     record("security", "review: no token, a wrong token, a path not on the page", "refused", 4)
     record("security", "review: a class named `<b>bold</b>` and a hostile file name", "escaped")
+
+
+def test_each_action_lands_in_its_file_and_a_later_one_replaces_it(server, workspace):
+    base, token = server
+    status, page = _get(f"{base}/?token={token}")
+    paths = {
+        kind: re.findall(rf"data-kind='{kind}'.*?name='path' value='([^']*)'", page)
+        for kind in ("train", "pseudo", "test")
+    }
+    assert all(paths.values()), paths
+    train, pseudo, test = paths["train"][-1], paths["pseudo"][-1], paths["test"][-1]
+    post = {"token": token}
+    for fields in (
+        {"kind": "train", "path": train, "action": "drop"},
+        {"kind": "train", "path": train, "action": "keep"},  # replaces the drop
+        {"kind": "pseudo", "path": pseudo, "action": "confirm", "label": "zero"},
+        {"kind": "test", "path": test, "action": "flag"},
+    ):
+        assert _post(base, post | {k: html.unescape(v) for k, v in fields.items()})[0] == 200
+    data = workspace / "data"
+    overrides = pd.read_csv(data / "overrides.csv", dtype=str).set_index("path")["label"]
+    assert overrides[html.unescape(train)] == "keep"
+    pseudo_rows = pd.read_csv(data / "pseudo_overrides.csv", dtype=str).set_index("path")
+    assert pseudo_rows.loc[html.unescape(pseudo), "label"] == "zero"
+    audit = pd.read_csv(data / "test_audit.csv", dtype=str)
+    assert audit["path"].tolist() == [html.unescape(test)]
+    bad_class = {"kind": "pseudo", "path": html.unescape(pseudo), "action": "confirm", "label": "x"}
+    assert _post(base, post | bad_class)[0] == 400
+    for name in ("overrides.csv", "pseudo_overrides.csv", "test_audit.csv"):
+        (data / name).unlink()
 
 
 def test_clicks_relabel_a_label_issue_and_reject_a_pseudo_label(server, workspace, tmp_path):
