@@ -181,9 +181,12 @@ def decide(
             said = f"given {row.given_label!r}, model says {row.suggested_label!r} (p={row.suggested_prob:.2f})"
             if policy == "flag":
                 decision[i], reason[i] = "flag", f"label_issue: {said}"
-            elif policy == "relabel" and row.suggested_prob >= relabel_threshold:
+            elif policy.startswith("relabel") and row.suggested_prob >= relabel_threshold:
                 decision[i], reason[i] = "relabel", f"relabel_confident: {said}"
                 final[i] = row.suggested_label
+            elif policy == "relabel_keep":
+                decision[i] = "flag"
+                reason[i] = f"kept_not_confident: {said} < clean.relabel_threshold {relabel_threshold}"
             elif policy == "relabel":
                 decision[i] = "drop"
                 reason[i] = (

@@ -233,7 +233,7 @@ class CleanConfig:
         "low_normalized_margin",
         "low_self_confidence",
     )
-    policy: str = choice("relabel", "drop", "flag")
+    policy: str = choice("relabel", "drop", "flag", "relabel_keep")
     relabel_threshold: float = prob(0.9)  # out-of-sample confidence needed to relabel
     # Above this estimated noise rate the K-fold models are presumed too weak to judge labels:
     # nothing is dropped or relabeled (clean.policy acts as flag) and a warning says why.
