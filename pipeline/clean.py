@@ -186,7 +186,9 @@ def decide(
                 final[i] = row.suggested_label
             elif policy == "relabel_keep":
                 decision[i] = "flag"
-                reason[i] = f"kept_not_confident: {said} < clean.relabel_threshold {relabel_threshold}"
+                reason[i] = (
+                    f"kept_not_confident: {said} < clean.relabel_threshold {relabel_threshold}"
+                )
             elif policy == "relabel":
                 decision[i] = "drop"
                 reason[i] = (

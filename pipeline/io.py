@@ -290,6 +290,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+def stale_stages(run_audit: bool = False) -> list[str]:
+    """Stages `dvc repro` would run now, less audit's standing "always changed" (empty outside
+    a DVC repo). run_audit first runs the audit stage, which copies data/'s decision files where
+    the stages depend on them, so edits to those files show."""
+    if not Path(".dvc").is_dir():
+        return []
+    dvc = [sys.executable, "-m", "dvc"]
+    if run_audit:
+        subprocess.run([*dvc, "repro", "--single-item", "audit"], capture_output=True, text=True)
+    result = subprocess.run([*dvc, "status", "--json"], capture_output=True, text=True)
+    try:
+        status = json.loads(result.stdout or "{}")
+    except json.JSONDecodeError:
+        return []
+    return sorted(k for k, v in status.items() if v != ["always changed"])
+
+
 def dvc_add(data_dir: Path, paths: list[str]) -> None:
     """Track data folders with DVC (not git), when data_dir lies in a DVC repo."""
     if not any(

@@ -9,18 +9,15 @@ the new round's stages and `summarize`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from pipeline.config import is_plain_name, read_yaml
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.io import dvc_add, edit_yaml
+from pipeline.io import dvc_add, edit_yaml, stale_stages
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +101,6 @@ def add_pool(
         previous,
     )
     return {"pool": name, "round": round_name, "images": len(images), "stale": stale_stages()}
-
-
-def stale_stages() -> list[str]:
-    """Stages `dvc repro` would run now (empty outside a DVC repo)."""
-    if not Path(".dvc").is_dir():
-        return []
-    result = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True
-    )
-    try:
-        return sorted(json.loads(result.stdout or "{}"))
-    except json.JSONDecodeError:
-        return []
 
 
 def _free_name(unlabeled: Path, in_use: set[str]) -> str:

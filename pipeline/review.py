@@ -19,11 +19,8 @@ the workspace's own tables list them; everything shown is escaped.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import secrets
-import subprocess
-import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +32,7 @@ import pandas as pd
 from pipeline import report
 from pipeline.errors import PipelineError
 from pipeline.images import thumbnail
-from pipeline.io import read_array, read_json, read_table, write_table
+from pipeline.io import read_array, read_json, read_table, stale_stages, write_table
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +110,7 @@ class Workspace:
                 ignore_index=True,
             ).fillna("")
             write_table(file, new)
-            self.status = stale_stages()
+            self.status = stale_stages(run_audit=True)
         return f"{path}: {value} (in data/{FILES[kind]})"
 
     def pending(self) -> list[tuple[str, str, str]]:
@@ -123,20 +120,6 @@ class Workspace:
             if file.is_file():
                 rows += [(name, r.path, r.label) for r in read_table(file).itertuples()]
         return rows
-
-
-def stale_stages() -> list[str]:
-    """Run `audit` (it copies the decision files), then list what `dvc repro` would rerun."""
-    if not Path(".dvc").is_dir():
-        return []
-    dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run([*dvc, "repro", "--single-item", "audit"], capture_output=True, text=True)
-    result = subprocess.run([*dvc, "status", "--json"], capture_output=True, text=True)
-    try:
-        status = json.loads(result.stdout or "{}")
-    except json.JSONDecodeError:
-        return []
-    return sorted(k for k, v in status.items() if v != ["always changed"])
 
 
 def render(ws: Workspace, message: str = "") -> str:
