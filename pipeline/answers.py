@@ -16,7 +16,6 @@ an image already in the labeled set, or one image answered twice. Rows with an e
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import shutil
@@ -27,6 +26,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.inputs import read_csv_rows
 from pipeline.io import atomic_path, dvc_add, read_table, write_table
 
 log = logging.getLogger(__name__)
@@ -98,20 +98,7 @@ def add_labels(answers: Path, *, data_dir: Path = Path("data"), register: bool =
 
 def read_answers(path: Path) -> list[tuple[int, str, str]]:
     """(line, path, label) of every answered row."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = set(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
-    if not {"path", "label"} <= columns:
-        raise PipelineError(f"{path} needs a header with path,label")
-    return [
-        (line, (row["path"] or "").strip(), (row["label"] or "").strip())
-        for line, row in enumerate(rows, start=2)
-        if (row.get("label") or "").strip()
-    ]
+    return [(line, row["path"], row["label"]) for line, row in read_csv_rows(path) if row["label"]]
 
 
 def record(log_path: Path, old: pd.DataFrame, plan: list[tuple[Path, Path, str]], data_dir) -> None:

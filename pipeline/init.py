@@ -19,7 +19,6 @@ which moves it aside into data-before-init-<time>/, never deletes it.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
@@ -35,6 +34,7 @@ from PIL import Image
 from pipeline.config import is_plain_name, load_params
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS, SYSTEM_FILES
+from pipeline.inputs import read_csv_rows
 from pipeline.io import dvc_add, edit_yaml
 from pipeline.pools import write_rounds
 
@@ -142,19 +142,9 @@ def read_source(source: Path) -> Source:
 
 def read_csv_source(path: Path) -> Source:
     root = path.parent.resolve()
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = set(reader.fieldnames or [])
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
-    if not {"path", "label"} <= columns:
-        raise PipelineError(f"{path} needs a header with path,label (and optionally split)")
     found = Source()
-    for line, row in enumerate(rows, start=2):
-        rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-        split = (row.get("split") or "train").strip() or "train"
+    for line, row in read_csv_rows(path):
+        rel, label, split = row["path"], row["label"], row.get("split") or "train"
         if not rel or not label:
             found.skipped.append(f"{path.name}:{line}: no path or no label")
             continue

@@ -266,19 +266,41 @@ def attach_truth(table: pd.DataFrame, truth_path: Path) -> tuple[pd.DataFrame, i
 
 def read_truth(path: Path) -> dict[str, str]:
     """path -> true label from a truth file (path,true_label); empty when there is none."""
+    return read_pairs(path, "true_label")
+
+
+def read_pairs(path: Path, column: str) -> dict[str, str]:
+    """path -> `column` from an optional path,<column> CSV (values stripped); {} when absent."""
     if not path.is_file():
         return {}
     try:
-        truth = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
     except pd.errors.EmptyDataError:
         return {}
-    if not {"path", "true_label"} <= set(truth.columns):
+    if not {"path", column} <= set(table.columns):
         raise PipelineError(
-            f"{path} needs the columns path,true_label; it has {','.join(truth.columns)}"
+            f"{path} needs the columns path,{column}; it has {','.join(table.columns)}"
         )
-    return dict(zip(truth["path"], truth["true_label"]))
+    return dict(zip(table["path"].str.strip(), table[column].str.strip()))
+
+
+def read_csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row with stripped values) of a UTF-8 CSV with at least path,label."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = set(reader.fieldnames or [])
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
+    if not {"path", "label"} <= columns:
+        raise PipelineError(f"{path} needs a header with path,label")
+    return [
+        (line, {k: (v or "").strip() for k, v in row.items() if k is not None})
+        for line, row in enumerate(rows, start=2)
+    ]
 
 
 def quarantine_row(path: str, split: str, reason: str) -> dict:

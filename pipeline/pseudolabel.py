@@ -35,7 +35,7 @@ from pipeline.config import BaseConfig, Params, PseudolabelConfig, to_dict
 from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
 from pipeline.images import thumbnail
-from pipeline.inputs import QUARANTINE_COLUMNS, pack, read_truth, scan_folder
+from pipeline.inputs import QUARANTINE_COLUMNS, pack, read_pairs, read_truth, scan_folder
 from pipeline.io import (
     ShardWriter,
     atomic_dir,
@@ -144,23 +144,13 @@ def select(
 
 def read_pseudo_overrides(path: Path, classes: list[str]) -> dict[str, str]:
     """data/pseudo_overrides.csv (path,label) as {path: "reject" or a class}; absent: {}."""
-    if not path.is_file():
-        return {}
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
-    except pd.errors.EmptyDataError:
-        return {}
-    if not {"path", "label"} <= set(table.columns):
-        raise PipelineError(f"{path} needs the columns path,label")
-    table = table.assign(path=table["path"].str.strip(), label=table["label"].str.strip())
-    for line, row in enumerate(table.itertuples(), start=2):
-        if row.label != "reject" and row.label not in classes:
+    decisions = read_pairs(path, "label")
+    for rel, label in decisions.items():
+        if label != "reject" and label not in classes:
             raise PipelineError(
-                f"{path}:{line}: {row.label!r} is not reject or a class ({', '.join(classes)})"
+                f"{path}: {rel}: {label!r} is not reject or a class ({', '.join(classes)})"
             )
-    return dict(zip(table["path"], table["label"]))
+    return decisions
 
 
 def labeling_queue(
