@@ -190,7 +190,7 @@ def render(ws: Workspace, message: str = "") -> str:
             if pending
             else "<p class='muted'>none yet</p>"
         )
-        + "<p id='status'>`dvc repro` will rerun: "
+        + "<p id='status'>`dvc repro` will rerun, with what follows each: "
         + report.esc(", ".join(ws.status) if ws.status else "(nothing, or no action yet)")
         + "</p>"
         + "".join(sections)
