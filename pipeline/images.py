@@ -102,7 +102,8 @@ def thumbnail(path: Path, max_side: int = 96) -> np.ndarray | None:
                     return None
                 image.draft("RGB", (max_side, max_side))
                 image = ImageOps.exif_transpose(image)
-                image = image.convert("RGB" if image.mode not in ("L", "1", "I;16") else "L")
+                gray = image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;16")
+                image, _ = _normalize_mode(image, 1 if gray else 3)  # as ingest: 16-bit scaled
                 image.thumbnail((max_side, max_side))
                 return np.asarray(image, dtype=np.uint8)
         except Exception:  # noqa: BLE001 - a missing or broken file only costs the picture

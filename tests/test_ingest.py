@@ -222,6 +222,9 @@ def test_report_thumbnails_show_the_file_upright_in_colour_and_skip_what_cannot_
     photo.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
     pixels = thumbnail(tmp_path / "photo.jpg")
     assert pixels.shape == (96, 48, 3) and pixels[..., 0].mean() > 150 > pixels[..., 1].mean()
+    deep = np.full((20, 30), 30000, np.uint16)  # a 16-bit scan: mid-grey, not white
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert 100 < thumbnail(tmp_path / "deep.png").mean() < 150
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     Image.new("L", (12000, 12000)).save(tmp_path / "huge.png")  # over the reports' limit
     for name in ("broken.png", "huge.png", "missing.png"):
