@@ -30,6 +30,7 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")
 DataOpt = Annotated[Path, typer.Option("--data-dir", help="the input folder (see README)")]
 OutOpt = Annotated[Path, typer.Option("--out", help="folder the stage writes")]
 IngestOpt = Annotated[Path, typer.Option("--ingest", help="the ingest stage's output folder")]
+LinkOpt = Annotated[bool, typer.Option("--link", help="hard-link files instead of copying")]
 TruthOpt = Annotated[
     Path | None,
     typer.Option("--truth", help="audit file path,true_label (default: <data-dir>/truth.csv)"),
@@ -279,9 +280,7 @@ def summarize(
 def add_pool(
     source: Annotated[Path, typer.Argument(help="folder of unlabeled images")],
     name: Annotated[str | None, typer.Option(help="pool name (default: next pool_NNN)")] = None,
-    link: Annotated[
-        bool, typer.Option("--link", help="hard-link files instead of copying")
-    ] = False,
+    link: LinkOpt = False,
     data_dir: DataOpt = Path("data"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
@@ -306,9 +305,7 @@ def init(
     pool: Annotated[
         list[str] | None, typer.Option(help="NAME=DIR, a folder of unlabeled images; repeat")
     ] = None,
-    link: Annotated[
-        bool, typer.Option("--link", help="hard-link files instead of copying")
-    ] = False,
+    link: LinkOpt = False,
     force: Annotated[
         bool, typer.Option("--force", help="move a dataset already in data/ aside")
     ] = False,
