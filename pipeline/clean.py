@@ -5,7 +5,8 @@ Writes  <out>/train.csv        the cleaned training table the train stage reads
         <out>/val.csv          the validation split (carved before cleaning) and its scoring labels
         <out>/issues.csv       every training row: scores, issue types, decision and reason
         <out>/pred_probs.npy   (N, K) out-of-sample probabilities, rows as in issues.csv
-        <out>/embeddings.npy   (N, D) out-of-sample penultimate features
+        <out>/embeddings.npy   (N, D) penultimate features of the second opinion (one model for
+                               every row; the K-fold's when clean.recheck_steps is 0)
         <out>/metrics.json     issues per type, noise estimate, label health, truth precision/recall
         <out>/report.html      gallery of flagged samples, worst first
 Params  base, clean (its own short K-fold recipe), train.model (the model family), augment
@@ -15,8 +16,14 @@ seeded, `clean.val_fraction` with at least `clean.val_min_per_class` per class),
 same rows whatever cleaning decides, in every round and experiment. Its rows are never trained
 on, but the K-fold scores them like every other row, and a validation row flagged as a label
 issue is scored against the model's suggestion when that is confident
-(>= clean.relabel_threshold), otherwise left out of the score and counted: a noisy validation
-label would otherwise reward checkpoints that learned the noise.
+(>= clean.relabel_threshold, or the second opinion agrees at clean.recheck_threshold), otherwise
+left out of the score and counted: a noisy validation label would otherwise reward checkpoints
+that learned the noise.
+
+The second opinion is one model trained, after the K-fold, on the rows a first pass keeps. A
+label issue the K-fold was unsure of is relabeled when this model names the same class
+(`relabel_recheck` in issues.csv): dropping those rows cost a fifth of the training set on few
+labels. Its embeddings are the one space near-duplicate and outlier scores compare in.
 """
 
 from __future__ import annotations
@@ -69,6 +76,20 @@ KNN_WORKING_MIB = 128
 # 1) Out-of-sample probabilities
 
 
+def recipe(params: Params, min_steps: int) -> TrainConfig:
+    """The clean stage's own short recipe: AdamW with a cosine schedule, no early stopping."""
+    return TrainConfig(
+        model=params.train.model,
+        lr=params.clean.lr,
+        weight_decay=params.clean.weight_decay,
+        batch_size=params.clean.batch_size,
+        epochs=params.clean.epochs,
+        min_steps=min_steps,
+        mixup=params.clean.mixup,
+        num_workers=params.train.num_workers,
+    )
+
+
 def kfold_pred_probs(
     images: np.ndarray, labels: np.ndarray, n_classes: int, params: Params, classes: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -82,16 +103,7 @@ def kfold_pred_probs(
         )
     device = pick_device()
     augmentation = training_augmentation(params.augment, params.base, classes, device)
-    recipe = TrainConfig(  # AdamW with a cosine schedule, no early stopping
-        model=params.train.model,
-        lr=params.clean.lr,
-        weight_decay=params.clean.weight_decay,
-        batch_size=params.clean.batch_size,
-        epochs=params.clean.epochs,
-        min_steps=params.clean.min_steps,
-        mixup=params.clean.mixup,
-        num_workers=params.train.num_workers,
-    )
+    fold_recipe = recipe(params, params.clean.min_steps)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.base.seed)
     pred_probs = np.zeros((len(labels), n_classes), np.float32)
     embeddings = None
@@ -104,7 +116,7 @@ def kfold_pred_probs(
             model,
             Samples(images[train_idx], labels[train_idx]),
             None,
-            recipe,
+            fold_recipe,
             seed=params.base.seed + fold,
             device=device,
             augmentation=augmentation,
@@ -116,6 +128,31 @@ def kfold_pred_probs(
             embeddings = np.zeros((len(labels), feats.shape[1]), np.float32)
         embeddings[held_idx] = feats
     return pred_probs, embeddings
+
+
+def second_opinion(
+    images: np.ndarray, labels: np.ndarray, trains: np.ndarray, params: Params, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (N, K), embeddings (N, D)) of one model trained on the rows where `trains` holds.
+
+    The K-fold models learn from the wrong labels they are asked about; this one learns from
+    the rows cleaning keeps, so it can settle the label issues the K-fold was unsure of (rows it
+    never saw). Its embeddings put every row in one space for the similarity checks.
+    """
+    device = pick_device()
+    torch.manual_seed(params.base.seed)
+    model = build_model(params.train.model, params.base.channels, len(classes))
+    fit(
+        model,
+        Samples(images[trains], labels[trains]),
+        None,
+        recipe(params, params.clean.recheck_steps),
+        seed=params.base.seed,
+        device=device,
+        augmentation=training_augmentation(params.augment, params.base, classes, device),
+        desc="clean: second opinion",
+    )
+    return predict_proba([model], images, device, embeddings=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,9 +206,18 @@ def outlier_scores(embeddings: np.ndarray) -> np.ndarray:
 
 
 def decide(
-    issues: pd.DataFrame, classes: list[str], *, policy: str, relabel_threshold: float
+    issues: pd.DataFrame,
+    classes: list[str],
+    *,
+    policy: str,
+    relabel_threshold: float,
+    recheck_threshold: float | None = None,
 ) -> pd.DataFrame:
-    """A decision (keep, flag, drop, relabel) and a reason for each row."""
+    """A decision (keep, flag, drop, relabel) and a reason for each row.
+
+    With recheck_threshold, an issue the K-fold is unsure of is still relabeled when the second
+    opinion (columns recheck_label, recheck_prob) names the same class at that confidence.
+    """
     decision = np.full(len(issues), "keep", dtype=object)
     reason = np.full(len(issues), "", dtype=object)
     final = issues["given_label"].to_numpy(dtype=object).copy()
@@ -183,6 +229,13 @@ def decide(
                 decision[i], reason[i] = "flag", f"label_issue: {said}"
             elif policy.startswith("relabel") and row.suggested_prob >= relabel_threshold:
                 decision[i], reason[i] = "relabel", f"relabel_confident: {said}"
+                final[i] = row.suggested_label
+            elif policy.startswith("relabel") and agrees(row, recheck_threshold):
+                decision[i] = "relabel"
+                reason[i] = (
+                    f"relabel_recheck: {said}; a model trained on the kept rows agrees "
+                    f"(p={row.recheck_prob:.2f})"
+                )
                 final[i] = row.suggested_label
             elif policy == "relabel_keep":
                 decision[i] = "flag"
@@ -201,6 +254,15 @@ def decide(
     out = issues.copy()
     out["decision"], out["reason"], out["label"] = decision, reason, final
     return out
+
+
+def agrees(row, recheck_threshold: float | None) -> bool:
+    """Whether the second opinion names the K-fold's suggested class confidently."""
+    return (
+        recheck_threshold is not None
+        and getattr(row, "recheck_label", "") == row.suggested_label
+        and row.recheck_prob >= recheck_threshold
+    )
 
 
 def guarded_policy(
@@ -228,13 +290,18 @@ def guarded_policy(
 
 
 def validation_labels(
-    decided: pd.DataFrame, *, relabel_threshold: float, trust_model: bool = True
+    decided: pd.DataFrame,
+    *,
+    relabel_threshold: float,
+    recheck_threshold: float | None = None,
+    trust_model: bool = True,
 ) -> tuple[pd.Series, pd.Series]:
     """(label scored against, scored?) for validation rows, whatever clean.policy says.
 
-    Overrides win; a flagged label is replaced by a confident suggestion, otherwise the row
-    is left out of the score. Without trust_model (the noise guard tripped) flagged rows keep
-    their given label and are scored.
+    Overrides win; a flagged label is replaced by a confident suggestion (the K-fold's, or one
+    the second opinion agrees with: it never trained on validation rows), otherwise the row is
+    left out of the score. Without trust_model (the noise guard tripped) flagged rows keep their
+    given label and are scored.
     """
     label = decided["given_label"].copy()
     scored = pd.Series(True, index=decided.index)
@@ -242,7 +309,7 @@ def validation_labels(
         if row["reason"].startswith("override:"):
             label[idx], scored[idx] = row["label"], row["decision"] != "drop"
         elif row["label_issue"] and trust_model:
-            confident = row["suggested_prob"] >= relabel_threshold
+            confident = row["suggested_prob"] >= relabel_threshold or agrees(row, recheck_threshold)
             label[idx], scored[idx] = row["suggested_label"], confident
     return label, scored
 
@@ -343,20 +410,13 @@ def run(
     train_images = np.ascontiguousarray(images[table["row"].astype(int).to_numpy()])
 
     # Out-of-sample probabilities, with the augmentation policy the final model will use.
-    pred_probs, embeddings = kfold_pred_probs(train_images, labels, len(classes), params, classes)
-
-    found = find_issues(labels, pred_probs, filter_by=params.clean.filter_by)
-    is_dup, partner, nearest = near_duplicates(embeddings, params.clean.near_duplicate_distance)
-    ood = outlier_scores(embeddings)
-    is_outlier = (
-        ood <= np.quantile(ood, params.clean.outlier_quantile)
-        if params.clean.outlier_quantile > 0
-        else np.zeros(len(ood), bool)
+    pred_probs, kfold_embeddings = kfold_pred_probs(
+        train_images, labels, len(classes), params, classes
     )
-    props = image_properties(train_images)
-    scores = quality_scores(props, table[["width", "height"]], params.clean.quality_z)
-    flags = scores < 0.5  # quality_flags
-
+    found = find_issues(labels, pred_probs, filter_by=params.clean.filter_by)
+    policy, guard = guarded_policy(labels, pred_probs, cfg.policy, cfg.max_noise_rate)
+    if guard:
+        log.warning("clean: WARNING %s", guard)
     issues = pd.DataFrame(
         {
             "id": table["id"],
@@ -369,12 +429,45 @@ def run(
             "given_prob": found["given_prob"],
             "label_quality": found["label_quality"],
             "label_issue": found["label_issue"],
-            "near_duplicate_of": [table["path"][p] if d else "" for d, p in zip(is_dup, partner)],
-            "outlier_score": ood,
-            **{k: props[k] for k in props},
-            "true_label": table.get("true_label", pd.Series([""] * len(table))),
+            "predicted_label": [classes[i] for i in pred_probs.argmax(1)],
         }
     )
+
+    # The second opinion, trained on what a first pass over the label issues keeps.
+    recheck_threshold = None
+    embeddings = kfold_embeddings
+    if cfg.recheck_steps > 0:
+        first, _ = apply_overrides(
+            decide(
+                issues.assign(issue_types=""),
+                classes,
+                policy=policy,
+                relabel_threshold=cfg.relabel_threshold,
+            ),
+            overrides,
+        )
+        trains = ~is_val & (first["decision"] != "drop").to_numpy()
+        first_labels = first["label"].map(classes.index).to_numpy(np.int64)
+        second, embeddings = second_opinion(train_images, first_labels, trains, params, classes)
+        issues["recheck_label"] = [classes[i] for i in second.argmax(1)]
+        issues["recheck_prob"] = second.max(1)
+        recheck_threshold = None if guard else cfg.recheck_threshold
+
+    is_dup, partner, nearest = near_duplicates(embeddings, params.clean.near_duplicate_distance)
+    ood = outlier_scores(embeddings)
+    is_outlier = (
+        ood <= np.quantile(ood, params.clean.outlier_quantile)
+        if params.clean.outlier_quantile > 0
+        else np.zeros(len(ood), bool)
+    )
+    props = image_properties(train_images)
+    scores = quality_scores(props, table[["width", "height"]], params.clean.quality_z)
+    flags = scores < 0.5  # quality_flags
+    issues["near_duplicate_of"] = [table["path"][p] if d else "" for d, p in zip(is_dup, partner)]
+    issues["outlier_score"] = ood
+    for name in props:
+        issues[name] = props[name]
+    issues["true_label"] = table.get("true_label", pd.Series([""] * len(table)))
     types = {
         "label_issue": found["label_issue"].to_numpy(),
         "near_duplicate": is_dup,
@@ -393,20 +486,20 @@ def run(
     for name, values in type_scores.items():
         issues[f"is_{name}_issue"] = types["label_issue" if name == "label" else name]
         issues[f"{name}_score"] = values
-    issues["predicted_label"] = [classes[i] for i in pred_probs.argmax(1)]
-    policy, guard = guarded_policy(labels, pred_probs, cfg.policy, cfg.max_noise_rate)
-    if guard:
-        log.warning("clean: WARNING %s", guard)
     decided = decide(
         issues,
         classes,
         policy=policy,
-        relabel_threshold=params.clean.relabel_threshold,
+        relabel_threshold=cfg.relabel_threshold,
+        recheck_threshold=recheck_threshold,
     )
     decided, unmatched = apply_overrides(decided, overrides)
     val = decided[is_val].copy()
     val["label"], val["scored"] = validation_labels(
-        val, relabel_threshold=cfg.relabel_threshold, trust_model=not guard
+        val,
+        relabel_threshold=cfg.relabel_threshold,
+        recheck_threshold=recheck_threshold,
+        trust_model=not guard,
     )
     decided.loc[is_val, "decision"] = np.where(val["scored"], "validate", "unscored")
     decided.loc[is_val, "label"] = val["label"]  # what the row is scored against
@@ -430,6 +523,9 @@ def run(
 
     metrics = clean_metrics(labels, pred_probs, decided, types, classes, unmatched)
     metrics["policy_applied"] = policy
+    metrics["relabeled_by_second_opinion"] = int(
+        decided["reason"].str.startswith("relabel_recheck").sum()
+    )
     metrics["guard"] = guard
     metrics["validation"] = {
         "rows": len(val),

@@ -235,6 +235,11 @@ class CleanConfig:
     )
     policy: str = choice("relabel", "drop", "flag", "relabel_keep")
     relabel_threshold: float = prob(0.9)  # out-of-sample confidence needed to relabel
+    # A second opinion: one model trained on the rows cleaning keeps (after the K-fold). An
+    # unsure label issue is relabeled when it agrees with the K-fold's suggestion at
+    # recheck_threshold; its embeddings are the one space for near-duplicate and outlier checks.
+    recheck_steps: int = num(400, 0, 10_000_000)  # its optimizer steps at least; 0 = off
+    recheck_threshold: float = prob(0.7)
     # Above this estimated noise rate the K-fold models are presumed too weak to judge labels:
     # nothing is dropped or relabeled (clean.policy acts as flag) and a warning says why.
     max_noise_rate: float = prob(0.4)

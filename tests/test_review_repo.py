@@ -1,0 +1,66 @@
+"""`review` in a real DVC project after `dvc repro`: clicks land in data/ and the page names
+the stages they make stale, as `dvc status` does."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from .conftest import chromium, stale
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+def test_clicks_in_a_real_project_make_clean_and_the_pool_round_stale(demo_repo, tmp_path):
+    browser_path = chromium()
+    if browser_path is None:
+        pytest.skip("no chromium on this machine (CI installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    project = tmp_path / "project"
+    shutil.copytree(demo_repo[0], project, symlinks=True)
+    assert stale(project) == {}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "review", "--port", "0"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        match = re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", server.stdout.readline())
+        assert match, server.stderr.read() if server.poll() is not None else ""
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=browser_path, args=ARGS)
+            page = browser.new_page()
+            page.goto(match.group(1))
+            issue = page.locator(".tile[data-kind='train']").first
+            relabeled = issue.locator("input[name='path']").get_attribute("value")
+            issue.locator("select").select_option("7")
+            issue.locator("button[value='relabel']").click()
+            page.wait_for_selector("#message")
+            after_relabel = page.locator("#status").inner_text()
+            pseudo = page.locator(".tile[data-kind='pseudo']").first
+            rejected = pseudo.locator("input[name='path']").get_attribute("value")
+            pseudo.locator("button[value='reject']").click()
+            page.wait_for_selector("#message")
+            after_reject = page.locator("#status").inner_text()
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    overrides = pd.read_csv(project / "data" / "overrides.csv", dtype=str)
+    assert [relabeled, "7"] in overrides.values.tolist()
+    pseudo_overrides = pd.read_csv(project / "data" / "pseudo_overrides.csv", dtype=str)
+    assert pseudo_overrides.values.tolist() == [[rejected, "reject"]]
+    status = stale(project)  # what `dvc status` says now, the page's source
+    assert "clean" in status and "pseudolabel@r001" in status, status
+    assert "clean" in after_relabel and "pseudolabel@r001" not in after_relabel
+    assert "clean" in after_reject and "pseudolabel@r001" in after_reject
