@@ -114,7 +114,7 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
         kfold = time.perf_counter() - start
         start = time.perf_counter()
         clean.find_issues(labels, probs, filter_by=params.clean.filter_by)
-        clean.near_duplicates(embeddings, params.clean.near_duplicate_distance)
+        clean.near_duplicates(embeddings, params.clean.near_duplicate_ratio)
         clean.outlier_scores(embeddings)
         cleanlab_part = time.perf_counter() - start
         start = time.perf_counter()

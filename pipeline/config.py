@@ -243,7 +243,8 @@ class CleanConfig:
     # Above this estimated noise rate the K-fold models are presumed too weak to judge labels:
     # nothing is dropped or relabeled (clean.policy acts as flag) and a warning says why.
     max_noise_rate: float = prob(0.4)
-    near_duplicate_distance: float = num(0.005, 0.0, 1.0)  # cosine distance of embeddings
+    # near duplicates: cosine distance under this share of the median nearest-neighbour distance
+    near_duplicate_ratio: float = num(0.1, 0.0, 1.0)
     outlier_quantile: float = num(0.01, 0.0, 0.5)  # lowest outlier scores flagged
     quality_z: float = num(4.0, 1.0, 100.0)  # robust z-score for dark/light/blurry/low-info
     gallery_size: int = num(200, 1, 100000)

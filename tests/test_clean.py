@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image, PngImagePlugin
 
 from pipeline import clean, ingest, inputs
 from pipeline.config import load_params
@@ -53,6 +54,35 @@ def test_relabel_never_fires_under_its_threshold(prob, decision, label):
     assert out.loc[1, "decision"] == "keep" and out.loc[1, "label"] == "dog"
 
 
+@pytest.mark.parametrize(
+    ("policy", "second", "prob", "decision", "label"),
+    [
+        ("relabel", "dog", 0.8, "relabel", "dog"),  # agrees, confident: relabeled
+        ("relabel", "dog", 0.6, "drop", "cat"),  # agrees, unsure: dropped as before
+        ("relabel", "cat", 0.95, "drop", "cat"),  # names the given label: no agreement
+        ("relabel_keep", "dog", 0.8, "relabel", "dog"),
+        ("relabel_keep", "cat", 0.8, "flag", "cat"),
+        ("drop", "dog", 0.99, "drop", "cat"),  # a policy that drops is obeyed
+        ("flag", "dog", 0.99, "flag", "cat"),
+    ],
+)
+def test_the_second_opinion_relabels_only_the_unsure_issues_it_agrees_with(
+    policy, second, prob, decision, label
+):
+    rows = _issue_rows(0.6).assign(recheck_label=[second, "cat"], recheck_prob=[prob, 0.99])
+    out = clean.decide(
+        rows, ["cat", "dog"], policy=policy, relabel_threshold=0.9, recheck_threshold=0.7
+    )
+    assert (out.loc[0, "decision"], out.loc[0, "label"]) == (decision, label)
+    assert out.loc[0, "reason"].startswith("relabel_recheck") == (decision == "relabel")
+    assert (out.loc[1, "decision"], out.loc[1, "label"]) == ("keep", "dog")  # not an issue
+    # validation rows: an unsure flag is scored against the suggestion the second opinion shares
+    label, scored = clean.validation_labels(out, relabel_threshold=0.9, recheck_threshold=0.7)
+    assert (label[0], bool(scored[0])) == ("dog", second == "dog" and prob >= 0.7)
+    _, without = clean.validation_labels(out, relabel_threshold=0.9)
+    assert not without[0]
+
+
 def test_flag_policy_keeps_every_row():
     out = clean.decide(_issue_rows(0.99), ["cat", "dog"], policy="flag", relabel_threshold=0.9)
     assert list(out["decision"]) == ["flag", "keep"] and list(out["label"]) == ["cat", "dog"]
@@ -97,6 +127,11 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     clean_rows = sorted(
         p for p, t in truth.items() if p.startswith("labeled") and p.split("/")[1] == t
     )
+    # the same pixels under another name and other bytes (a metadata-only change)
+    original = sorted((data / "labeled" / "b").iterdir())[0]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "re-saved")
+    Image.open(original).save(original.with_name("resaved.png"), pnginfo=info)
     params = load_params(project / "params.yaml")
     ingest.run(data, project / "ingest", params)
     # overrides for training rows (validation rows are scored, never trained on)
@@ -120,6 +155,10 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     ).mean() > 0.85  # columns follow classes.json
 
     assert metrics["truth"]["recall"] >= 0.7 and metrics["truth"]["precision"] >= 0.7
+    # what the second opinion relabels, it relabels to the true class (truth.csv is the audit)
+    second = issues[issues["reason"].str.startswith("relabel_recheck")]
+    right = second["label"] == second["path"].map(truth)
+    assert len(second) == metrics["relabeled_by_second_opinion"] and right.mean() >= 0.9
     # Datalab's shape: one is_<type>_issue and one <type>_score per type, filtered directly
     table = pd.read_csv(project / "clean" / "issues.csv")
     for name in ("label", "near_duplicate", "outlier", "dark", "light", "blurry",
@@ -130,6 +169,14 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
             assert ((score < 0.5) == flagged).all(), name
         if name == "near_duplicate":  # the later member of each close pair is flagged
             assert (score[flagged] <= 0.5).all()
+    # one embedding space: the two copies lie together whatever fold each fell in
+    embeddings = np.load(project / "clean" / "embeddings.npy")
+    pair = [table.index[table["path"] == f"labeled/b/{name}"][0]
+            for name in (original.name, "resaved.png")]  # fmt: skip
+    unit = embeddings[pair] / np.linalg.norm(embeddings[pair], axis=1, keepdims=True)
+    assert 1 - unit[0] @ unit[1] < 1e-4
+    assert table.loc[pair, "is_near_duplicate_issue"].any()
+    assert table["is_near_duplicate_issue"].mean() < 0.05  # distinct digits are not
     label_issues = table[table["is_label_issue"]]
     assert set(label_issues["path"]) & set(flipped)
     assert (table["predicted_label"].astype(str).isin(classes)).all()
