@@ -72,6 +72,12 @@ class IngestConfig:
     min_images_per_class: int = num(2, 1)
     test_fraction: float = num(0.2, 0.05, 0.5)  # only used when data/test/ does not exist
     shard_mib: float = num(64.0, 0.001, 4096.0)  # size of each packed image shard file
+    # Near copies across splits (images.signature): within this share of the median distance
+    # to the nearest other image, and at most near_copy_max_distance (cosine). The search is
+    # exact and quadratic in the number of images: switch it off above a few hundred thousand.
+    near_copies: bool = True
+    near_copy_ratio: float = num(0.2, 0.0, 1.0)
+    near_copy_max_distance: float = num(0.1, 0.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ Writes  <out>/manifest.csv   one row per usable image: id, path, sha256, label, 
                              (pipeline.io.PackedImages reads them as one array)
         <out>/classes.json   the one class order used everywhere
         <out>/quarantine.csv path, split, reason for every file or folder not used
+        <out>/signatures.npy (N, 256) float16 look of each image (images.signature), manifest order
+        <out>/leakage.csv    path, split, copy_of, copy_split, distance, kind, action: every image
+                             set aside as a copy of a test image, exact or near, with its pair
         <out>/metrics.json
 Params  base, ingest
 
@@ -29,8 +32,13 @@ import pandas as pd
 from pipeline.config import Params, to_dict
 from pipeline.errors import PipelineError
 from pipeline.inputs import (
+    LEAKAGE_COLUMNS,
     QUARANTINE_COLUMNS,
+    SIGNATURES,
     attach_truth,
+    leak,
+    near_copy_cutoff,
+    nearest,
     pack,
     quarantine_row,
     scan_folder,
@@ -38,6 +46,7 @@ from pipeline.inputs import (
 )
 from pipeline.io import (
     read_array,
+    write_array,
     write_json,
     write_packed,
     write_table,
@@ -50,8 +59,8 @@ log = logging.getLogger(__name__)
 # 1) Decisions over the table: duplicates, leakage, tiny classes, test split
 
 
-def resolve_duplicates(table: pd.DataFrame) -> tuple[pd.Series, list[dict], dict]:
-    """Keep mask over `table` and quarantine rows for exact (byte-identical) duplicates.
+def resolve_duplicates(table: pd.DataFrame) -> tuple[pd.Series, list[dict], list[dict], dict]:
+    """Keep mask, quarantine rows and leakage rows for exact (byte-identical) duplicates.
 
     Rules: a test image wins over every copy outside test (the copies leave training, so the
     test set never leaks); among test copies the first path wins; among labeled copies with one
@@ -59,6 +68,7 @@ def resolve_duplicates(table: pd.DataFrame) -> tuple[pd.Series, list[dict], dict
     """
     keep = pd.Series(True, index=table.index)
     quarantine: list[dict] = []
+    leaks: list[dict] = []
     counts = Counter()
     for _, group in table.groupby("sha256", sort=False):
         if len(group) == 1:
@@ -76,6 +86,10 @@ def resolve_duplicates(table: pd.DataFrame) -> tuple[pd.Series, list[dict], dict
                     reason = f"same image as test image {winner['path']}: kept out of training"
                     counts["test_leakage"] += 1
                 quarantine.append(quarantine_row(row["path"], row["split"], reason))
+                if row["split"] != "test":
+                    leaks.append(
+                        leak(row["path"], row["split"], winner["path"], "test", 0.0, "exact")
+                    )
         elif group["label"].nunique() > 1:
             labels = ", ".join(sorted(group["label"].unique()))
             counts["label_conflicts"] += 1
@@ -94,7 +108,54 @@ def resolve_duplicates(table: pd.DataFrame) -> tuple[pd.Series, list[dict], dict
                         row["path"], row["split"], f"exact duplicate of {winner['path']}"
                     )
                 )
-    return keep, quarantine, dict(counts)
+    return keep, quarantine, leaks, dict(counts)
+
+
+def resolve_near_copies(
+    table: pd.DataFrame, looks: np.ndarray, cutoff: float
+) -> tuple[pd.Series, list[dict], list[dict], dict]:
+    """Keep mask, quarantine rows and leakage rows for near copies (signature distance <= cutoff)
+    that exact hashing cannot see: a training image near a test image leaves training; training
+    images near one another under different labels are all set aside, as exact copies are."""
+    keep = pd.Series(True, index=table.index)
+    quarantine, leaks = [], []
+    counts = Counter()
+    is_test = (table["split"] == "test").to_numpy()
+    train = np.flatnonzero(~is_test)
+    test = np.flatnonzero(is_test)
+    paths, labels = table["path"].to_numpy(), table["label"].to_numpy()
+    partner, distance = nearest(looks[train], looks[test])
+    for i, j, d in zip(train, partner, distance):
+        if d <= cutoff:
+            keep.iloc[i] = False
+            counts["near_test_leakage"] += 1
+            quarantine.append(
+                quarantine_row(
+                    paths[i],
+                    "train",
+                    f"near copy of test image {paths[test[j]]} (distance {d:.4f} <= {cutoff:.4f}): "
+                    "kept out of training",
+                )
+            )
+            leaks.append(leak(paths[i], "train", paths[test[j]], "test", float(d), "near"))
+    partner, distance = nearest(looks[train], looks[train], exclude_self=True)
+    for i, j, d in zip(train, partner, distance):
+        other = train[j]
+        if d > cutoff or labels[i] == labels[other]:
+            continue
+        counts["near_label_conflicts"] += 1
+        for a, b in ((i, other), (other, i)):
+            if keep.iloc[a]:
+                keep.iloc[a] = False
+                quarantine.append(
+                    quarantine_row(
+                        paths[a],
+                        "train",
+                        f"near copy of {paths[b]} under another label "
+                        f"({labels[a]} vs {labels[b]}, distance {d:.4f})",
+                    )
+                )
+    return keep, quarantine, leaks, dict(counts)
 
 
 def drop_small_classes(table: pd.DataFrame, minimum: int) -> tuple[pd.Series, list[dict]]:
@@ -149,7 +210,7 @@ def run(data_dir: Path, out_dir: Path, params: Params, truth_path: Path | None =
     )
     quarantine += rejected
 
-    keep, dup_rows, dup_counts = resolve_duplicates(table)
+    keep, dup_rows, leaks, dup_counts = resolve_duplicates(table)
     quarantine += dup_rows
     table = table[keep]
     keep, small_rows = drop_small_classes(table, params.ingest.min_images_per_class)
@@ -172,16 +233,36 @@ def run(data_dir: Path, out_dir: Path, params: Params, truth_path: Path | None =
         is_test = stratified_holdout(table["label"], params.ingest.test_fraction, params.base.seed)
         table.loc[is_test, "split"] = "test"
 
+    # Near copies, once the test split is known (carved or given).
+    looks = np.load(scratch / SIGNATURES)
+    cutoff = 0.0
+    if params.ingest.near_copies:
+        rows = table["row"].to_numpy()
+        cutoff = near_copy_cutoff(
+            looks[rows],
+            params.ingest.near_copy_ratio,
+            params.ingest.near_copy_max_distance,
+            params.base.seed,
+        )
+        keep, near_rows, near_leaks, near_counts = resolve_near_copies(table, looks[rows], cutoff)
+        quarantine += near_rows
+        leaks += near_leaks
+        dup_counts.update(near_counts)
+        table = table[keep]
+
     # The packed images in manifest order; the scratch set with set-aside rows goes away.
     table = table.sort_values(["split", "label", "path"], kind="stable").reset_index(drop=True)
     write_packed(out_dir / "images", read_array(scratch), table["row"].to_numpy(), shard_mib)
+    write_array(out_dir / SIGNATURES, looks[table["row"].to_numpy()])
     shutil.rmtree(scratch)
     table["row"] = np.arange(len(table))
     table, n_truth = attach_truth(table, truth_path or data_dir / "truth.csv")
 
     quarantine_table = pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS)
     metrics = summarize(table, quarantine_table, dup_counts, classes, n_truth)
+    metrics["near_copy_cutoff"] = cutoff
     write_table(out_dir / "manifest.csv", table)
+    write_table(out_dir / "leakage.csv", pd.DataFrame(leaks, columns=LEAKAGE_COLUMNS))
     write_table(out_dir / "quarantine.csv", quarantine_table)
     write_json(out_dir / "classes.json", classes)
     write_json(
@@ -215,6 +296,8 @@ def summarize(
         "exact_duplicates": dup_counts.get("duplicates", 0),
         "label_conflicts": dup_counts.get("label_conflicts", 0),
         "test_leakage": dup_counts.get("test_leakage", 0),
+        "near_test_leakage": dup_counts.get("near_test_leakage", 0),
+        "near_label_conflicts": dup_counts.get("near_label_conflicts", 0),
         "truth_rows": n_truth,
         "per_class": {
             split: {

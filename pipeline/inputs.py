@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config import BaseConfig
 from pipeline.errors import PipelineError
-from pipeline.images import IMAGE_EXTENSIONS, SYSTEM_FILES, Rejected, decode
+from pipeline.images import IMAGE_EXTENSIONS, SIGNATURE_SIDE, SYSTEM_FILES, Rejected, decode
 from pipeline.io import ShardWriter, atomic_dir
 
 # --------------------------------------------------------------------------------------------
@@ -170,9 +170,10 @@ def pack(
 
     Images go to disk shard by shard as they are decoded, so memory stays flat however many
     there are; table row i is image i of `out`. `split` is one name for all or one per candidate.
+    Each image's signature (images.signature, 512 bytes) goes to out/signatures.npy.
     """
     splits = [split] * len(candidates) if isinstance(split, str) else split
-    records, quarantine = [], []
+    records, quarantine, looks = [], [], []
     with atomic_dir(out) as tmp:
         writer = ShardWriter(tmp, (base.image_size, base.image_size, base.channels), shard_mib)
         for index, cand in enumerate(tqdm(candidates, desc=desc, unit="img", mininterval=1.0)):
@@ -194,6 +195,7 @@ def pack(
                 )
                 continue
             writer.append(image.pixels)
+            looks.append(image.signature.astype(np.float16))
             records.append(
                 {
                     "id": image_id(cand.path),
@@ -208,6 +210,8 @@ def pack(
                 }
             )
         writer.close()
+        side = SIGNATURE_SIDE * SIGNATURE_SIDE
+        np.save(tmp / SIGNATURES, np.array(looks, np.float16).reshape(len(looks), side))
     table = pd.DataFrame(records, columns=MANIFEST_COLUMNS[:-1])
     table["row"] = np.arange(len(table))
     return table, quarantine
@@ -301,6 +305,59 @@ def read_csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
         (line, {k: (v or "").strip() for k, v in row.items() if k is not None})
         for line, row in enumerate(rows, start=2)
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# 4) Near copies: the same picture under other bytes (re-encoded, resized, cropped, re-saved)
+
+SIGNATURES = "signatures.npy"
+LEAKAGE_COLUMNS = ["path", "split", "copy_of", "copy_split", "distance", "kind", "action"]
+SAMPLE = 2000  # rows whose nearest neighbour sets the scale of "near"
+CHUNK_ROWS = 256  # query rows per similarity block: 256 x 100k float32 = 100 MiB
+
+
+def nearest(queries: np.ndarray, pool: np.ndarray, exclude_self: bool = False):
+    """(index of the nearest pool row, its cosine distance) for each query signature.
+
+    Exact and blockwise: CHUNK_ROWS queries against the whole pool at a time, so memory stays
+    bounded; the cost grows with len(queries) * len(pool). With exclude_self, queries are the
+    pool's own first rows and a row is never its own neighbour.
+    """
+    pool = np.asarray(pool, np.float32)
+    index = np.full(len(queries), -1, np.int64)
+    distance = np.full(len(queries), np.inf, np.float32)
+    if not len(pool):
+        return index, distance
+    for start in range(0, len(queries), CHUNK_ROWS):
+        block = np.asarray(queries[start : start + CHUNK_ROWS], np.float32) @ pool.T
+        if exclude_self:
+            rows = np.arange(start, start + len(block))
+            block[rows - start, rows] = -np.inf
+        index[start : start + len(block)] = block.argmax(1)
+        distance[start : start + len(block)] = 1.0 - block.max(1)
+    return index, distance
+
+
+def near_copy_cutoff(looks: np.ndarray, ratio: float, cap: float, seed: int) -> float:
+    """Cosine distance under which two signatures are one picture: `ratio` times the median
+    distance from an image to its nearest other image (a sample of SAMPLE), at most `cap`.
+
+    How close distinct images lie depends on the data (8-px digits crowd together, photos do
+    not); measured on real images, copies sit far below the median, distinct images above a
+    fifth of it (see docs/near-copies.md).
+    """
+    if len(looks) < 3:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    sample = rng.permutation(len(looks))[:SAMPLE]
+    order = np.concatenate([sample, np.setdiff1d(np.arange(len(looks)), sample)])
+    _, distance = nearest(looks[sample], looks[order], exclude_self=True)
+    return float(min(cap, ratio * np.median(distance)))
+
+
+def leak(path, split, copy_of, copy_split, distance, kind, action="kept out of training") -> dict:
+    """One row of a leakage table: an image set aside as a copy of a test image."""
+    return dict(zip(LEAKAGE_COLUMNS, (path, split, copy_of, copy_split, distance, kind, action)))
 
 
 def quarantine_row(path: str, split: str, reason: str) -> dict:

@@ -35,7 +35,17 @@ from pipeline.config import BaseConfig, Params, PseudolabelConfig, to_dict
 from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
 from pipeline.images import thumbnail
-from pipeline.inputs import QUARANTINE_COLUMNS, pack, read_pairs, read_truth, scan_folder
+from pipeline.inputs import (
+    LEAKAGE_COLUMNS,
+    QUARANTINE_COLUMNS,
+    SIGNATURES,
+    leak,
+    nearest,
+    pack,
+    read_pairs,
+    read_truth,
+    scan_folder,
+)
 from pipeline.io import (
     ShardWriter,
     atomic_dir,
@@ -226,12 +236,19 @@ def init_pseudo(out_dir: Path, base: BaseConfig) -> None:
 
 
 def decode_pool(
-    data_dir: Path, pool: str, scratch: Path, params: Params, known: dict[str, str]
-) -> tuple[pd.DataFrame, np.ndarray, list[dict]]:
-    """Decode a new pool into `scratch`: (table, eligible (N,) bool, quarantine rows).
+    data_dir: Path,
+    pool: str,
+    scratch: Path,
+    params: Params,
+    known: dict[str, str],
+    ingest_dir: Path,
+) -> tuple[pd.DataFrame, np.ndarray, list[dict], list[dict]]:
+    """Decode a new pool into `scratch`: (table, eligible (N,) bool, quarantine rows, leakage
+    rows).
 
     Test images, copies of labeled images and copies of earlier pools' images are not
-    eligible; neither is the second copy of an image within the pool.
+    eligible; neither is the second copy of an image within the pool, nor a near copy of a
+    test or labeled image (ingest's signatures and cutoff: re-encoded, resized, cropped).
     """
     candidates, quarantine = scan_folder(data_dir, f"unlabeled/{pool}", by_class=False)
     table, rejected = pack(
@@ -255,6 +272,10 @@ def decode_pool(
         "pool": "same image as an image of an earlier pool",
     }
     seen: set[str] = set()
+    manifest = read_table(ingest_dir / "manifest.csv")
+    tests = manifest[manifest["split"] == "test"]
+    tests_by_sha = dict(zip(tests["sha256"], tests["path"]))
+    leaks: list[dict] = []
     eligible = np.ones(len(table), bool)
     for i, row in enumerate(table.itertuples()):
         why = reasons.get(known.get(row.sha256, ""))
@@ -263,8 +284,42 @@ def decode_pool(
         if why:
             eligible[i] = False
             quarantine.append({"path": row.path, "split": "pool", "reason": why})
+            if known.get(row.sha256) == "test":
+                test_copy = tests_by_sha.get(row.sha256, "")
+                leaks.append(
+                    leak(row.path, "pool", test_copy, "test", 0.0, "exact", "never pseudo-labeled")
+                )
         seen.add(row.sha256)
-    return table, eligible, quarantine
+    cutoff = read_json(ingest_dir / "metrics.json").get("near_copy_cutoff", 0.0)
+    if cutoff > 0 and len(table):
+        partner, distance = nearest(
+            np.load(scratch / SIGNATURES), read_array(ingest_dir / SIGNATURES)
+        )
+        for i in np.flatnonzero(eligible & (distance <= cutoff)):
+            other = manifest.iloc[partner[i]]
+            kind = "test" if other["split"] == "test" else "labeled"
+            eligible[i] = False
+            quarantine.append(
+                {
+                    "path": table["path"].iloc[i],
+                    "split": "pool",
+                    "reason": f"near copy of {kind} image {other['path']} "
+                    f"(distance {distance[i]:.4f} <= {cutoff:.4f})",
+                }
+            )
+            if kind == "test":
+                leaks.append(
+                    leak(
+                        table["path"].iloc[i],
+                        "pool",
+                        other["path"],
+                        "test",
+                        float(distance[i]),
+                        "near",
+                        "never pseudo-labeled",
+                    )
+                )
+    return table, eligible, quarantine, leaks
 
 
 def run(
@@ -304,7 +359,9 @@ def run(
     known = dict(zip(manifest["sha256"], manifest["split"]))
     known.update({sha: "pool" for sha in previous["sha256"]})
     scratch = out_dir.parent / f".{out_dir.name}.pool"
-    new, eligible, quarantine = decode_pool(data_dir, pool, scratch, params, known)
+    new, eligible, quarantine, leaks = decode_pool(
+        data_dir, pool, scratch, params, known, ingest_dir
+    )
     new_images, decoded = read_array(scratch), len(new)
     new = new[eligible].reset_index(drop=True).assign(pool=pool)
     new_rows = np.flatnonzero(eligible)
@@ -379,6 +436,7 @@ def run(
         rank=np.arange(1, len(queue) + 1), margin=top2[:, 1] - top2[:, 0], label=""
     )[["rank", "path", "pool", "predicted", "confidence", "margin", "label", "true_label"]]
     metrics["queue"] = len(queue)
+    metrics["test_leakage"] = len(leaks)  # pool images that are copies of test images
     metrics["human_decisions"] = int((table["human"] != "").sum())
     metrics["human_decisions_unmatched"] = unmatched
     images = read_array(out_dir / "images")
@@ -387,6 +445,7 @@ def run(
         write_table(tmp / "candidates.csv", candidates)
         write_table(tmp / "to_label.csv", queue)
         write_table(tmp / "quarantine.csv", pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS))
+        write_table(tmp / "leakage.csv", pd.DataFrame(leaks, columns=LEAKAGE_COLUMNS))
         write_json(tmp / "params.json", {"base": to_dict(params.base), "pseudolabel": to_dict(cfg)})
         plot_confidence(tmp / "confidence.png", candidates)
         write_text(
