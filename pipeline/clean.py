@@ -205,6 +205,45 @@ def near_duplicates(
     return is_dup, partner, distances, cutoff
 
 
+DATALAB_CHECKS = ("class_imbalance", "underperforming_group")
+
+
+def datalab_checks(
+    labels: list[str], pred_probs: np.ndarray, embeddings: np.ndarray
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict] | None:
+    """cleanlab Datalab's class-imbalance and underperforming-group checks on the stage's own
+    pred_probs and embeddings: (flags per type, scores per type, summary), or None when the
+    optional `datalab` extra (datasets, pyarrow: about 200 MB) is not installed.
+
+    Datalab's non-iid check is not run: the table's order is the pipeline's own (sorted by split,
+    class and path), so it could only find that sorting.
+    """
+    try:
+        from cleanlab import Datalab
+    except ImportError:
+        return None
+    lab = Datalab(data={"label": labels}, label_name="label", verbosity=0)
+    neighbours = max(1, min(10, len(labels) - 1))  # Datalab's default k, on tiny sets fewer
+    lab.find_issues(
+        pred_probs=pred_probs,
+        features=embeddings,
+        issue_types={"class_imbalance": {}, "underperforming_group": {"k": neighbours}},
+    )
+    found = lab.get_issues()
+    ran = [name for name in DATALAB_CHECKS if f"is_{name}_issue" in found]
+    flags = {name: found[f"is_{name}_issue"].to_numpy(bool) for name in ran}
+    scores = {name: found[f"{name}_score"].to_numpy(float) for name in ran}
+    summary = {
+        name: {"flagged": int(flags[name].sum())} if name in ran else "failed (see the log)"
+        for name in DATALAB_CHECKS
+    }
+    if "class_imbalance" in ran:
+        summary["class_imbalance"]["rarest_class"] = str(
+            lab.get_info("class_imbalance").get("Rarest Class", "")
+        )
+    return flags, scores, summary
+
+
 def outlier_scores(embeddings: np.ndarray) -> np.ndarray:
     """cleanlab's out-of-distribution score per row (lower = more unusual)."""
     k = min(10, len(embeddings) - 1)
@@ -485,6 +524,14 @@ def run(
         "outlier": is_outlier,
     }
     types.update({k: flags[k].to_numpy() for k in QUALITY_CHECKS})
+    datalab = datalab_checks(list(table["label"]), pred_probs, embeddings)
+    if datalab is None:
+        log.info(
+            "clean: class-imbalance and underperforming-group checks need cleanlab's Datalab: "
+            "pip install -e '.[datalab]'"
+        )
+    else:
+        types.update(datalab[0])
     issues["issue_types"] = [";".join(t for t in types if types[t][i]) for i in range(len(issues))]
     # cleanlab Datalab's shape: is_<type>_issue and <type>_score (lower = more severe) per type
     type_scores = {
@@ -493,6 +540,7 @@ def run(
         "near_duplicate": 1.0 - 0.5 ** (nearest / max(cutoff, 1e-12)),
         "outlier": ood,
         **{k: scores[k].to_numpy() for k in QUALITY_CHECKS},
+        **(datalab[1] if datalab else {}),
     }
     for name, values in type_scores.items():
         issues[f"is_{name}_issue"] = types["label_issue" if name == "label" else name]
@@ -534,6 +582,7 @@ def run(
 
     metrics = clean_metrics(labels, pred_probs, decided, types, classes, unmatched)
     metrics["policy_applied"] = policy
+    metrics["datalab"] = datalab[2] if datalab else "not installed: pip install -e '.[datalab]'"
     metrics["relabeled_by_second_opinion"] = int(
         (decided["reason"].str.startswith("relabel_recheck") & ~is_val).sum()
     )

@@ -83,6 +83,24 @@ def test_the_second_opinion_relabels_only_the_unsure_issues_it_agrees_with(
     assert not without[0]
 
 
+def test_datalab_flags_the_rare_class_and_the_group_the_model_fails():
+    rng = np.random.default_rng(0)
+    labels = np.array(["a"] * 300 + ["b"] * 290 + ["c"] * 6)
+    features = rng.normal(size=(len(labels), 8))
+    features[:40] += 6.0  # a tight group of class "a" the model gets wrong
+    probs = np.full((len(labels), 3), 0.05)
+    probs[np.arange(len(labels)), pd.Series(labels).map({"a": 0, "b": 1, "c": 2})] = 0.9
+    probs[:40] = [0.05, 0.9, 0.05]
+    flags, scores, summary = clean.datalab_checks(list(labels), probs, features)
+    assert summary["class_imbalance"]["rarest_class"] == "c"
+    assert (
+        flags["class_imbalance"][labels == "c"].all() and not flags["class_imbalance"][:590].any()
+    )
+    assert flags["underperforming_group"][:40].mean() > 0.9
+    assert flags["underperforming_group"][40:].mean() < 0.05
+    assert all(((s >= 0) & (s <= 1)).all() for s in scores.values())
+
+
 def test_flag_policy_keeps_every_row():
     out = clean.decide(_issue_rows(0.99), ["cat", "dog"], policy="flag", relabel_threshold=0.9)
     assert list(out["decision"]) == ["flag", "keep"] and list(out["label"]) == ["cat", "dog"]
@@ -156,13 +174,15 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
 
     assert metrics["truth"]["recall"] >= 0.7 and metrics["truth"]["precision"] >= 0.7
     # what the second opinion relabels, it relabels to the true class (truth.csv is the audit)
-    second = issues[issues["reason"].str.startswith("relabel_recheck")]
+    second = issues[
+        issues["reason"].str.startswith("relabel_recheck") & (issues["split"] == "train")
+    ]
     right = second["label"] == second["path"].map(truth)
     assert len(second) == metrics["relabeled_by_second_opinion"] and right.mean() >= 0.9
     # Datalab's shape: one is_<type>_issue and one <type>_score per type, filtered directly
     table = pd.read_csv(project / "clean" / "issues.csv")
     for name in ("label", "near_duplicate", "outlier", "dark", "light", "blurry",
-                 "low_information", "odd_size"):  # fmt: skip
+                 "low_information", "odd_size", *clean.DATALAB_CHECKS):  # fmt: skip
         flagged, score = table[f"is_{name}_issue"], table[f"{name}_score"]
         assert flagged.dtype == bool and score.between(0, 1).all(), name
         if name in clean.QUALITY_CHECKS:  # a flag is a score under 0.5
