@@ -63,7 +63,7 @@ from pipeline.io import (
 )
 from pipeline.loop import fit
 from pipeline.model import build_model
-from pipeline.quality import QUALITY_CHECKS, image_properties, quality_scores
+from pipeline.quality import checks_for, image_issues
 
 log = logging.getLogger(__name__)
 
@@ -510,20 +510,19 @@ def run(
         if params.clean.outlier_quantile > 0
         else np.zeros(len(ood), bool)
     )
-    props = image_properties(train_images)
-    scores = quality_scores(props, table[["width", "height"]], params.clean.quality_z)
-    flags = scores < 0.5  # quality_flags
+    quality = image_issues(
+        [Path(data_dir) / p for p in table["path"]], cfg.quality, params.base.channels
+    )
+    checks = checks_for(params.base.channels)
     issues["near_duplicate_of"] = [table["path"][p] if d else "" for d, p in zip(is_dup, partner)]
     issues["outlier_score"] = ood
-    for name in props:
-        issues[name] = props[name]
     issues["true_label"] = table.get("true_label", pd.Series([""] * len(table)))
     types = {
         "label_issue": found["label_issue"].to_numpy(),
         "near_duplicate": is_dup,
         "outlier": is_outlier,
     }
-    types.update({k: flags[k].to_numpy() for k in QUALITY_CHECKS})
+    types.update({k: quality[f"is_{k}_issue"].to_numpy(bool) for k in checks})
     datalab = datalab_checks(list(table["label"]), pred_probs, embeddings)
     if datalab is None:
         log.info(
@@ -539,7 +538,7 @@ def run(
         # the near-duplicate flag is cosine distance <= the cutoff: score 0.5 there
         "near_duplicate": 1.0 - 0.5 ** (nearest / max(cutoff, 1e-12)),
         "outlier": ood,
-        **{k: scores[k].to_numpy() for k in QUALITY_CHECKS},
+        **{k: quality[f"{k}_score"].to_numpy(float) for k in checks},
         **(datalab[1] if datalab else {}),
     }
     for name, values in type_scores.items():

@@ -100,6 +100,18 @@ class ShearConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """CleanVision's thresholds (its defaults suit photographs; see pipeline/quality.py)."""
+
+    dark: float = prob(0.32)
+    light: float = prob(0.05)
+    blurry: float = prob(0.29)
+    low_information: float = prob(0.15)  # CleanVision's 0.3 flags nearly every 8-px digit
+    odd_aspect_ratio: float = prob(0.35)
+    odd_size_iqr: float = num(3.0, 0.0, 100.0)  # sizes beyond this many IQRs are odd
+
+
+@dataclass(frozen=True)
 class HsvConfig:
     p: float = prob(0.0)  # needs base.channels: 3
     hue: float = num(10.0, 0.0, 180.0)
@@ -252,7 +264,7 @@ class CleanConfig:
     # near duplicates: cosine distance under this share of the median nearest-neighbour distance
     near_duplicate_ratio: float = num(0.1, 0.0, 1.0)
     outlier_quantile: float = num(0.01, 0.0, 0.5)  # lowest outlier scores flagged
-    quality_z: float = num(4.0, 1.0, 100.0)  # robust z-score for dark/light/blurry/low-info
+    quality: QualityConfig = field(default_factory=QualityConfig)
     gallery_size: int = num(200, 1, 100000)
 
 

@@ -45,7 +45,7 @@ from pipeline.io import (
     write_table,
     write_text,
 )
-from pipeline.quality import image_properties, quality_flags
+from pipeline.quality import checks_for, image_issues
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,13 @@ def run(
     per_class = per_class_table(labels, predicted, classes)
     matrix = confusion_matrix(labels, predicted, labels=range(len(classes)))
     ece, reliability = expected_calibration_error(labels, probs, params.evaluate.calibration_bins)
-    props = image_properties(test_images)
-    flags = quality_flags(props, test[["width", "height"]], params.clean.quality_z)
-    flagged = flags.any(axis=1).to_numpy()
-    slices = slice_accuracy(predicted == labels, props, flagged, params.evaluate.slice_bins)
+    quality = image_issues(
+        [Path(data_dir) / p for p in test["path"]], params.clean.quality, params.base.channels
+    )
+    checks = checks_for(params.base.channels)
+    flagged = quality[[f"is_{c}_issue" for c in checks]].to_numpy(bool).any(axis=1)
+    scores = quality[[f"{c}_score" for c in ("dark", "light", "blurry", "low_information")]]
+    slices = slice_accuracy(predicted == labels, scores, flagged, params.evaluate.slice_bins)
     predictions = pd.DataFrame(
         {
             "id": test["id"],

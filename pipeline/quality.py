@@ -1,71 +1,65 @@
-"""Image-quality checks on packed images: brightness, contrast, sharpness, entropy and the
-robust-z flags (dark, light, blurry, low information, odd size). Shared by clean (training
-rows) and evaluate (accuracy by slice of the test split)."""
+"""Image quality on the original files, by CleanVision: dark, light, blurry, low information,
+odd aspect ratio, odd size and (for colour projects) grayscale. Shared by clean (training rows:
+issues.csv, the gallery) and evaluate (accuracy by slice of the test split).
+
+CleanVision's thresholds are tuned to photographs; they are params (`clean.quality`), and the
+grayscale check only runs where `base.channels` is 3. No hand-written check is left: each of the
+earlier ones (robust z-scores on the packed model inputs) has a CleanVision equivalent measured
+on the file itself rather than on a letterboxed 16-px array.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import logging
+from pathlib import Path
+
 import pandas as pd
 
-QUALITY_CHECKS = ("dark", "light", "blurry", "low_information", "odd_size")
+from pipeline.config import QualityConfig
+
+log = logging.getLogger(__name__)
+
+QUALITY_CHECKS = (
+    "dark",
+    "light",
+    "blurry",
+    "low_information",
+    "odd_aspect_ratio",
+    "odd_size",
+    "grayscale",
+)
 
 
-def image_properties(images: np.ndarray, chunk: int = 4096) -> pd.DataFrame:
-    """Brightness, contrast, sharpness (Laplacian variance) and entropy of each image, a chunk
-    of images at a time (the float copies of a whole set would not fit in memory)."""
-    parts = [
-        _image_properties(np.asarray(images[start : start + chunk]))
-        for start in range(0, len(images), chunk)
-    ]
-    return pd.concat(parts, ignore_index=True) if parts else _image_properties(images[:0])
+def checks_for(channels: int) -> tuple[str, ...]:
+    """The checks that mean something for a project: grayscale only for a colour one."""
+    return tuple(c for c in QUALITY_CHECKS if c != "grayscale" or channels == 3)
 
 
-def _image_properties(images: np.ndarray) -> pd.DataFrame:
-    gray = images.astype(np.float32).mean(axis=-1)
-    lap = (
-        -4 * gray[:, 1:-1, 1:-1]
-        + gray[:, :-2, 1:-1]
-        + gray[:, 2:, 1:-1]
-        + gray[:, 1:-1, :-2]
-        + gray[:, 1:-1, 2:]
-    )
-    hist = np.stack([np.bincount(g.astype(np.uint8).ravel() // 16, minlength=16) for g in gray])
-    p = hist / hist.sum(1, keepdims=True)
-    entropy = -(p * np.log2(np.where(p > 0, p, 1))).sum(1)
-    return pd.DataFrame(
-        {
-            "brightness": gray.mean((1, 2)) / 255.0,
-            "contrast": gray.std((1, 2)) / 255.0,
-            "sharpness": np.log1p(lap.var((1, 2))),
-            "entropy": entropy,
-        }
-    )
-
-
-def quality_scores(props: pd.DataFrame, sizes: pd.DataFrame, z: float) -> pd.DataFrame:
-    """Datalab-style scores per check in (0, 1], lower = more severe: z / (z + excess), where
-    excess is the robust z-score in the check's bad direction. A score under 0.5 means
-    |robust z| > z for this set: that is the flag."""
-    rz = {name: _robust_z(props[name].to_numpy()) for name in props}
-    area = _robust_z(np.log(sizes["width"].astype(float) * sizes["height"].astype(float)))
-    aspect = _robust_z(np.log(sizes["width"].astype(float) / sizes["height"].astype(float)))
-    excess = {
-        "dark": -rz["brightness"],
-        "light": rz["brightness"],
-        "blurry": -rz["sharpness"],
-        "low_information": -rz["entropy"],
-        "odd_size": np.maximum(np.abs(area), np.abs(aspect)),
+def cleanvision_params(cfg: QualityConfig) -> dict[str, dict]:
+    """CleanVision issue_types with this project's thresholds."""
+    return {
+        "dark": {"threshold": cfg.dark},
+        "light": {"threshold": cfg.light},
+        "blurry": {"threshold": cfg.blurry},
+        "low_information": {"threshold": cfg.low_information},
+        "odd_aspect_ratio": {"threshold": cfg.odd_aspect_ratio},
+        "odd_size": {"iqr_factor": cfg.odd_size_iqr},
+        "grayscale": {},
     }
-    return pd.DataFrame({k: z / (z + np.maximum(np.asarray(v), 0.0)) for k, v in excess.items()})
 
 
-def quality_flags(props: pd.DataFrame, sizes: pd.DataFrame, z: float) -> pd.DataFrame:
-    """Image-quality flags where a property is a robust outlier (|robust z| > z) for this set."""
-    return quality_scores(props, sizes, z) < 0.5
+def image_issues(paths: list[Path], cfg: QualityConfig, channels: int) -> pd.DataFrame:
+    """is_<check>_issue and <check>_score (CleanVision's, in [0, 1], lower = worse) for each
+    file, rows in the order of `paths`. The files are read once more, one process."""
+    from cleanvision import Imagelab  # imports matplotlib and friends: only when needed
 
-
-def _robust_z(values: np.ndarray) -> np.ndarray:
-    median = np.median(values)
-    mad = np.median(np.abs(values - median)) * 1.4826
-    spread = mad if mad > 1e-9 else (values.std() or 1.0)
-    return (values - median) / spread
+    checks = checks_for(channels)
+    columns = [c for name in checks for c in (f"is_{name}_issue", f"{name}_score")]
+    if not paths:
+        return pd.DataFrame(columns=columns)
+    files = [str(p) for p in paths]
+    lab = Imagelab(filepaths=files, verbose=False)
+    wanted = cleanvision_params(cfg)
+    lab.find_issues(issue_types={name: wanted[name] for name in checks}, n_jobs=1, verbose=False)
+    found = lab.issues.reindex(files)
+    return found[columns].reset_index(drop=True)

@@ -150,6 +150,8 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", "re-saved")
     Image.open(original).save(original.with_name("resaved.png"), pnginfo=info)
+    dim = np.asarray(Image.open(original), dtype=np.float32) * 0.08  # the same digit, unlit
+    Image.fromarray(dim.astype(np.uint8)).save(original.with_name("underexposed.png"))
     params = load_params(project / "params.yaml")
     ingest.run(data, project / "ingest", params)
     # overrides for training rows (validation rows are scored, never trained on)
@@ -181,14 +183,19 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     assert len(second) == metrics["relabeled_by_second_opinion"] and right.mean() >= 0.9
     # Datalab's shape: one is_<type>_issue and one <type>_score per type, filtered directly
     table = pd.read_csv(project / "clean" / "issues.csv")
+    thresholds = vars(params.clean.quality)
     for name in ("label", "near_duplicate", "outlier", "dark", "light", "blurry",
-                 "low_information", "odd_size", *clean.DATALAB_CHECKS):  # fmt: skip
+                 "low_information", "odd_aspect_ratio", "odd_size",
+                 *clean.DATALAB_CHECKS):  # fmt: skip
         flagged, score = table[f"is_{name}_issue"], table[f"{name}_score"]
         assert flagged.dtype == bool and score.between(0, 1).all(), name
-        if name in clean.QUALITY_CHECKS:  # a flag is a score under 0.5
-            assert ((score < 0.5) == flagged).all(), name
+        if name in thresholds:  # CleanVision's rule, with the thresholds from params
+            assert ((score < thresholds[name]) == flagged).all(), name
         if name == "near_duplicate":  # the later member of each close pair is flagged
             assert (score[flagged] <= 0.5).all()
+    assert "is_grayscale_issue" not in table  # a grayscale project is not told it is grayscale
+    dark = table.set_index("path").loc["labeled/b/underexposed.png"]
+    assert dark["is_dark_issue"] and "dark" in dark["issue_types"]
     # one embedding space: the two copies lie together whatever fold each fell in
     embeddings = np.load(project / "clean" / "embeddings.npy")
     pair = [table.index[table["path"] == f"labeled/b/{name}"][0]
