@@ -161,7 +161,9 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--answers", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "labeling_queue.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "labeling_queue.json"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param"
     )
