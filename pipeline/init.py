@@ -53,6 +53,7 @@ DATASET = (  # what data/ holds of one dataset; --force moves all of it aside
 )
 SIZE_RANGE = (16, 32)  # px; larger trains slowly on a CPU (raise base.image_size on a GPU)
 COLOUR_SAMPLE = 200  # images decoded to decide base.channels
+TINY_SIDE = 24  # px: below, CleanVision's low-information threshold would flag nearly every image
 COLOUR_SPREAD = 8.0  # mean |R-G|, |G-B| above this (0-255) makes an image colourful
 
 
@@ -262,15 +263,23 @@ def is_colourful(path: Path) -> bool | None:
 
 
 def choose_params(stats: dict) -> dict:
-    """base.image_size, base.channels, augment.hsv.p and the reason for each."""
+    """base.image_size, base.channels, augment.hsv.p, clean.quality.low_information and the
+    reason for each."""
     median = stats["short_side"]["median"]
     size = int(np.clip(8 * round(median / 8), *SIZE_RANGE))
     colour = stats["colour_share"] >= 0.1
+    tiny = median < TINY_SIDE
     return {
         "base.image_size": size,
         "base.channels": 3 if colour else 1,
         "augment.hsv.p": 0.5 if colour else 0.0,
+        "clean.quality.low_information": 0.15 if tiny else 0.3,
         "why": {
+            "clean.quality.low_information": (
+                f"images under {TINY_SIDE} px hold little information by nature"
+                if tiny
+                else "CleanVision's own threshold, which suits images of this size"
+            ),
             "base.image_size": f"median short side {median:.0f} px, rounded to a multiple of 8 "
             f"within {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px (larger trains slowly on a CPU)",
             "base.channels": f"{stats['colour_share']:.0%} of a sample of images are in colour",
@@ -284,6 +293,7 @@ def apply_params(params_path: Path, chosen: dict, pools: list[str]) -> None:
         doc["base"]["image_size"] = chosen["base.image_size"]
         doc["base"]["channels"] = chosen["base.channels"]
         doc["augment"]["hsv"]["p"] = chosen["augment.hsv.p"]
+        doc["clean"]["quality"]["low_information"] = chosen["clean.quality.low_information"]
 
     edit_yaml(params_path, update)
     write_rounds(params_path, pools)

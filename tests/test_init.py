@@ -78,6 +78,7 @@ def test_a_folder_of_colour_photos_gets_colour_params_and_one_round_per_pool(pro
     assert any("notes.txt" in s for s in summary["skipped"])
     params = load_params(project / "params.yaml")
     assert (params.base.channels, params.base.image_size, params.augment.hsv.p) == (3, 32, 0.5)
+    assert params.clean.quality.low_information == 0.3  # photos: CleanVision's own
     assert {k: (r.pool, r.previous) for k, r in params.rounds.items()} == {
         "r001": ("batch_a", "r000")
     }
@@ -94,6 +95,7 @@ def test_grayscale_digits_get_grayscale_params_and_no_pool_gives_no_round(projec
     assert summary["classes"] == {"one": 5, "two": 5, "zero": 5} and summary["test"] == 0
     params = load_params(project / "params.yaml")
     assert (params.base.channels, params.base.image_size, params.augment.hsv.p) == (1, 16, 0.0)
+    assert params.clean.quality.low_information == 0.15  # tiny digits
     assert params.rounds == {}
 
 
