@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.images import signature  # noqa: E402
-from pipeline.inputs import near_copy_cutoff, nearest  # noqa: E402
+from pipeline.inputs import copies_of, near_copy_cutoff, nearest  # noqa: E402
 
 RATIO, CAP, PHASH_BITS = 0.2, 0.1, 8  # ingest.near_copy_ratio / _max_distance; phash's usual 8
 
@@ -73,13 +73,16 @@ def copies(image: Image.Image) -> dict[str, Image.Image]:
 def detection(name: str, images: list[Image.Image]) -> dict:
     looks = np.stack([signature(i) for i in images])
     cutoff = near_copy_cutoff(looks, RATIO, CAP, seed=0)
-    _, nn = nearest(looks, looks, exclude_self=True)
+    partner, _ = copies_of(looks, looks, cutoff, exclude_self=True)
     result = {"set": name, "images": len(images), "cutoff": cutoff}
-    result["signature"] = {"distinct flagged": float((nn <= cutoff).mean())}
+    result["signature"] = {"distinct flagged": float((partner >= 0).mean())}
     variants = [copies(i) for i in images[:300]]
     for kind in variants[0]:
-        d = [1 - float(signature(v[kind]) @ s) for v, s in zip(variants, looks)]
-        result["signature"][kind] = float(np.mean(np.array(d) <= cutoff))
+        found = [
+            copies_of(signature(v[kind])[None], s[None], cutoff)[0][0] == 0
+            for v, s in zip(variants, looks)
+        ]
+        result["signature"][kind] = float(np.mean(found))
     try:
         import imagehash
     except ImportError:

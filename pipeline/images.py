@@ -36,22 +36,28 @@ class Decoded:
     height: int
     mode: str
     note: str  # what normalization did, for the manifest ("" when nothing notable)
-    signature: np.ndarray  # (SIGNATURE_SIDE**2,) float32: see signature()
+    signature: np.ndarray  # (SIGNATURE_SIZE,) float32: see signature()
 
 
 SIGNATURE_SIDE = 16
+SHAPE_SIZE = SIGNATURE_SIDE * SIGNATURE_SIDE  # the first values: the shape of the picture
+SIGNATURE_SIZE = SHAPE_SIZE + 4  # then its colour and contrast
 
 
 def signature(image: Image.Image) -> np.ndarray:
-    """The image's look, whatever its bytes and size: grayscale at 16x16 (box-averaged),
-    mean-free and unit-norm. Re-encoded, resized, slightly cropped and re-saved copies lie
-    within a small cosine distance of the original (inputs.near_copies); a flat image gives
-    zeros, which are near nothing."""
-    small = image.convert("L").resize((SIGNATURE_SIDE, SIGNATURE_SIDE), Image.Resampling.BOX)
-    values = np.asarray(small, dtype=np.float32).ravel()
-    values -= values.mean()
-    norm = float(np.linalg.norm(values))
-    return values / norm if norm > 1e-3 else np.zeros_like(values)
+    """The image's look, whatever its bytes and size: its shape, grayscale at 16x16
+    (box-averaged), mean-free and unit-norm, then its mean red, green and blue and its
+    grayscale contrast (std), in 0..1. Re-encoded, resized, slightly cropped and re-saved copies
+    lie within a small cosine distance of the original's shape, with about its colour and
+    contrast (inputs.copies_of); a flat image has a zero shape, which is near nothing."""
+    small = image.convert("RGB").resize((SIGNATURE_SIDE, SIGNATURE_SIDE), Image.Resampling.BOX)
+    rgb = np.asarray(small, dtype=np.float32) / 255.0
+    gray = np.asarray(small.convert("L"), dtype=np.float32).ravel() / 255.0
+    contrast = float(gray.std())
+    shape = gray - gray.mean()
+    norm = float(np.linalg.norm(shape))
+    shape = shape / norm if norm > 1e-3 else np.zeros_like(shape)
+    return np.concatenate([shape, rgb.reshape(-1, 3).mean(0), [contrast]]).astype(np.float32)
 
 
 def decode(data: bytes, *, image_size: int, channels: int, resize: str, max_pixels: int) -> Decoded:

@@ -36,9 +36,9 @@ from pipeline.inputs import (
     QUARANTINE_COLUMNS,
     SIGNATURES,
     attach_truth,
+    copies_of,
     leak,
     near_copy_cutoff,
-    nearest,
     pack,
     quarantine_row,
     scan_folder,
@@ -114,8 +114,8 @@ def resolve_duplicates(table: pd.DataFrame) -> tuple[pd.Series, list[dict], list
 def resolve_near_copies(
     table: pd.DataFrame, looks: np.ndarray, cutoff: float
 ) -> tuple[pd.Series, list[dict], list[dict], dict]:
-    """Keep mask, quarantine rows and leakage rows for near copies (signature distance <= cutoff)
-    that exact hashing cannot see: a training image near a test image leaves training; training
+    """Keep mask, quarantine rows and leakage rows for near copies (inputs.copies_of: shapes
+    within `cutoff`, colour and contrast alike) that exact hashing cannot see: a training image near a test image leaves training; training
     images near one another under different labels are all set aside, as exact copies are."""
     keep = pd.Series(True, index=table.index)
     quarantine, leaks = [], []
@@ -124,9 +124,9 @@ def resolve_near_copies(
     train = np.flatnonzero(~is_test)
     test = np.flatnonzero(is_test)
     paths, labels = table["path"].to_numpy(), table["label"].to_numpy()
-    partner, distance = nearest(looks[train], looks[test])
+    partner, distance = copies_of(looks[train], looks[test], cutoff)
     for i, j, d in zip(train, partner, distance):
-        if d <= cutoff:
+        if j >= 0:
             keep.iloc[i] = False
             counts["near_test_leakage"] += 1
             quarantine.append(
@@ -138,10 +138,10 @@ def resolve_near_copies(
                 )
             )
             leaks.append(leak(paths[i], "train", paths[test[j]], "test", float(d), "near"))
-    partner, distance = nearest(looks[train], looks[train], exclude_self=True)
+    partner, distance = copies_of(looks[train], looks[train], cutoff, exclude_self=True)
     for i, j, d in zip(train, partner, distance):
         other = train[j]
-        if d > cutoff or labels[i] == labels[other]:
+        if j < 0 or labels[i] == labels[other]:
             continue
         counts["near_label_conflicts"] += 1
         for a, b in ((i, other), (other, i)):

@@ -39,8 +39,8 @@ from pipeline.inputs import (
     LEAKAGE_COLUMNS,
     QUARANTINE_COLUMNS,
     SIGNATURES,
+    copies_of,
     leak,
-    nearest,
     pack,
     read_pairs,
     read_truth,
@@ -292,10 +292,10 @@ def decode_pool(
         seen.add(row.sha256)
     cutoff = read_json(ingest_dir / "metrics.json").get("near_copy_cutoff", 0.0)
     if cutoff > 0 and len(table):
-        partner, distance = nearest(
-            np.load(scratch / SIGNATURES), read_array(ingest_dir / SIGNATURES)
+        partner, distance = copies_of(
+            np.load(scratch / SIGNATURES), read_array(ingest_dir / SIGNATURES), cutoff
         )
-        for i in np.flatnonzero(eligible & (distance <= cutoff)):
+        for i in np.flatnonzero(eligible & (partner >= 0)):
             other = manifest.iloc[partner[i]]
             kind = "test" if other["split"] == "test" else "labeled"
             eligible[i] = False
