@@ -90,7 +90,13 @@ def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo
         params=params,
     )
     metrics = evaluate.run(
-        work / name / "model", ing, work / name / "train", work / name / "eval", params, name
+        work / name / "model",
+        ing,
+        work / name / "train",
+        work / name / "eval",
+        params,
+        name,
+        work / "data",
     )
     return {
         "test": metrics["accuracy"],

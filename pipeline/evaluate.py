@@ -99,12 +99,15 @@ def slice_accuracy(
     rows = []
     for name in props:
         values = props[name].to_numpy(dtype=float)
-        edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
+        known = np.isfinite(values)  # a file gone since ingest has no score
+        if not known.any():
+            continue
+        edges = np.unique(np.quantile(values[known], np.linspace(0, 1, bins + 1)))
         if len(edges) < 2:
             continue
         which = np.clip(np.digitize(values, edges[1:-1]), 0, len(edges) - 2)
         for b in range(len(edges) - 1):
-            mask = which == b
+            mask = (which == b) & known
             if mask.any():
                 label = f"{edges[b]:.3g} to {edges[b + 1]:.3g}"
                 rows.append((name, label, int(mask.sum()), float(correct[mask].mean())))

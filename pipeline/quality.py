@@ -50,16 +50,32 @@ def cleanvision_params(cfg: QualityConfig) -> dict[str, dict]:
 
 def image_issues(paths: list[Path], cfg: QualityConfig, channels: int) -> pd.DataFrame:
     """is_<check>_issue and <check>_score (CleanVision's, in [0, 1], lower = worse) for each
-    file, rows in the order of `paths`. The files are read once more, one process."""
+    file, rows in the order of `paths`. The files are read once more, one process. A file that
+    is gone since ingest (a data/ edited without `dvc repro`) gets no scores and no flags, and
+    one warning says how many."""
     from cleanvision import Imagelab  # imports matplotlib and friends: only when needed
 
     checks = checks_for(channels)
     columns = [c for name in checks for c in (f"is_{name}_issue", f"{name}_score")]
-    if not paths:
-        return pd.DataFrame(columns=columns)
     files = [str(p) for p in paths]
-    lab = Imagelab(filepaths=files, verbose=False)
-    wanted = cleanvision_params(cfg)
-    lab.find_issues(issue_types={name: wanted[name] for name in checks}, n_jobs=1, verbose=False)
-    found = lab.issues.reindex(files)
+    present = [f for f in files if Path(f).is_file()]
+    if len(present) < len(files):
+        log.warning(
+            "image checks: %d of %d files are gone since ingest (first: %s); they are not "
+            "checked: run `dvc repro` to ingest data/ again",
+            len(files) - len(present),
+            len(files),
+            next(f for f in files if f not in set(present)),
+        )
+    if not present:
+        found = pd.DataFrame(index=files, columns=columns)
+    else:
+        lab = Imagelab(filepaths=present, verbose=False)
+        wanted = cleanvision_params(cfg)
+        lab.find_issues(issue_types={n: wanted[n] for n in checks}, n_jobs=1, verbose=False)
+        found = lab.issues.reindex(files)
+    for name in checks:
+        flag = found[f"is_{name}_issue"]
+        found[f"is_{name}_issue"] = flag.where(flag.notna(), False).astype(bool)
+        found[f"{name}_score"] = found[f"{name}_score"].astype(float)
     return found[columns].reset_index(drop=True)
