@@ -16,14 +16,16 @@ seeded, `clean.val_fraction` with at least `clean.val_min_per_class` per class),
 same rows whatever cleaning decides, in every round and experiment. Its rows are never trained
 on, but the K-fold scores them like every other row, and a validation row flagged as a label
 issue is scored against the model's suggestion when that is confident
-(>= clean.relabel_threshold, or the second opinion agrees at clean.recheck_threshold), otherwise
+(>= clean.relabel_threshold, or, with clean.recheck_relabel, the second opinion agrees at
+clean.recheck_threshold), otherwise
 left out of the score and counted: a noisy validation label would otherwise reward checkpoints
 that learned the noise.
 
-The second opinion is one model trained, after the K-fold, on the rows a first pass keeps. A
-label issue the K-fold was unsure of is relabeled when this model names the same class
-(`relabel_recheck` in issues.csv): dropping those rows cost a fifth of the training set on few
-labels. Its embeddings are the one space near-duplicate and outlier scores compare in.
+The second opinion is one model trained, after the K-fold, on the rows a first pass keeps. Its
+embeddings are the one space near-duplicate and outlier scores compare in. With
+clean.recheck_relabel, a label issue the K-fold was unsure of is relabeled when this model names
+the same class (`relabel_recheck` in issues.csv), which keeps rows that `relabel` would drop; off
+by default, as on validation it tied on digits and lost on colour photos.
 """
 
 from __future__ import annotations
@@ -501,7 +503,8 @@ def run(
         second, embeddings = second_opinion(train_images, first_labels, trains, params, classes)
         issues["recheck_label"] = [classes[i] for i in second.argmax(1)]
         issues["recheck_prob"] = second.max(1)
-        recheck_threshold = None if guard else cfg.recheck_threshold
+        trusted = cfg.recheck_relabel and not guard
+        recheck_threshold = cfg.recheck_threshold if trusted else None
 
     is_dup, partner, nearest, cutoff = near_duplicates(embeddings, cfg.near_duplicate_ratio)
     ood = outlier_scores(embeddings)

@@ -152,7 +152,7 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     Image.open(original).save(original.with_name("resaved.png"), pnginfo=info)
     dim = np.asarray(Image.open(original), dtype=np.float32) * 0.08  # the same digit, unlit
     Image.fromarray(dim.astype(np.uint8)).save(original.with_name("underexposed.png"))
-    params = load_params(project / "params.yaml")
+    params = load_params(project / "params.yaml", {"clean.recheck_relabel": True})
     ingest.run(data, project / "ingest", params)
     # overrides for training rows (validation rows are scored, never trained on)
     manifest = pd.read_csv(project / "ingest" / "manifest.csv", dtype=str, keep_default_na=False)
