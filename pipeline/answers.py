@@ -9,7 +9,8 @@ label, time). `dvc add data/labeled` then leaves the next `dvc repro` to rerun f
 pool keeps its copy: ingest's duplicate rules keep a labeled image out of pseudo-labeling.
 
 All answers are checked before anything is written; one problem refuses the whole file with
-one line: an unknown class, a path outside the pools or missing, a byte copy of a test image,
+one line: an unknown class, a path outside the pools or missing, a byte copy or a near copy (a
+re-encode, resize or crop: ingest's signatures and cutoff, when ingest has run) of a test image,
 an image already in the labeled set, or one image answered twice. Rows with an empty label
 (unanswered queue items) are skipped.
 """
@@ -25,16 +26,22 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.images import IMAGE_EXTENSIONS
-from pipeline.inputs import read_csv_rows
-from pipeline.io import atomic_path, dvc_add, read_table, write_table
+from pipeline.images import IMAGE_EXTENSIONS, Rejected, decode
+from pipeline.inputs import SIGNATURES, copies_of, read_csv_rows
+from pipeline.io import atomic_path, dvc_add, read_array, read_json, read_table, write_table
 
 log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ["path", "source", "label", "added"]
 
 
-def add_labels(answers: Path, *, data_dir: Path = Path("data"), register: bool = True) -> dict:
+def add_labels(
+    answers: Path,
+    *,
+    data_dir: Path = Path("data"),
+    ingest_dir: Path = Path("artifacts/ingest"),
+    register: bool = True,
+) -> dict:
     data_dir = Path(data_dir)
     rows = read_answers(Path(answers))
     labeled = data_dir / "labeled"
@@ -49,6 +56,7 @@ def add_labels(answers: Path, *, data_dir: Path = Path("data"), register: bool =
         raise PipelineError(f"{log_path} needs the columns {','.join(LOG_COLUMNS)}")
     classes = {p.name for p in labeled.iterdir() if p.is_dir()} if labeled.is_dir() else set()
     test_hashes = _hashes(data_dir / "test")
+    test_look = TestLook(Path(ingest_dir))
     labeled_hashes = _hashes(labeled)
     plan, seen = [], {}
     for line, rel, label in rows:
@@ -72,6 +80,9 @@ def add_labels(answers: Path, *, data_dir: Path = Path("data"), register: bool =
         if digest in seen:
             raise PipelineError(f"{where}: {rel} is the same image as line {seen[digest]}")
         seen[digest] = line
+        near = test_look.copy_of(source)
+        if near:
+            raise PipelineError(f"{where}: {rel} is a near copy of test image {near}")
         target = labeled / label / "added" / Path(*parts[1:])
         if target.exists():
             raise PipelineError(f"{where}: {target} exists already (answered before?)")
@@ -94,6 +105,33 @@ def add_labels(answers: Path, *, data_dir: Path = Path("data"), register: bool =
         dvc_add(data_dir, ["labeled"])
     log.info("add-labels: %d images joined data/labeled/ (see data/added_labels.csv)", len(plan))
     return {"added": len(plan), "classes": sorted({label for _, _, label in plan})}
+
+
+class TestLook:
+    """Near copies of the test split as ingest saw it (its signatures and cutoff); finds none
+    before ingest has run."""
+
+    def __init__(self, ingest_dir: Path):
+        self.paths, self.looks, self.cutoff = [], None, 0.0
+        if (ingest_dir / SIGNATURES).is_file() and (ingest_dir / "metrics.json").is_file():
+            manifest = read_table(ingest_dir / "manifest.csv")
+            rows = (manifest["split"] == "test").to_numpy()
+            self.paths = list(manifest.loc[rows, "path"])
+            self.looks = read_array(ingest_dir / SIGNATURES)[rows]
+            self.cutoff = read_json(ingest_dir / "metrics.json").get("near_copy_cutoff", 0.0)
+
+    def copy_of(self, path: Path) -> str:
+        """The test image `path` is a near copy of, or ""."""
+        if self.looks is None or not len(self.paths) or self.cutoff <= 0:
+            return ""
+        try:
+            look = decode(
+                path.read_bytes(), image_size=8, channels=3, resize="pad", max_pixels=10**9
+            ).signature
+        except (Rejected, OSError):
+            return ""  # unreadable: ingest quarantines it with the reason
+        partner, _ = copies_of(look[None], self.looks, self.cutoff)
+        return self.paths[partner[0]] if partner[0] >= 0 else ""
 
 
 def read_answers(path: Path) -> list[tuple[int, str, str]]:

@@ -337,7 +337,7 @@ def add_labels(
     """Copy answered pool images into data/labeled/<label>/added/<pool>/ and `dvc add` them."""
     from pipeline.answers import add_labels as stage
 
-    result = stage(answers, data_dir=data_dir)
+    result = stage(answers, data_dir=data_dir, ingest_dir=Path("artifacts/ingest"))
     typer.echo(f"added {result['added']} labeled images; `dvc repro` reruns from ingest")
     return result
 

@@ -48,6 +48,30 @@ def test_answers_join_the_labeled_set_with_their_provenance(data, tmp_path):
     assert (data / "unlabeled" / "pool_001" / pool_files[0].name).is_file()  # pool unchanged
 
 
+def test_a_near_copy_of_a_test_image_is_refused_once_ingest_has_run(data, tmp_path, record):
+    from pipeline import ingest
+    from pipeline.config import load_params
+
+    from .conftest import write_params
+
+    write_params(tmp_path)
+    ingest.run(data, tmp_path / "ingest", load_params(tmp_path / "params.yaml"))
+    test_image = Image.open(next((data / "test" / "zero").iterdir()))
+    test_image.save(data / "unlabeled" / "pool_001" / "reencoded_test.jpg", quality=85)
+    rows = [("unlabeled/pool_001/reencoded_test.jpg", "zero")]
+    before = tree_hash(data)
+    with pytest.raises(PipelineError, match="near copy of test image test/zero/"):
+        add_labels(
+            _answers(tmp_path, rows), data_dir=data, ingest_dir=tmp_path / "ingest", register=False
+        )
+    assert tree_hash(data) == before
+    record(
+        "input",
+        "add-labels: a JPEG re-encode of a test image",
+        "refused as a near copy, nothing written",
+    )
+
+
 def test_each_bad_answer_refuses_the_whole_file_and_writes_nothing(data, tmp_path, record):
     good = f"unlabeled/pool_001/{sorted((data / 'unlabeled' / 'pool_001').iterdir())[0].name}"
     test_image = next((data / "test" / "zero").iterdir())
