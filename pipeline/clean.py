@@ -220,11 +220,12 @@ def datalab_checks(
     Datalab's non-iid check is not run: the table's order is the pipeline's own (sorted by split,
     class and path), so it could only find that sorting.
     """
-    try:
+    try:  # without the extra, cleanlab exports a stand-in that raises when called
         from cleanlab import Datalab
+
+        lab = Datalab(data={"label": labels}, label_name="label", verbosity=0)
     except ImportError:
         return None
-    lab = Datalab(data={"label": labels}, label_name="label", verbosity=0)
     neighbours = max(1, min(10, len(labels) - 1))  # Datalab's default k, on tiny sets fewer
     lab.find_issues(
         pred_probs=pred_probs,

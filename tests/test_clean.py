@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -99,6 +102,19 @@ def test_datalab_flags_the_rare_class_and_the_group_the_model_fails():
     assert flags["underperforming_group"][:40].mean() > 0.9
     assert flags["underperforming_group"][40:].mean() < 0.05
     assert all(((s >= 0) & (s <= 1)).all() for s in scores.values())
+
+
+def test_without_the_datalab_extra_the_checks_are_skipped_not_crashed():
+    # cleanlab without `datasets` exports a stand-in Datalab that raises when called
+    code = (
+        "import sys; sys.modules['datasets'] = None\n"
+        "import numpy as np\n"
+        "from pipeline import clean\n"
+        "probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])\n"
+        "print(clean.datalab_checks(['a', 'b', 'a'], probs, np.eye(3)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 
 
 def test_flag_policy_keeps_every_row():
