@@ -17,9 +17,8 @@ same rows whatever cleaning decides, in every round and experiment. Its rows are
 on, but the K-fold scores them like every other row, and a validation row flagged as a label
 issue is scored against the model's suggestion when that is confident
 (>= clean.relabel_threshold, or, with clean.recheck_relabel, the second opinion agrees at
-clean.recheck_threshold), otherwise
-left out of the score and counted: a noisy validation label would otherwise reward checkpoints
-that learned the noise.
+clean.recheck_threshold), otherwise left out of the score and counted: a noisy validation label
+would otherwise reward checkpoints that learned the noise.
 
 The second opinion is one model trained, after the K-fold, on the rows a first pass keeps. Its
 embeddings are the one space near-duplicate and outlier scores compare in. With

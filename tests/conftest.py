@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,6 +121,26 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture
 def fast_params(project: Path):
     return load_params(project / "params.yaml")
+
+
+@contextlib.contextmanager
+def review_server(cwd: Path):
+    """`python -m pipeline review --port 0` in cwd: yields (base URL, token), stops it after."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "review", "--port", "0"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = process.stdout.readline()  # blocks until the server prints its address
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line)
+        assert match, (line, process.stderr.read() if process.poll() is not None else "")
+        yield match.group(1), match.group(2)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def chromium() -> str | None:

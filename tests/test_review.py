@@ -2,8 +2,6 @@
 
 import html
 import re
-import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,7 +17,14 @@ from sklearn.datasets import load_digits
 from pipeline import clean, evaluate, ingest, pseudolabel
 from pipeline.config import load_params
 
-from .conftest import augment_and_train, chromium, train_table, write_digits, write_params
+from .conftest import (
+    augment_and_train,
+    chromium,
+    review_server,
+    train_table,
+    write_digits,
+    write_params,
+)
 
 HOSTILE_CLASS = "<b>bold</b>"
 HOSTILE_FILE = "x'><img src=y onerror=alert(2)>"
@@ -67,19 +72,8 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture
 def server(workspace):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "review", "--port", "0"],
-        cwd=workspace,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = process.stdout.readline()  # blocks until the server prints its address
-    match = re.search(r"(http://127\.0\.0\.1:\d+)/\?token=(\S+)", line)
-    assert match, (line, process.stderr.read() if process.poll() is not None else "")
-    yield match.group(1), match.group(2)
-    process.terminate()
-    process.wait(timeout=30)
+    with review_server(workspace) as address:
+        yield address
 
 
 def _get(url):

@@ -1,15 +1,12 @@
 """`review` in a real DVC project after `dvc repro`: clicks land in data/ and the page names
 the stages they make stale, as `dvc status` does."""
 
-import re
 import shutil
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from .conftest import chromium, stale
+from .conftest import chromium, review_server, stale
 
 pytestmark = pytest.mark.slow
 
@@ -26,35 +23,22 @@ def test_clicks_in_a_real_project_make_clean_and_the_pool_round_stale(demo_repo,
     project = tmp_path / "project"
     shutil.copytree(demo_repo[0], project, symlinks=True)
     assert stale(project) == {}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "review", "--port", "0"],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        match = re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", server.stdout.readline())
-        assert match, server.stderr.read() if server.poll() is not None else ""
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=browser_path, args=ARGS)
-            page = browser.new_page()
-            page.goto(match.group(1))
-            issue = page.locator(".tile[data-kind='train']").first
-            relabeled = issue.locator("input[name='path']").get_attribute("value")
-            issue.locator("select").select_option("7")
-            issue.locator("button[value='relabel']").click()
-            page.wait_for_selector("#message")
-            after_relabel = page.locator("#status").inner_text()
-            pseudo = page.locator(".tile[data-kind='pseudo']").first
-            rejected = pseudo.locator("input[name='path']").get_attribute("value")
-            pseudo.locator("button[value='reject']").click()
-            page.wait_for_selector("#message")
-            after_reject = page.locator("#status").inner_text()
-            browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    with review_server(project) as (base, token), sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=ARGS)
+        page = browser.new_page()
+        page.goto(f"{base}/?token={token}")
+        issue = page.locator(".tile[data-kind='train']").first
+        relabeled = issue.locator("input[name='path']").get_attribute("value")
+        issue.locator("select").select_option("7")
+        issue.locator("button[value='relabel']").click()
+        page.wait_for_selector("#message")
+        after_relabel = page.locator("#status").inner_text()
+        pseudo = page.locator(".tile[data-kind='pseudo']").first
+        rejected = pseudo.locator("input[name='path']").get_attribute("value")
+        pseudo.locator("button[value='reject']").click()
+        page.wait_for_selector("#message")
+        after_reject = page.locator("#status").inner_text()
+        browser.close()
 
     overrides = pd.read_csv(project / "data" / "overrides.csv", dtype=str)
     assert [relabeled, "7"] in overrides.values.tolist()
