@@ -6,7 +6,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from .conftest import chromium, review_server, stale
+from .conftest import chromium, dvc, review_server, stale
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +22,10 @@ def test_clicks_in_a_real_project_make_clean_and_the_pool_round_stale(demo_repo,
 
     project = tmp_path / "project"
     shutil.copytree(demo_repo[0], project, symlinks=True)
+    # other tests edit the shared demo project: start from its committed, reproduced state
+    dvc(project, "checkout", "--force")
+    if stale(project):
+        dvc(project, "repro")
     assert stale(project) == {}
     with review_server(project) as (base, token), sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=ARGS)
