@@ -36,7 +36,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
 import outcome  # noqa: E402
 
-from pipeline import augment, clean, ingest, pseudolabel  # noqa: E402
+from pipeline import pseudolabel  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.io import read_table, write_table  # noqa: E402
 
@@ -69,16 +69,7 @@ def one_seed(seed: int, answers: int, overrides: dict) -> dict:
         work = Path(tmp)
         data = work / "data"
         started = time.perf_counter()
-        outcome.write_data("low-label", data, params)
-        ingest.run(data, work / "ingest", params)
-        clean.run(work / "ingest", data, work / "clean", params)
-        augment.run(
-            work / "clean" / "train.csv",
-            work / "ingest" / "images",
-            work / "ingest" / "classes.json",
-            work / "augment",
-            params,
-        )
+        outcome.prepare("low-label", work, params)
         train_csv, val_csv = work / "clean" / "train.csv", work / "clean" / "val.csv"
         r000 = work / "r000" / "pseudo"
         pseudolabel.init_pseudo(r000, params.base)

@@ -74,6 +74,23 @@ def write_data(regime: str, data: Path, params) -> None:
         demo.run(data, params, register=False)
 
 
+def prepare(regime: str, work: Path, params) -> dict:
+    """The regime's data written to work/data, then ingest, clean and augment as `dvc repro`
+    runs them; returns the clean stage's metrics."""
+    data = work / "data"
+    write_data(regime, data, params)
+    ingest.run(data, work / "ingest", params)
+    metrics = clean.run(work / "ingest", data, work / "clean", params)
+    augment.run(
+        work / "clean" / "train.csv",
+        work / "ingest" / "images",
+        work / "ingest" / "classes.json",
+        work / "augment",
+        params,
+    )
+    return metrics
+
+
 def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo) -> dict:
     ing = work / "ingest"
     summary = train.run(
@@ -142,16 +159,7 @@ def one_seed(regime: str, seed: int, overrides: dict) -> dict:
         work = Path(tmp)
         data = work / "data"
         started = time.perf_counter()
-        write_data(regime, data, params)
-        ingest.run(data, work / "ingest", params)
-        clean_metrics = clean.run(work / "ingest", data, work / "clean", params)
-        augment.run(
-            work / "clean" / "train.csv",
-            work / "ingest" / "images",
-            work / "ingest" / "classes.json",
-            work / "augment",
-            params,
-        )
+        clean_metrics = prepare(regime, work, params)
         result = {"regime": regime, "seed": seed}
         result["clean_precision"] = clean_metrics["truth"]["precision"]
         result["clean_recall"] = clean_metrics["truth"]["recall"]

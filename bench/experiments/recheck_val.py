@@ -17,7 +17,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import outcome
 
-from pipeline import augment, clean, ingest
 from pipeline.config import load_params
 from pipeline.ensemble import load_ensemble
 from pipeline.io import read_array, read_json, read_table, write_table
@@ -29,16 +28,7 @@ for seed in map(int, sys.argv[2:]):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "data"
-        outcome.write_data(regime, data, params)
-        ingest.run(data, work / "ingest", params)
-        cm = clean.run(work / "ingest", data, work / "clean", params)
-        augment.run(
-            work / "clean" / "train.csv",
-            work / "ingest" / "images",
-            work / "ingest" / "classes.json",
-            work / "augment",
-            params,
-        )
+        cm = outcome.prepare(regime, work, params)
         iss = read_table(work / "clean" / "issues.csv").set_index("id")
         tr = read_table(work / "clean" / "train.csv")
         va = read_table(work / "clean" / "val.csv")
