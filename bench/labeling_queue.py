@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -159,20 +158,13 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a param"
     )
     args = parser.parse_args()
-    parse = YAML(typ="safe", pure=True).load
-    overrides = {k: parse(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = outcome.parse_overrides(args.set)
     started = time.perf_counter()
     results = []
     for seed in args.seeds:
         results.append(one_seed(seed, args.answers, overrides))
         print(json.dumps(results[-1]), flush=True)
-    text = report(results)
-    print(text)
-    print(f"\nwall time {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"overrides": args.set, "runs": results, "report": text}, indent=2) + "\n"
-    )
+    outcome.save(args.out, args.set, results, report(results), started)
 
 
 if __name__ == "__main__":

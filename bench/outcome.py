@@ -266,20 +266,29 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    parse = YAML(typ="safe", pure=True).load  # YAML 1.2, as params.yaml is read: 5e-4 is a number
-    overrides = {k: parse(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = parse_overrides(args.set)
     started = time.perf_counter()
     results = []
     for regime in args.regimes:
         for seed in args.seeds:
             results.append(one_seed(regime, seed, overrides))
             print(json.dumps(results[-1]), flush=True)
-    text = report(results)
+    save(args.out, args.set, results, report(results), started)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """--set key=value pairs, values read as YAML 1.2 as params.yaml is: 5e-4 is a number."""
+    parse = YAML(typ="safe", pure=True).load
+    return {k: parse(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def save(out: Path, overrides: list[str], results: list[dict], text: str, started: float) -> None:
+    """Print the report and the wall time; write the runs and the report as JSON."""
     print(text)
     print(f"\nwall time {time.perf_counter() - started:.0f} s on {os.cpu_count()} cores")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"overrides": args.set, "runs": results, "report": text}, indent=2) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"overrides": overrides, "runs": results, "report": text}, indent=2) + "\n"
     )
 
 

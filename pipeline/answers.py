@@ -72,7 +72,8 @@ def add_labels(
             raise PipelineError(
                 f"{where}: unknown class {label!r} (classes: {', '.join(sorted(classes))})"
             )
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        data = source.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         if digest in test_hashes:
             raise PipelineError(f"{where}: {rel} is a copy of test image {test_hashes[digest]}")
         if digest in labeled_hashes:
@@ -80,7 +81,7 @@ def add_labels(
         if digest in seen:
             raise PipelineError(f"{where}: {rel} is the same image as line {seen[digest]}")
         seen[digest] = line
-        near = test_look.copy_of(source)
+        near = test_look.copy_of(data)
         if near:
             raise PipelineError(f"{where}: {rel} is a near copy of test image {near}")
         target = labeled / label / "added" / Path(*parts[1:])
@@ -120,15 +121,13 @@ class TestLook:
             self.looks = read_array(ingest_dir / SIGNATURES)[rows]
             self.cutoff = read_json(ingest_dir / "metrics.json").get("near_copy_cutoff", 0.0)
 
-    def copy_of(self, path: Path) -> str:
-        """The test image `path` is a near copy of, or ""."""
+    def copy_of(self, data: bytes) -> str:
+        """The test image a file with these bytes is a near copy of, or ""."""
         if self.looks is None or not len(self.paths) or self.cutoff <= 0:
             return ""
         try:
-            look = decode(
-                path.read_bytes(), image_size=8, channels=3, resize="pad", max_pixels=10**9
-            ).signature
-        except (Rejected, OSError):
+            look = decode(data, image_size=8, channels=3, resize="pad", max_pixels=10**9).signature
+        except Rejected:
             return ""  # unreadable: ingest quarantines it with the reason
         partner, _ = copies_of(look[None], self.looks, self.cutoff)
         return self.paths[partner[0]] if partner[0] >= 0 else ""

@@ -143,6 +143,29 @@ def review_server(cwd: Path):
         process.wait(timeout=60)
 
 
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+
+
+def relabel_then_reject(page, label: str) -> dict:
+    """On the review page: relabel the first training tile to `label`, then reject the first
+    pseudo-label. Returns their paths and the status line and message after each click."""
+    seen = {}
+    issue = page.locator(".tile[data-kind='train']").first
+    seen["relabeled"] = issue.locator("input[name='path']").get_attribute("value")
+    issue.locator("select").select_option(label)
+    issue.locator("button[value='relabel']").click()
+    page.wait_for_selector("#message")
+    seen["status_after_relabel"] = page.locator("#status").inner_text()
+    pseudo = page.locator(".tile[data-kind='pseudo']").first
+    seen["rejected"] = pseudo.locator("input[name='path']").get_attribute("value")
+    pseudo.locator("button[value='reject']").click()
+    page.wait_for_selector("#message")
+    seen["status_after_reject"] = page.locator("#status").inner_text()
+    seen["message"] = page.locator("#message").inner_text()
+    return seen
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

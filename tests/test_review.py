@@ -18,8 +18,10 @@ from pipeline import clean, evaluate, ingest, pseudolabel
 from pipeline.config import load_params
 
 from .conftest import (
+    CHROMIUM_ARGS,
     augment_and_train,
     chromium,
+    relabel_then_reject,
     review_server,
     train_table,
     write_digits,
@@ -145,24 +147,14 @@ def test_clicks_relabel_a_label_issue_and_reject_a_pseudo_label(server, workspac
     from playwright.sync_api import sync_playwright
 
     base, token = server
-    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=args)
+        browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(f"{base}/?token={token}")
-        issue = page.locator(".tile[data-kind='train']").first
-        relabeled = issue.locator("input[name='path']").get_attribute("value")
-        issue.locator("select").select_option("two")
-        issue.locator("button[value='relabel']").click()
-        page.wait_for_selector("#message")
-        pseudo = page.locator(".tile[data-kind='pseudo']").first
-        rejected = pseudo.locator("input[name='path']").get_attribute("value")
-        pseudo.locator("button[value='reject']").click()
-        page.wait_for_selector("#message")
-        shown = page.locator("#message").inner_text()
+        seen = relabel_then_reject(page, "two")
         page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
         browser.close()
+    relabeled, rejected, shown = seen["relabeled"], seen["rejected"], seen["message"]
     overrides = pd.read_csv(workspace / "data" / "overrides.csv", dtype=str)
     assert overrides.values.tolist() == [[relabeled, "two"]]
     pseudo_overrides = pd.read_csv(workspace / "data" / "pseudo_overrides.csv", dtype=str)

@@ -6,12 +6,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from .conftest import chromium, dvc, review_server, stale
+from .conftest import CHROMIUM_ARGS, chromium, dvc, relabel_then_reject, review_server, stale
 
 pytestmark = pytest.mark.slow
-
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
 
 def test_clicks_in_a_real_project_make_clean_and_the_pool_round_stale(demo_repo, tmp_path):
@@ -28,22 +25,14 @@ def test_clicks_in_a_real_project_make_clean_and_the_pool_round_stale(demo_repo,
         dvc(project, "repro")
     assert stale(project) == {}
     with review_server(project) as (base, token), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=ARGS)
+        browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(f"{base}/?token={token}")
-        issue = page.locator(".tile[data-kind='train']").first
-        relabeled = issue.locator("input[name='path']").get_attribute("value")
-        issue.locator("select").select_option("7")
-        issue.locator("button[value='relabel']").click()
-        page.wait_for_selector("#message")
-        after_relabel = page.locator("#status").inner_text()
-        pseudo = page.locator(".tile[data-kind='pseudo']").first
-        rejected = pseudo.locator("input[name='path']").get_attribute("value")
-        pseudo.locator("button[value='reject']").click()
-        page.wait_for_selector("#message")
-        after_reject = page.locator("#status").inner_text()
+        seen = relabel_then_reject(page, "7")
         browser.close()
 
+    relabeled, rejected = seen["relabeled"], seen["rejected"]
+    after_relabel, after_reject = seen["status_after_relabel"], seen["status_after_reject"]
     overrides = pd.read_csv(project / "data" / "overrides.csv", dtype=str)
     assert [relabeled, "7"] in overrides.values.tolist()
     pseudo_overrides = pd.read_csv(project / "data" / "pseudo_overrides.csv", dtype=str)
