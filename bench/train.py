@@ -32,8 +32,15 @@ import torch.nn.functional as F  # noqa: E402
 from pipeline import device as device_mod  # noqa: E402
 from pipeline import ensemble, feed, loop, transforms  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
+from pipeline.device import to_input  # noqa: E402
 from pipeline.gpu_augment import BatchAugment  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
+
+
+def stage_precision(device):
+    """The stage's dtype on this device (bf16 autocast on CUDA, fp32 on the CPU); with
+    to_input's memory format (channels-last on CUDA) the bare loops compare like with like."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def bare_epoch(model, optimizer, images, labels, policy, batch_size, device) -> None:
@@ -42,9 +49,10 @@ def bare_epoch(model, optimizer, images, labels, policy, batch_size, device) -> 
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size].numpy()
         batch = np.stack([policy(image=images[i])["image"] for i in idx])
-        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = to_input(torch.from_numpy(batch), device)
         y = torch.from_numpy(labels[idx]).to(device)
-        loss = F.cross_entropy(model(x), y)
+        with stage_precision(device):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -54,15 +62,9 @@ def bare_epoch(model, optimizer, images, labels, policy, batch_size, device) -> 
 def bare_inference(model, images, batch_size, device) -> None:
     model.eval()
     for start in range(0, len(images), batch_size):
-        x = (
-            torch.from_numpy(images[start : start + batch_size])
-            .to(device)
-            .permute(0, 3, 1, 2)
-            .float()
-            .div_(127.5)
-            .sub_(1.0)
-        )
-        model(x).softmax(1)
+        x = to_input(torch.from_numpy(images[start : start + batch_size]), device)
+        with stage_precision(device):
+            model(x).float().softmax(1)
 
 
 def timed(fn) -> float:
@@ -115,6 +117,8 @@ def main() -> None:
     def bare_run():
         torch.manual_seed(0)
         model = build_model(cfg.model, 1, 10).to(device)
+        if device.type == "cuda":  # as loop.fit
+            model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )

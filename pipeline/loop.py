@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import get_total_norm
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
@@ -107,7 +108,10 @@ def train_one_epoch(
         objective = loss + cfg.l1 * l1_penalty(model) if cfg.l1 > 0 else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
-        grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+        # the norm alone: clip_grad_norm_ would also rescale every gradient by 1.0
+        grad_norms.append(
+            get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        )
         if step == last:  # update-to-weight ratio, measured on the last step of the epoch
             before = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim > 1}
         optimizer.step()
