@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -303,6 +304,48 @@ def demo_repo(tmp_path_factory):
     root, raw_hash = make_repo(tmp_path_factory.mktemp("repo"))
     first = dvc(root, "repro")
     return root, first.stdout, raw_hash, demo_metrics(root)
+
+
+S3_BUCKET, S3_REGION = "dvc-tests", "us-east-1"
+
+
+@pytest.fixture
+def s3_endpoint(tmp_path, monkeypatch):
+    """A real S3 endpoint: moto's server (as DVC's own tests use) in this process on a free
+    127.0.0.1 port, S3_BUCKET created, dummy credentials in the environment that `dvc`
+    subprocesses inherit and no ~/.aws read. Yields (endpoint URL, keys() -> stored keys)."""
+    pytest.importorskip("dvc_s3", reason="needs the s3 extra: pip install -e '.[dev]'")
+    moto_server = pytest.importorskip("moto.server", reason="needs moto[server] (dev extra)")
+    import boto3
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    werkzeug_log = logging.getLogger("werkzeug")  # one line per request otherwise
+    old_level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.WARNING)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=url, region_name=S3_REGION)
+        client.create_bucket(Bucket=S3_BUCKET)
+
+        def keys() -> list[str]:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET)
+            return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+        yield url, keys
+    finally:
+        server.stop()
+        werkzeug_log.setLevel(old_level)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,8 +3,11 @@ into a fresh clone, add-pool, dvc repro. The tests run in this order on one proj
 
 import ast
 import json
+import re
 import shutil
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from .conftest import ROOT, dvc, sh, stages_ran, stale, tree_hash
+from .conftest import ROOT, S3_BUCKET, S3_REGION, dvc, sh, stages_ran, stale, tree_hash
 
 pytestmark = pytest.mark.slow
 
@@ -119,21 +122,64 @@ def test_an_edit_makes_exactly_the_stages_that_run_it_stale(repo, edit, expected
     assert stale(root) == {}
 
 
-def test_push_then_pull_into_a_fresh_clone_restores_every_output(repo, tmp_path, record):
+class Storage(NamedTuple):
+    """How a project and its clones reach the `storage` remote."""
+
+    name: str  # for the reliability record
+    url: str  # what `dvc remote list` shows in a fresh clone (its end)
+    committed: dict[str, str]  # `dvc remote modify` settings committed to git
+    machine: dict[str, str]  # `dvc remote modify --local` settings each machine adds
+    objects: Callable[[], list]  # what the remote holds
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    """The repository's own ../dvc-storage, or an S3 bucket as a team sets one up (README),
+    served by moto; only the endpoint (a local port here) stays out of git."""
+    if request.param == "local":
+        folder = tmp_path / "dvc-storage"  # the project and its clone are siblings in tmp_path
+        return Storage(
+            "the local remote",
+            "dvc-storage",
+            {},
+            {},
+            lambda: [p for p in folder.rglob("*") if p.is_file()],
+        )
+    endpoint, keys = request.getfixturevalue("s3_endpoint")
+    url = f"s3://{S3_BUCKET}/dataset-pipeline"
+    return Storage(
+        "an S3 remote (moto's S3 server)",
+        url,
+        {"url": url, "region": S3_REGION},
+        {"endpointurl": endpoint},
+        keys,
+    )
+
+
+def modify_storage(root, settings: dict[str, str], *flags: str) -> None:
+    for option, value in settings.items():
+        dvc(root, "remote", "modify", *flags, "storage", option, value)
+
+
+def test_push_then_pull_into_a_fresh_clone_restores_every_output(repo, tmp_path, storage, record):
     project = tmp_path / "project"
     shutil.copytree(repo[0], project, symlinks=True)  # the finished demo, before add-pool
     # The repository's own remote setting, as a clone of it gets it: ../dvc-storage.
     shutil.copy(ROOT / ".dvc" / "config", project / ".dvc" / "config")
-    remote = dvc(project, "remote", "list").stdout.split()
-    assert remote[0] == "storage" and remote[1].endswith("dvc-storage")
+    modify_storage(project, storage.committed)
+    modify_storage(project, storage.machine, "--local")
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "a finished round")
     pushed = dvc(project, "push")
-    assert (tmp_path / "dvc-storage").is_dir(), pushed.stdout
+    count = re.search(r"(\d+) files? pushed", pushed.stdout)
+    assert count and len(storage.objects()) == int(count.group(1)) > 0, pushed.stdout
 
     clone = tmp_path / "clone"  # a sibling: the same ../dvc-storage
     sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
     assert not (clone / "artifacts" / "rounds" / "r000" / "model").exists()
+    remote = dvc(clone, "remote", "list").stdout.split()  # the committed setting came along
+    assert remote[0] == "storage" and remote[1].endswith(storage.url), remote
+    modify_storage(clone, storage.machine, "--local")
     dvc(clone, "pull")
     for folder in ("data", "artifacts"):
         assert tree_hash(clone / folder) == tree_hash(project / folder), folder
@@ -149,7 +195,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_every_output(repo, tmp_path,
     assert int(loaded.stdout) >= 1
     record(
         "fault",
-        "a fresh clone with nothing but git: `dvc pull` from the local remote",
+        f"a fresh clone with nothing but git: `dvc pull` from {storage.name}",
         "every output and data file restored byte for byte; `dvc repro` has nothing to do",
     )
 
