@@ -38,8 +38,9 @@ from pipeline.model import build_model  # noqa: E402
 
 
 def stage_precision(device):
-    """The stage's dtype on this device (bf16 autocast on CUDA, fp32 on the CPU); with
-    to_input's memory format (channels-last on CUDA) the bare loops compare like with like."""
+    """The stage's dtype on this device (bf16 autocast on CUDA, fp32 on the CPU); with its
+    memory format (channels-last model and inputs, on every device) the bare loops compare
+    like with like."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -116,9 +117,7 @@ def main() -> None:
 
     def bare_run():
         torch.manual_seed(0)
-        model = build_model(cfg.model, 1, 10).to(device)
-        if device.type == "cuda":  # as loop.fit
-            model.to(memory_format=torch.channels_last)
+        model = build_model(cfg.model, 1, 10).to(device, memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
