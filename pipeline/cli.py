@@ -379,76 +379,158 @@ def lr_find(
 @app.command()
 def tune(
     param: Annotated[
-        list[str] | None, typer.Option("--param", help="KEY=LOW:HIGH log-scale range; repeat")
+        list[str] | None,
+        typer.Option(
+            "--param",
+            help="KEY=LOW:HIGH (log), KEY=lin:LOW:HIGH or KEY=A,B,C (categorical); repeat",
+        ),
     ] = None,
-    per_decade: Annotated[int, typer.Option(min=1, help="mesh values per decade")] = 2,
+    sampler: Annotated[
+        str | None, typer.Option(help="tpe | qmc | random | grid (the jittered log-grid)")
+    ] = None,
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="trials in all (default: grid's points, else 16)")
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(min=1, help="trials asked and queued at once (default 4)")
+    ] = None,
+    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, help="DVC queue workers")] = 1,
+    per_decade: Annotated[int, typer.Option(min=1, help="grid: values per decade")] = 2,
     jitter: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="random shift, share of a cell")
+        float, typer.Option(min=0.0, max=1.0, help="grid: random shift, share of a cell")
     ] = 0.5,
     epochs: Annotated[int | None, typer.Option(min=1, help="short schedule for every run")] = None,
-    run: Annotated[bool, typer.Option("--run", help="start the queue and wait for it")] = False,
-    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, help="queue workers with --run")] = 1,
+    study: Annotated[
+        str | None, typer.Option(help="study name (default: the last one, else 'tune')")
+    ] = None,
     refine: Annotated[
-        bool, typer.Option("--refine", help="queue a finer mesh around the best")
+        bool, typer.Option("--refine", help="a narrowed study around the best trial")
     ] = False,
     report: Annotated[
-        bool, typer.Option("--report", help="table and heat map of finished runs")
+        bool, typer.Option("--report", help="table and Optuna's plots of the study")
     ] = False,
     apply: Annotated[
         str | None, typer.Option("--apply", help="write this experiment's values")
     ] = None,
     metric: Annotated[str, typer.Option(help="validation metric to maximize")] = "ensemble_val_acc",
-    seed: Annotated[int, typer.Option(help="seed of the jitter")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the sampler (and the grid's jitter)")] = 0,
     unlock_batch_size: Annotated[bool, typer.Option(help="allow tuning train.batch_size")] = False,
     out: OutOpt = Path("artifacts/tune"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
-    """Jittered log-scale grid search as DVC experiments; refine, report, apply the best."""
+    """Optuna search run as DVC experiments (TPE, QMC, random or the jittered log-grid); a
+    killed run resumes; refine, report, apply the best."""
     from pipeline import tune as stage
+    from pipeline import tune_space
+    from pipeline.config import is_plain_name
     from pipeline.io import read_json, write_json
 
-    state_path = out / "state.json"
-    if param:
-        ranges = [stage.parse_range(p, unlock_batch_size=unlock_batch_size) for p in param]
-        keys = [r.key for r in ranges]
-    elif state_path.is_file():
-        keys = read_json(state_path)["keys"]
-    else:
-        raise PipelineError(
-            "no tuning yet: start with --param KEY=LOW:HIGH (e.g. train.lr=1e-4:1e-1)"
-        )
+    # 1) which study: the one named, the last one used, or a new one
+    state_path, storage = out / "state.json", out / "study.db"
+    points = None  # the grid sampler's points, enqueued when its study starts
+    last = read_json(state_path)["study"] if state_path.is_file() else None
+    name = study or (last if not param or refine else None) or "tune"
+    if not is_plain_name(name):
+        raise PipelineError(f"--study {name!r}: letters, digits, '-' and '_' only")
+    if sampler is not None and sampler not in stage.SAMPLERS:
+        raise PipelineError(f"--sampler {sampler!r}: one of {', '.join(stage.SAMPLERS)}")
+    if apply or report or refine or not param:
+        current = stage.open_study(storage, name, None)
+        attrs = current.user_attrs
     if apply:
-        applied = stage.apply(apply, keys, params, metric)
+        keys = tune_space.Space.from_json(attrs["space"]).setting_keys
+        applied = stage.apply(apply, keys, params, attrs["metric"], attrs["round"])
         typer.echo(f"wrote {', '.join(f'{k}={v}' for k, v in applied.items())} into {params}")
         return applied
-    if report or refine:
-        results = stage.experiments(metric)
-        if results.empty:
-            raise PipelineError("no finished experiment yet: run `dvc queue start` or `tune --run`")
-        table = stage.write_report(results, keys, metric, out / "report")
+    if report:
+        table = stage.write_report(current, out / "report")
         typer.echo(table.to_string(index=False))
-        typer.echo(f"report: {out / 'report' / 'tune.csv'}, {out / 'report' / 'heatmap.png'}")
-        if not refine:
-            return {"best": table.iloc[0].to_dict()}
-        points, borders = stage.refine_mesh(results, keys, metric)
+        typer.echo(f"report: {out / 'report'} (tune.csv, history.png, importances.png, slice.png)")
+        return {"best": table.iloc[0].to_dict() if len(table) else None}
+
+    # 2) the space, the sampler and the budget (a resumed study keeps its own)
+    if refine:
+        table = stage.trials_table(current)
+        table = table[table["state"] == "complete"]
+        if table.empty:
+            raise PipelineError(f"study {name!r} has no finished trial to refine around")
+        space, borders = tune_space.narrow_space(
+            tune_space.Space.from_json(attrs["space"]), table, attrs["metric"]
+        )
         for key, side in borders.items():
             if side:
-                typer.echo(f"best {key} is on the {side} border: the new mesh extends past it")
-        names = stage.queue(points, epochs=epochs, prefix="refine")
+                typer.echo(
+                    f"best {key} is on the {side} border: the narrowed range extends past it"
+                )
+        parent, name = name, stage.next_study_name(name, storage)
+        settings = {**attrs, "space": space.to_json(), "parent": parent}
+        settings.update(sampler=sampler or attrs["sampler"], trials=trials or attrs["trials"])
+        if settings["sampler"] == "grid":
+            points = tune_space.three_point_mesh(space)
+            settings["trials"] = trials or len(points)
+        fixed = attrs["fixed"]
+    elif param:
+        space = tune_space.parse_space(param, params, unlock_batch_size=unlock_batch_size)
+        round_name = tune_space.target_round(space, load_params(params))
+        fixed = []
+        if epochs:  # a short schedule: exactly these epochs, not stretched to train.min_steps
+            fixed = [f"train.epochs={epochs}"]
+            fixed += [] if "train.min_steps" in space.keys else ["train.min_steps=0"]
+        settings = {
+            "space": space.to_json(),
+            "metric": metric,
+            "round": round_name,
+            "sampler": sampler or "tpe",
+            "fixed": fixed,
+            "batch": batch,
+        }
+        if settings["sampler"] == "grid":
+            points = tune_space.build_mesh(list(space.dims), per_decade, jitter, seed)
+        settings["trials"] = trials or (len(points) if settings["sampler"] == "grid" else 16)
+        if name in stage.study_names(storage):
+            existing = stage.open_study(storage, name, None).user_attrs
+            if existing["space"] != settings["space"] or existing["fixed"] != fixed:
+                raise PipelineError(
+                    f"study {name!r} exists with another search space; resume it without --param "
+                    f"or start another with --study NAME"
+                )
+            settings = existing
     else:
-        if not param:
-            raise PipelineError("give the ranges to search with --param KEY=LOW:HIGH")
-        points = stage.build_mesh(ranges, per_decade, jitter, seed)
-        names = stage.queue(points, epochs=epochs, prefix="tune")
-    write_json(state_path, {"keys": keys, "metric": metric})
-    write_json(out / "proposed.json", points)
-    typer.echo(f"queued {len(names)} experiments")
-    if run:
-        stage.run_queue(jobs)
-        typer.echo("done; see `python -m pipeline tune --report`")
-    else:
-        typer.echo("start them with `dvc queue start` (or rerun with --run)")
-    return {"queued": names, "points": points}
+        settings = dict(attrs)
+    settings["batch"] = batch or settings.get("batch") or 4
+    settings["trials"] = trials or settings["trials"]
+
+    # 3) ask, queue, run, tell until the budget is spent
+    current = stage.open_study(storage, name, None, create=settings)
+    for key in ("trials", "batch"):  # a resume with --trials N extends the study for good
+        current.set_user_attr(key, settings[key])
+    current.sampler = stage.create_sampler(
+        settings["sampler"], seed=seed, trials=settings["trials"], told=len(current.trials)
+    )
+    if settings["sampler"] == "grid" and not current.trials:
+        space = tune_space.Space.from_json(settings["space"])
+        if points is None:
+            points = tune_space.build_mesh(list(space.dims), per_decade, jitter, seed)
+        for point in points:
+            current.enqueue_trial(point)
+    write_json(state_path, {"study": name})
+    runner = stage.DvcRunner(
+        stage.target_stage(settings["round"]),
+        stage.metrics_file(settings["round"]),
+        settings["metric"],
+        jobs,
+    )
+    counts = stage.run_study(
+        current, runner, trials=settings["trials"], batch=settings["batch"], fixed=settings["fixed"]
+    )
+    best = current.best_trial if counts["told"] > counts["failed"] else None
+    typer.echo(
+        f"study {name!r}: {counts['told']} trials told ({counts['failed']} failed) in "
+        f"{storage}; best: "
+        + (f"{best.user_attrs['experiment']} {best.value:.4f}" if best else "none")
+        + "; see `python -m pipeline tune --report`"
+    )
+    return {"study": name, **counts, "best": best.user_attrs["experiment"] if best else None}
 
 
 @app.command()

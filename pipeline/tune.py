@@ -1,27 +1,30 @@
-"""tune: a jittered log-scale grid over related params, run as DVC experiments.
+"""tune: an Optuna study whose trials are DVC experiments.
 
-`dvc exp run --queue -S key=value` queues one experiment per mesh point and `dvc queue start`
-runs them: DVC's own experiment engine, not a home-made scheduler. Experiments target
-the `train` stage (round r000, human labels only), and the score is its validation accuracy (never the test split). The user's
-params.yaml is left unchanged; `--apply NAME` writes a chosen experiment's values into it.
+Optuna asks (TPE, QMC, random, or the jittered log-grid), `dvc exp run --queue -S key=value`
+queues one experiment per trial, `dvc queue start` runs them, and each experiment's
+validation score (from `dvc exp show --json`, never the test split) is told back; failed
+experiments are told as failed. The study lives in SQLite (`artifacts/tune/study.db`), and each
+trial records its experiment's name before the experiment is queued, so a killed `tune`
+resumes where it stopped: trials left running are matched to their experiments by name and
+told, or queued again when their experiment never reached the queue. No trial counts twice.
 
-Batch size is locked by default: it changes the noise scale of every step, so the best
-learning rate and weight decay move with it and a mesh over lr x batch size mostly measures
-that coupling. Tune it on its own, with `--unlock-batch-size`, if you must.
+Experiments target the `train` stage (round r000, human labels only) or, when a pseudolabel
+key is tuned, the last pool round's. The user's params.yaml is left unchanged; `--apply NAME`
+writes a chosen experiment's values into it. The search space: pipeline/tune_space.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
-import math
+import secrets
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -30,102 +33,182 @@ from pipeline import report
 from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
 from pipeline.io import Rows, atomic_dir, edit_yaml, read_array, read_json, read_table, write_table
+from pipeline.tune_space import (  # noqa: F401  (parse_range, build_mesh: the public names)
+    LOCKED,
+    Dimension,
+    Space,
+    assignments,
+    build_mesh,
+    narrow_space,
+    parse_dimension,
+    refine_mesh,
+    suggest,
+)
 
 log = logging.getLogger(__name__)
 
-TARGET = "train"
-METRICS_FILE = "artifacts/rounds/r000/live/metrics.json"
 DEFAULT_METRIC = "ensemble_val_acc"
-LOCKED = {"train.batch_size"}
+SAMPLERS = ("tpe", "qmc", "random", "grid")
+parse_range = parse_dimension  # the name the grid-only tune had
+
+
+def metrics_file(round_name: str) -> str:
+    return f"artifacts/rounds/{round_name}/live/metrics.json"
+
+
+def target_stage(round_name: str) -> str:
+    return "train" if round_name == "r000" else f"train_round@{round_name}"
 
 
 @dataclass(frozen=True)
-class Range:
-    key: str  # dotted params key, e.g. train.lr
-    low: float
-    high: float
-
-    @property
-    def decades(self) -> float:
-        return math.log10(self.high) - math.log10(self.low)
-
-
-def parse_range(text: str, *, unlock_batch_size: bool = False) -> Range:
-    """`train.lr=1e-1:1e-4` -> Range('train.lr', 1e-4, 1e-1); the order of the bounds is free."""
-    try:
-        key, bounds = text.split("=", 1)
-        a, b = (float(v) for v in bounds.split(":"))
-    except ValueError:
-        raise PipelineError(
-            f"--param {text!r}: expected KEY=LOW:HIGH, e.g. train.lr=1e-4:1e-1"
-        ) from None
-    if a <= 0 or b <= 0 or a == b:
-        raise PipelineError(
-            f"--param {text!r}: a log-scale range needs two different positive bounds"
-        )
-    if key in LOCKED and not unlock_batch_size:
-        raise PipelineError(
-            f"--param {key} is locked (see the README); pass --unlock-batch-size to tune it"
-        )
-    return Range(key, min(a, b), max(a, b))
-
-
-def build_mesh(
-    ranges: list[Range], per_decade: int, jitter: float, seed: int
-) -> list[dict[str, float]]:
-    """Every combination of log-spaced values, each point shifted randomly within its cell.
-
-    A range of D decades gets round(D * per_decade) + 1 values (at least 2). With jitter j,
-    each coordinate moves uniformly by up to +-j/2 of a cell in log space (clipped to the
-    range), so no two runs probe the same value and the mesh covers the space better than a
-    fixed grid.
-    """
-    rng = np.random.default_rng(seed)
-    axes = []
-    for r in ranges:
-        n = max(2, round(r.decades * per_decade) + 1)
-        axes.append((r, np.linspace(math.log10(r.low), math.log10(r.high), n), r.decades / (n - 1)))
-    points = []
-    for combo in itertools.product(*(range(len(values)) for _, values, _ in axes)):
-        point = {}
-        for (r, values, cell), i in zip(axes, combo):
-            log_value = values[i] + rng.uniform(-jitter / 2, jitter / 2) * cell
-            # Edge points only move inwards: the user's bounds are bounds.
-            log_value = min(max(log_value, math.log10(r.low)), math.log10(r.high))
-            point[r.key] = float(f"{10**log_value:.4g}")
-        points.append(point)
-    return points
-
-
-def refine_mesh(
-    results: pd.DataFrame, keys: list[str], metric: str, *, factor: float = 3.0
-) -> tuple[list[dict[str, float]], dict[str, str]]:
-    """A finer 3-point-per-param mesh around the best experiment.
-
-    The step is the median log gap between the tried values divided by `factor`. Where the best
-    value lies on the border of what was tried, the new points extend past that border
-    instead of centering on it. Returns (points, {key: "low"/"high"/""} border flags).
-    """
-    best = results.loc[results[metric].idxmax()]
-    points_per_key, borders = [], {}
-    for key in keys:
-        logs = np.log10(results[key].astype(float))
-        gaps = np.diff(np.unique(np.round(logs, 6)))
-        step = (float(np.median(gaps)) if len(gaps) else 1.0) / factor
-        center = math.log10(float(best[key]))
-        if center <= logs.min() + 1e-9:
-            borders[key], offsets = "low", (-2, -1, 0)
-        elif center >= logs.max() - 1e-9:
-            borders[key], offsets = "high", (0, 1, 2)
-        else:
-            borders[key], offsets = "", (-1, 0, 1)
-        points_per_key.append([float(f"{10 ** (center + o * step):.4g}") for o in offsets])
-    points = [dict(zip(keys, combo)) for combo in itertools.product(*points_per_key)]
-    return points, borders
+class Outcome:
+    state: str  # queued | running | success | failed
+    value: float | None = None  # the metric, for a success that logged it
 
 
 # --------------------------------------------------------------------------------------------
-# DVC
+# 1) The study
+
+
+def create_sampler(name: str, *, seed: int, trials: int, told: int):
+    """Optuna's sampler by name. `told` trials already in the study shift the seed of the
+    samplers that draw at random, so a resumed study does not repeat its first draws; QMC keeps
+    its seed, since it continues its sequence from the trial count."""
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if name == "tpe":
+        # Few startup trials for small budgets: 10 random ones would be a whole 16-trial study.
+        startup = min(10, max(2, trials // 4))
+        return optuna.samplers.TPESampler(
+            seed=seed + told, n_startup_trials=startup, multivariate=True, group=True
+        )
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(
+            seed=seed,
+            scramble=True,
+            warn_independent_sampling=False,
+            warn_asynchronous_seeding=False,
+        )
+    if name in ("random", "grid"):  # grid: every mesh point is enqueued; random fills no gap
+        return optuna.samplers.RandomSampler(seed=seed + told)
+    raise PipelineError(f"--sampler {name!r}: one of {', '.join(SAMPLERS)}")
+
+
+def open_study(storage: Path, name: str, sampler, *, create: dict | None = None):
+    """Load study `name` from the SQLite file, or create it when `create` (its attributes:
+    space, sampler, target round, metric) is given."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{storage.resolve()}"
+    known = study_names(storage)
+    if name not in known and create is None:
+        raise PipelineError(
+            f"no study {name!r} in {storage}: start one with --param KEY=LOW:HIGH"
+            + (f" (studies there: {', '.join(sorted(known))})" if known else "")
+        )
+    study = optuna.create_study(
+        storage=url, study_name=name, sampler=sampler, direction="maximize", load_if_exists=True
+    )
+    if name not in known:
+        for key, value in {**create, "tag": secrets.token_hex(2)}.items():
+            study.set_user_attr(key, value)
+    return study
+
+
+def study_names(storage: Path) -> set[str]:
+    import optuna
+
+    if not storage.exists():
+        return set()
+    return {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{storage.resolve()}")}
+
+
+def next_study_name(name: str, storage: Path) -> str:
+    """tune -> tune-refine1 -> tune-refine2 ...: the refining studies of one search."""
+    base, known = name.split("-refine")[0], study_names(storage)
+    return next(f"{base}-refine{k}" for k in range(1, 10_000) if f"{base}-refine{k}" not in known)
+
+
+def study_space(study) -> Space:
+    return Space.from_json(study.user_attrs["space"])
+
+
+class Runner(Protocol):
+    """Where trials run: DVC's queue here, in-process training in bench/tune_compare.py."""
+
+    def queue(self, name: str, sets: list[str]) -> None: ...
+
+    def wait(self, names: list[str]) -> dict[str, Outcome]: ...
+
+
+def run_study(study, runner: Runner, *, trials: int, batch: int, fixed: list[str]) -> dict:
+    """Ask, queue, run and tell in batches of `batch` until `trials` trials are told.
+
+    `fixed` assignments go to every experiment (e.g. a short schedule). Returns counts.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    space = study_space(study)
+    done = (TrialState.COMPLETE, TrialState.FAIL)
+    # 1) trials a killed tune left running: told from their experiment, or queued again
+    left = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if left:
+        log.info("resuming: %d trial(s) left running by an earlier tune", len(left))
+        # Optuna returns a parameter already suggested to a trial, so a rebuilt trial keeps
+        # the values it was given and draws only the ones a kill kept it from drawing.
+        rebuilt = [optuna.trial.Trial(study, t._trial_id) for t in left]
+        _run_batch(study, runner, rebuilt, space, fixed, resume=True)
+    # 2) new batches
+    batches = 0
+    while (told := len(study.get_trials(deepcopy=False, states=done))) < trials:
+        asked = [study.ask() for _ in range(min(batch, trials - told))]
+        _run_batch(study, runner, asked, space, fixed, resume=False)
+        batches += 1
+    finished = study.get_trials(deepcopy=False, states=done)
+    return {
+        "told": len(finished),
+        "failed": sum(t.state == TrialState.FAIL for t in finished),
+        "batches": batches,
+    }
+
+
+def experiment_name(study, number: int) -> str:
+    """Unique across studies of the same name (the tag is drawn when the study is created)."""
+    return f"{study.study_name}-{study.user_attrs['tag']}-{number:03d}"
+
+
+def _run_batch(study, runner: Runner, trials: list, space: Space, fixed, *, resume) -> None:
+    from optuna.trial import TrialState
+
+    names = {t.number: experiment_name(study, t.number) for t in trials}
+    known = runner.wait(list(names.values())) if resume else {}
+    for trial in trials:
+        name = names[trial.number]
+        if name in known:  # queued (or finished) before the kill: never queued twice
+            continue
+        # The name is stored before the experiment is queued: a kill in between leaves a
+        # trial whose experiment DVC does not know, and the resume queues it then.
+        trial.set_user_attr("experiment", name)
+        sets = assignments(suggest(trial, space), space) + fixed
+        trial.set_user_attr("sets", sets)
+        runner.queue(name, sets)
+        log.info("trial %d: %s (%s)", trial.number, name, ", ".join(sets))
+    outcomes = runner.wait(list(names.values()))
+    for number, name in names.items():
+        outcome = outcomes.get(name, Outcome("failed"))
+        if outcome.state == "success" and outcome.value is not None:
+            study.tell(number, float(outcome.value), skip_if_finished=True)
+        else:
+            log.warning("trial %d (%s) failed; see `dvc queue logs %s`", number, name, name)
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 2) DVC
 
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -138,54 +221,69 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def queue(points: list[dict[str, float]], *, epochs: int | None, prefix: str) -> list[str]:
-    """Queue one experiment per point; returns the experiment names."""
-    names = []
-    for point in points:
-        sets = [f"{k}={v}" for k, v in point.items()]
-        if epochs:  # a short schedule: exactly these epochs, not stretched to train.min_steps
-            sets += [f"train.epochs={epochs}", "train.min_steps=0"]
-        name = f"{prefix}-{hashlib.sha1(json.dumps(sets).encode()).hexdigest()[:7]}"
-        args = ["exp", "run", "--queue", "-n", name, TARGET]
+class DvcRunner:
+    """Trials as queued DVC experiments of one stage, run by `jobs` queue workers."""
+
+    def __init__(self, stage: str, metrics_path: str, metric: str, jobs: int, poll: float = 3.0):
+        self.stage, self.metrics_path, self.metric = stage, metrics_path, metric
+        self.jobs, self.poll = jobs, poll
+
+    def queue(self, name: str, sets: list[str]) -> None:
+        args = ["exp", "run", "--queue", "-n", name, self.stage]
         for s in sets:
             args += ["-S", s]
         dvc(*args)
-        names.append(name)
-        log.info("queued %s: %s", name, ", ".join(sets))
-    return names
+
+    def wait(self, names: list[str]) -> dict[str, Outcome]:
+        """Start the queue and wait until none of `names` is queued or running; returns the
+        outcome of each of them DVC knows (a name it does not know was never queued)."""
+        started = False
+        while True:
+            shown = json.loads(dvc("exp", "show", "--json").stdout or "[]")
+            outcomes = read_outcomes(shown, self.metrics_path, self.metric)
+            outcomes = {n: outcomes[n] for n in names if n in outcomes}
+            if not any(o.state in ("queued", "running") for o in outcomes.values()):
+                return outcomes
+            if not started:
+                dvc("queue", "start", "-j", str(self.jobs))
+                started = True
+            time.sleep(self.poll)
 
 
-def run_queue(jobs: int, poll: float = 2.0) -> None:
-    """Start the queue with `jobs` workers and wait until it is empty."""
-    dvc("queue", "start", "-j", str(jobs))
-    while True:
-        status = dvc("queue", "status", check=False).stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        time.sleep(poll)
-    failed = [line for line in status.splitlines() if "Failed" in line]
-    if failed:
-        log.warning("%d experiment(s) failed; see `dvc queue logs NAME`", len(failed))
+def read_outcomes(shown: list, metrics_path: str, metric: str) -> dict[str, Outcome]:
+    """Each experiment's state and metric from `dvc exp show --json`.
+
+    A queued or failed experiment carries the baseline's committed metrics file, so only an
+    experiment whose run succeeded (or was run outside the queue) has a score.
+    """
+    out = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            executor = exp.get("executor") or {}
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name")
+                state = "failed" if rev.get("error") else executor.get("state") or "success"
+                metrics = ((rev.get("data") or {}).get("metrics") or {}).get(metrics_path) or {}
+                value = (metrics.get("data") or {}).get(metric) if state == "success" else None
+                out[name] = Outcome(state, value)
+    return out
 
 
-def experiments(metric: str = DEFAULT_METRIC) -> pd.DataFrame:
+def experiments(metric: str = DEFAULT_METRIC, round_name: str = "r000") -> pd.DataFrame:
     """Finished experiments as a table: name, every flattened param, and the metric."""
     shown = json.loads(dvc("exp", "show", "--json").stdout or "[]")
+    outcomes = read_outcomes(shown, metrics_file(round_name), metric)
     rows = []
     for entry in shown:
         for exp in entry.get("experiments") or []:
             for rev in exp.get("revs") or []:
-                data = rev.get("data") or {}
-                metrics = (data.get("metrics") or {}).get(METRICS_FILE, {}).get("data", {})
-                if metric not in metrics:
+                name = rev.get("name") or exp.get("name")
+                outcome = outcomes.get(name)
+                if outcome is None or outcome.value is None:
                     continue
-                params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
+                params = ((rev.get("data") or {}).get("params") or {}).get("params.yaml", {})
                 rows.append(
-                    {
-                        "name": rev.get("name") or exp.get("name"),
-                        **_flatten(params),
-                        metric: metrics[metric],
-                    }
+                    {"name": name, **_flatten(params.get("data", {})), metric: outcome.value}
                 )
     return pd.DataFrame(rows)
 
@@ -201,20 +299,67 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Report and apply
+# 3) Report and apply
 
 
-def write_report(
-    results: pd.DataFrame, keys: list[str], metric: str, out_dir: Path
-) -> pd.DataFrame:
-    """Write tune.csv and a heat map of the metric over the first two keys; return the table."""
-    table = (
-        results[["name", *keys, metric]].sort_values(metric, ascending=False).reset_index(drop=True)
-    )
+def trials_table(study) -> pd.DataFrame:
+    """One row per trial: number, experiment, state, the metric and every parameter (best
+    first; failed and unfinished trials last)."""
+    metric = study.user_attrs.get("metric", DEFAULT_METRIC)
+    keys = study_space(study).keys
+    rows = [
+        {
+            "trial": t.number,
+            "name": t.user_attrs.get("experiment", ""),
+            "state": t.state.name.lower(),
+            **{k: t.params.get(k) for k in keys},
+            metric: t.value,
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
+    table = pd.DataFrame(rows, columns=["trial", "name", "state", *keys, metric])
+    return table.sort_values(metric, ascending=False, na_position="last").reset_index(drop=True)
+
+
+def write_report(study, out_dir: Path) -> pd.DataFrame:
+    """tune.csv, importances.json, and Optuna's plots: optimization history, parameter
+    importances, slice and contour over the two most important parameters (heatmap.png as
+    before when two numeric parameters are tuned). Returns the table."""
+    import optuna
+    from optuna.trial import TrialState
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    table = trials_table(study)
+    metric = table.columns[-1]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    space = study_space(study)
+    importances = {}
+    if len(complete) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as exc:  # e.g. one distinct value per parameter
+            log.warning("parameter importances skipped: %s", exc)
+    top = list(importances)[:2] or space.keys[:2]
+    plt = report.pyplot()
+    vis = optuna.visualization.matplotlib
+    plots = {"history.png": lambda: vis.plot_optimization_history(study)}
+    if importances:
+        plots["importances.png"] = lambda: vis.plot_param_importances(study)
+    if complete:
+        plots["slice.png"] = lambda: vis.plot_slice(study, params=top)
+    if len(top) == 2 and len(complete) >= 2:
+        plots["contour.png"] = lambda: vis.plot_contour(study, params=top)
     with atomic_dir(out_dir) as tmp:
         write_table(tmp / "tune.csv", table)
-        if len(keys) >= 2:
-            plot_heatmap(tmp / "heatmap.png", table, keys[:2], metric)
+        (tmp / "importances.json").write_text(json.dumps(importances, indent=2) + "\n")
+        for file, draw in plots.items():
+            axes = np.ravel(draw())
+            axes[0].figure.savefig(tmp / file, dpi=90, bbox_inches="tight")
+            plt.close(axes[0].figure)
+        numeric = [d.key for d in space.dims if d.numeric and d.log][:2]
+        done = table[table["state"] == "complete"].dropna(subset=numeric)
+        if len(numeric) == 2 and len(done):
+            plot_heatmap(tmp / "heatmap.png", done, numeric, metric)
     return table
 
 
@@ -231,7 +376,7 @@ def plot_heatmap(path: Path, table: pd.DataFrame, keys: list[str], metric: str) 
     on_border = (x == x.min()) | (x == x.max()) | (y == y.min()) | (y == y.max())
     if on_border.iloc[0]:
         ax.annotate(
-            "best lies on the border:\nrefine will extend the mesh",
+            "best lies on the border:\nrefine will extend the range",
             (best[keys[0]], best[keys[1]]),
             textcoords="offset points",
             xytext=(10, 10),
@@ -256,9 +401,11 @@ def plot_heatmap(path: Path, table: pd.DataFrame, keys: list[str], metric: str) 
     plt.close(fig)
 
 
-def apply(name: str, keys: list[str], params_path: Path, metric: str = DEFAULT_METRIC) -> dict:
+def apply(
+    name: str, keys: list[str], params_path: Path, metric: str = DEFAULT_METRIC, round_name="r000"
+) -> dict:
     """Write experiment `name`'s values of `keys` into params.yaml (comments kept)."""
-    results = experiments(metric)
+    results = experiments(metric, round_name)
     match = results[results["name"] == name] if len(results) else results
     if match.empty:
         known = ", ".join(results["name"]) if len(results) else "none"
@@ -279,7 +426,7 @@ def apply(name: str, keys: list[str], params_path: Path, metric: str = DEFAULT_M
 
 
 # --------------------------------------------------------------------------------------------
-# Ensembles across runs
+# 4) Ensembles across runs
 
 
 def fetch_models(
