@@ -42,24 +42,6 @@ from pipeline.io import read_table, write_table  # noqa: E402
 ARMS = ("none", "queue", "random")
 
 
-def pseudo_round(
-    work: Path, name: str, pool: str, previous: str, pseudo_in: Path, params, overrides=None
-):
-    metrics = pseudolabel.run(
-        round_name=name,
-        pool=pool,
-        data_dir=work / "data",
-        model_dir=work / previous / "model",
-        ingest_dir=work / "ingest",
-        pseudo_in=pseudo_in,
-        out_dir=work / name / "pseudo",
-        report_dir=work / name / "pseudo_report",
-        params=params,
-        overrides_path=overrides,
-    )
-    return work / name / "pseudo", metrics
-
-
 def one_seed(seed: int, answers: int, overrides: dict) -> dict:
     params = load_params(
         ROOT / "params.yaml", {**outcome.REGIMES["low-label"], **overrides, "base.seed": seed}
@@ -73,7 +55,7 @@ def one_seed(seed: int, answers: int, overrides: dict) -> dict:
         r000 = work / "r000" / "pseudo"
         pseudolabel.init_pseudo(r000, params.base)
         outcome.train_and_test(work, "r000", train_csv, val_csv, params, None)
-        r001, _ = pseudo_round(work, "r001", "pool_001", "r000", r000, params)
+        r001, _ = outcome.pseudo_round(work, "r001", "pool_001", "r000", r000, params)
         first = outcome.train_and_test(work, "r001", train_csv, val_csv, params, r001)
 
         truth = read_table(data / "truth.csv").set_index("path")["true_label"]
@@ -95,7 +77,7 @@ def one_seed(seed: int, answers: int, overrides: dict) -> dict:
             paths = picks[arm]
             write_table(answered, pd.DataFrame({"path": paths, "label": [truth[p] for p in paths]}))
             name = f"r002_{arm}"
-            pseudo, metrics = pseudo_round(
+            pseudo, metrics = outcome.pseudo_round(
                 work, name, "pool_002", "r001", r001, params, overrides=answered
             )
             figures = outcome.train_and_test(work, name, train_csv, val_csv, params, pseudo)

@@ -124,6 +124,26 @@ def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo
     }
 
 
+def pseudo_round(
+    work: Path, name: str, pool: str, previous: str, pseudo_in: Path, params, overrides=None
+) -> tuple[Path, dict]:
+    """Round `name`'s pseudolabel stage as `dvc repro` runs it: the `previous` round's model
+    re-scores every pool so far plus `pool`; returns (its pseudo-label set, its metrics)."""
+    metrics = pseudolabel.run(
+        round_name=name,
+        pool=pool,
+        data_dir=work / "data",
+        model_dir=work / previous / "model",
+        ingest_dir=work / "ingest",
+        pseudo_in=pseudo_in,
+        out_dir=work / name / "pseudo",
+        report_dir=work / name / "pseudo_report",
+        params=params,
+        overrides_path=overrides,
+    )
+    return work / name / "pseudo", metrics
+
+
 def baseline_tables(work: Path) -> dict[str, tuple[Path, Path]]:
     """(train, val) tables of the noisy and true baselines: the clean stage's validation rows
     are held out of both, so every model is ranked on the same rows."""
@@ -176,18 +196,7 @@ def one_seed(regime: str, seed: int, overrides: dict) -> dict:
         pools = sorted(p.name for p in (data / "unlabeled").iterdir())
         for index, pool in enumerate(pools, start=1):
             name, previous = f"r{index:03d}", f"r{index - 1:03d}"
-            pm = pseudolabel.run(
-                round_name=name,
-                pool=pool,
-                data_dir=data,
-                model_dir=work / previous / "model",
-                ingest_dir=work / "ingest",
-                pseudo_in=pseudo_in,
-                out_dir=work / name / "pseudo",
-                report_dir=work / name / "pseudo_report",
-                params=params,
-            )
-            pseudo_in = work / name / "pseudo"
+            pseudo_in, pm = pseudo_round(work, name, pool, previous, pseudo_in, params)
             figures = train_and_test(work, name, train_csv, val_csv, params, pseudo_in)
             figures.update(
                 pseudo_share=pm["accepted"] / max(pm["candidates"], 1),

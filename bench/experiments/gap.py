@@ -59,7 +59,9 @@ def one_seed(seed: int) -> dict:
         train_csv, val_csv = work / "clean" / "train.csv", work / "clean" / "val.csv"
 
         def test_of(name, table, pseudo=None):
-            return round(outcome.train_and_test(work, name, table, val_csv, params, pseudo)["test"], 4)
+            return round(
+                outcome.train_and_test(work, name, table, val_csv, params, pseudo)["test"], 4
+            )
 
         out = {
             "seed": seed,
@@ -74,18 +76,7 @@ def one_seed(seed: int) -> dict:
         pools = sorted(p.name for p in (data / "unlabeled").iterdir())
         for index, pool in enumerate(pools, start=1):
             name, previous = f"r{index:03d}", f"r{index - 1:03d}"
-            pseudolabel.run(
-                round_name=name,
-                pool=pool,
-                data_dir=data,
-                model_dir=work / previous / "model",
-                ingest_dir=work / "ingest",
-                pseudo_in=pseudo_in,
-                out_dir=work / name / "pseudo",
-                report_dir=work / name / "pseudo_report",
-                params=params,
-            )
-            pseudo_in = work / name / "pseudo"
+            pseudo_in, _ = outcome.pseudo_round(work, name, pool, previous, pseudo_in, params)
             out[name] = test_of(name, train_csv, pseudo_in)
         out["last, true human rows"] = test_of("true_human", true_all, pseudo_in)
         ceiling = outcome.ceiling_pseudo(work, pseudo_in)
