@@ -24,7 +24,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils import get_total_norm
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
@@ -70,6 +69,17 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
     return sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
 
 
+def gradient_norm(model: nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients, on the device. Only read: clip_grad_norm_(inf) would
+    also rescale every gradient by 1.0, a second pass over them each step."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Batches,
@@ -108,10 +118,7 @@ def train_one_epoch(
         objective = loss + cfg.l1 * l1_penalty(model) if cfg.l1 > 0 else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
-        # the norm alone: clip_grad_norm_ would also rescale every gradient by 1.0
-        grad_norms.append(
-            get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-        )
+        grad_norms.append(gradient_norm(model))
         if step == last:  # update-to-weight ratio, measured on the last step of the epoch
             before = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim > 1}
         optimizer.step()
