@@ -46,7 +46,8 @@ SECTIONS = ("ingest", "train", "stages", "clean", "files", "dvc")
 
 
 def measured(cmd: list[str], cwd: Path) -> dict:
-    """Run cmd; its wall seconds and its own peak RSS (os.wait4: this child only)."""
+    """Run cmd; its wall seconds, its own peak RSS (os.wait4: this child only) and the CPU
+    seconds of it and every process it waited for (torchrun's workers too)."""
     log = tempfile.TemporaryFile()
     start = time.perf_counter()
     proc = subprocess.Popen(
@@ -57,7 +58,11 @@ def measured(cmd: list[str], cwd: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         log.seek(0)
         raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read().decode()[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {
+        "seconds": seconds,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+    }
 
 
 def script(name: str, *args: str, results: Path) -> list:

@@ -9,7 +9,8 @@ Writes  <out>/train.csv        the cleaned training table the train stage reads
                                every row; the K-fold's when clean.recheck_steps is 0)
         <out>/metrics.json     issues per type, noise estimate, label health, truth precision/recall
         <out>/report.html      gallery of flagged samples, worst first
-Params  base, clean (its own short K-fold recipe), train.model (the model family), augment
+Params  base, clean (its own short K-fold recipe; clean.nproc > 1 spreads the folds over that many
+        processes under torchrun), train.model (the model family), augment
 
 The validation split is carved from the human-labeled rows *before* cleaning (stratified,
 seeded, `clean.val_fraction` with at least `clean.val_min_per_class` per class), so it is the
@@ -30,6 +31,7 @@ by default, as on validation it tied on digits and lost on colour photos.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ from sklearn.neighbors import NearestNeighbors
 from tqdm import tqdm
 
 from pipeline import report
-from pipeline.config import Params, TrainConfig, to_dict
+from pipeline.config import Params, TrainConfig, parse, to_dict
 from pipeline.device import pick_device
 from pipeline.ensemble import predict_proba
 from pipeline.errors import PipelineError
@@ -64,6 +66,7 @@ from pipeline.io import (
 )
 from pipeline.loop import fit
 from pipeline.model import build_model
+from pipeline.processes import job_folder, part_of, spread
 from pipeline.quality import checks_for, image_issues
 
 log = logging.getLogger(__name__)
@@ -92,9 +95,20 @@ def recipe(params: Params, min_steps: int) -> TrainConfig:
 
 
 def kfold_pred_probs(
-    images: np.ndarray, labels: np.ndarray, n_classes: int, params: Params, classes: list[str]
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    params: Params,
+    classes: list[str],
+    *,
+    beside: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """pred_probs (N, K) and embeddings (N, D), each row from the fold model that never saw it."""
+    """pred_probs (N, K) and embeddings (N, D), each row from the fold model that never saw it.
+
+    With clean.nproc > 1 the folds run in that many processes under torchrun (fold f in process
+    f mod nproc: kfold_part), each seeded and trained as here, so on a CPU the numbers are the
+    same bit for bit (given the same threads per process). Their job folder goes beside `beside`.
+    """
     folds = params.clean.folds
     counts = np.bincount(labels, minlength=n_classes)
     if counts.min() < folds:
@@ -102,17 +116,52 @@ def kfold_pred_probs(
             f"class {classes[int(counts.argmin())]!r} has {int(counts.min())} labeled images, "
             f"fewer than clean.folds ({folds}): lower clean.folds or add images to that class"
         )
+    splits = fold_splits(labels, params)
+    nproc = min(params.clean.nproc, folds)
+    if nproc > 1:
+        with job_folder(beside) as job:
+            np.save(job / "images.npy", images)
+            np.save(job / "labels.npy", labels)
+            write_json(job / "job.json", {"params": to_dict(params), "classes": classes})
+            spread(nproc, "kfold-part", job, "the clean stage's K-fold")
+            results = [read_npz(job / f"fold-{fold:03d}.npz") for fold in range(folds)]
+    else:
+        results = fold_predictions(images, labels, splits, range(folds), params, classes)
+    pred_probs = np.zeros((len(labels), n_classes), np.float32)
+    embeddings = None
+    for (_, held_idx), (probs, feats) in zip(splits, results):
+        pred_probs[held_idx] = probs
+        if embeddings is None:
+            embeddings = np.zeros((len(labels), feats.shape[1]), np.float32)
+        embeddings[held_idx] = feats
+    return pred_probs, embeddings
+
+
+def fold_splits(labels: np.ndarray, params: Params) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(training rows, held-out rows) of each fold: stratified, seeded by base.seed."""
+    splitter = StratifiedKFold(
+        n_splits=params.clean.folds, shuffle=True, random_state=params.base.seed
+    )
+    return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+def fold_predictions(
+    images: np.ndarray,
+    labels: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    folds: range,
+    params: Params,
+    classes: list[str],
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """For each fold in `folds`: a model trained on its training rows, then its (probs (H, K),
+    embeddings (H, D)) for the H rows it held out. Each fold is seeded by its number alone."""
     device = pick_device()
     augmentation = training_augmentation(params.augment, params.base, classes, device)
     fold_recipe = recipe(params, params.clean.min_steps)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=params.base.seed)
-    pred_probs = np.zeros((len(labels), n_classes), np.float32)
-    embeddings = None
-    for fold, (train_idx, held_idx) in enumerate(
-        tqdm(list(splitter.split(np.zeros(len(labels)), labels)), desc="clean: K-fold", unit="fold")
-    ):
+    for fold in tqdm(folds, desc="clean: K-fold", unit="fold"):
+        train_idx, held_idx = splits[fold]
         torch.manual_seed(params.base.seed + fold)
-        model = build_model(params.train.model, params.base.channels, n_classes)
+        model = build_model(params.train.model, params.base.channels, len(classes))
         fit(
             model,
             Samples(images[train_idx], labels[train_idx]),
@@ -121,14 +170,29 @@ def kfold_pred_probs(
             seed=params.base.seed + fold,
             device=device,
             augmentation=augmentation,
-            desc=f"  fold {fold + 1}/{folds}",
+            desc=f"  fold {fold + 1}/{params.clean.folds}",
         )
-        probs, feats = predict_proba([model], images[held_idx], device, embeddings=True)
-        pred_probs[held_idx] = probs
-        if embeddings is None:
-            embeddings = np.zeros((len(labels), feats.shape[1]), np.float32)
-        embeddings[held_idx] = feats
-    return pred_probs, embeddings
+        yield predict_proba([model], images[held_idx], device, embeddings=True)
+
+
+def kfold_part(job: Path) -> None:
+    """Under torchrun: folds rank, rank + world, ... of kfold_pred_probs, each saved as
+    job/fold-<f>.npz for the launching process."""
+    with part_of(job) as (rank, world):
+        spec = read_json(job / "job.json")
+        params = parse(Params, spec["params"], "params")
+        images = np.load(job / "images.npy", mmap_mode="r")
+        labels = np.load(job / "labels.npy")
+        mine = range(rank, params.clean.folds, world)
+        splits = fold_splits(labels, params)
+        results = fold_predictions(images, labels, splits, mine, params, spec["classes"])
+        for fold, (probs, feats) in zip(mine, results):
+            np.savez(job / f"fold-{fold:03d}.npz", probs=probs, embeddings=feats)
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as saved:
+        return saved["probs"], saved["embeddings"]
 
 
 def second_opinion(
@@ -463,7 +527,7 @@ def run(
 
     # Out-of-sample probabilities, with the augmentation policy the final model will use.
     pred_probs, kfold_embeddings = kfold_pred_probs(
-        train_images, labels, len(classes), params, classes
+        train_images, labels, len(classes), params, classes, beside=out_dir
     )
     found = find_issues(labels, pred_probs, filter_by=params.clean.filter_by)
     policy, guard = guarded_policy(labels, pred_probs, cfg.policy, cfg.max_noise_rate)

@@ -133,8 +133,8 @@ def train(
 ) -> dict:
     """Train the residual CNN; keep the top-k checkpoints as an ensemble; resume after a crash."""
     from pipeline import train as stage
-    from pipeline.feed import launch
     from pipeline.io import read_json
+    from pipeline.processes import launch
 
     loaded = load_params(params)
     if loaded.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
@@ -176,6 +176,25 @@ def evaluate(
     return stage.run(
         model, ingest_dir, train_report, out, load_params(params), round_name, data_dir
     )
+
+
+JobArg = Annotated[Path, typer.Argument(help="job folder the launching process wrote")]
+
+
+@app.command("kfold-part", hidden=True)
+def kfold_part(job: JobArg) -> None:
+    """One process's folds of the clean stage's K-fold (clean.nproc > 1), under torchrun."""
+    from pipeline.clean import kfold_part as part
+
+    part(job)
+
+
+@app.command("predict-part", hidden=True)
+def predict_part(job: JobArg) -> None:
+    """One process's block of images to predict (evaluate.nproc, pseudolabel.nproc > 1)."""
+    from pipeline.ensemble import predict_part as part
+
+    part(job)
 
 
 @app.command("show-errors")

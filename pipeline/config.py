@@ -269,6 +269,7 @@ class CleanConfig:
     outlier_quantile: float = num(0.01, 0.0, 0.5)  # lowest outlier scores flagged
     quality: QualityConfig = field(default_factory=QualityConfig)
     gallery_size: int = num(200, 1, 100000)
+    nproc: int = num(1, 1, 64)  # processes under torchrun the K-fold's folds are spread over
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,7 @@ class EvaluateConfig:
     calibration_bins: int = num(10, 2, 100)
     slice_bins: int = num(4, 2, 20)
     gallery_size: int = num(200, 1, 100000)
+    nproc: int = num(1, 1, 64)  # processes under torchrun predicting the test images
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,7 @@ class PseudolabelConfig:
     agreement: bool = False  # every ensemble member must predict the same class
     gallery_size: int = num(60, 1, 10000)
     queue_size: int = num(50, 0, 100000)  # to_label.csv: pool images most worth a human label
+    nproc: int = num(1, 1, 64)  # processes under torchrun predicting the pool images
 
 
 @dataclass(frozen=True)

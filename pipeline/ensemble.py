@@ -2,6 +2,8 @@
 
 Shared by train (writes it), evaluate, pseudolabel, tune (read it) and clean (predicts with its
 K-fold models). Checkpoints load with weights_only=True: a pickled object is refused.
+`predict_packed` predicts over a packed image folder in one process or, spread by
+pipeline/processes.py, in several (evaluate.nproc, pseudolabel.nproc).
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from pipeline.calibration import apply_temperature
 from pipeline.config import ModelConfig, parse
 from pipeline.device import pick_device, to_input
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, read_json
+from pipeline.io import Rows, atomic_path, read_array, read_json, write_json
 from pipeline.model import ResNet, build_model
+from pipeline.processes import block, job_folder, part_of, spread
+
+PREDICT_BATCH = 1024  # images per forward pass when predicting
 
 
 @torch.inference_mode()
@@ -28,7 +33,7 @@ def predict_proba(
     models: list[nn.Module],
     images: np.ndarray,
     device: torch.device,
-    batch_size: int = 1024,
+    batch_size: int = PREDICT_BATCH,
     *,
     members: bool = False,
     embeddings: bool = False,
@@ -94,6 +99,7 @@ class Ensemble:
     models: list[ResNet]
     classes: list[str]
     info: dict
+    folder: Path | None = None  # where load_ensemble read it: processes that predict load it there
 
     @property
     def temperature(self) -> float:
@@ -127,4 +133,73 @@ def load_ensemble(model_dir: Path) -> Ensemble:
         model = build_model(cfg, info["channels"], len(info["classes"]))
         model.load_state_dict(ckpt["state_dict"])
         models.append(model)
-    return Ensemble(models, info["classes"], info)
+    return Ensemble(models, info["classes"], info, model_dir)
+
+
+def predict_packed(
+    ensemble: Ensemble,
+    images: Path,
+    rows: np.ndarray | None = None,
+    *,
+    nproc: int = 1,
+    beside: Path | None = None,
+    batch_size: int = PREDICT_BATCH,
+    calibrated: bool = True,
+    members: bool = False,
+    embeddings: bool = False,
+):
+    """Ensemble.predict over a packed image folder, or its `rows`, streamed: probs (N, K), and
+    with members (M, N, K), with embeddings (N, D).
+
+    With nproc > 1, as many processes under torchrun each predict a contiguous block of whole
+    batches (processes.block) and this process gathers them: the batches one process makes, so
+    on a CPU the same numbers bit for bit. Their job folder is made beside `beside` (a path in
+    the stage's own output folder), else in the temp folder.
+    """
+    packed = read_array(images)
+    view = packed if rows is None else Rows(packed, rows)
+    options = {"calibrated": calibrated, "members": members, "embeddings": embeddings}
+    nproc = min(nproc, -(-len(view) // batch_size))  # a process per batch at most
+    if nproc <= 1:
+        return ensemble.predict(view, batch_size=batch_size, **options)
+    if ensemble.folder is None:
+        raise ValueError("several processes load the ensemble: use one from load_ensemble")
+    with job_folder(beside) as job:
+        if rows is not None:
+            np.save(job / "rows.npy", np.asarray(rows, np.int64))
+        write_json(
+            job / "job.json",
+            {"model": str(ensemble.folder), "images": str(images), "batch_size": batch_size}
+            | options,
+        )
+        spread(nproc, "predict-part", job, "prediction")
+        parts = []
+        for rank in range(nproc):
+            with np.load(job / f"part-{rank:03d}.npz") as part:
+                parts.append({name: part[name] for name in part.files})
+        out = [np.concatenate([p["probs"] for p in parts])]
+        if members:  # (M, N, K): rows are the second axis
+            out.append(np.concatenate([p["members"] for p in parts], axis=1))
+        if embeddings:
+            out.append(np.concatenate([p["embeddings"] for p in parts]))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def predict_part(job: Path) -> None:
+    """One process's block of predict_packed's rows, saved as job/part-<rank>.npz."""
+    with part_of(job) as (rank, world):
+        spec = read_json(job / "job.json")
+        packed = read_array(spec["images"])
+        rows = np.load(job / "rows.npy") if (job / "rows.npy").is_file() else np.arange(len(packed))
+        mine = rows[block(len(rows), spec["batch_size"], rank, world)]
+        out = load_ensemble(Path(spec["model"])).predict(
+            Rows(packed, mine),
+            pick_device(),
+            calibrated=spec["calibrated"],
+            members=spec["members"],
+            embeddings=spec["embeddings"],
+            batch_size=spec["batch_size"],
+        )
+        names = ["probs"] + [k for k in ("members", "embeddings") if spec[k]]
+        arrays = dict(zip(names, out if isinstance(out, tuple) else (out,)))
+        np.savez(job / f"part-{rank:03d}.npz", **arrays)

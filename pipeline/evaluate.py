@@ -9,7 +9,8 @@ Writes  <out>/metrics.json      accuracy, macro-F1, balanced accuracy, top-k, EC
         <out>/slices.csv        accuracy by image property bins and by quality flag
         <out>/confusion.png, reliability.png
         <out>/report.html       the misclassified-sample report
-Params  base, clean (quality thresholds), evaluate
+Params  base, clean (quality thresholds), evaluate (evaluate.nproc > 1: the test images are
+        predicted by that many processes under torchrun, pipeline/ensemble.py: predict_packed)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sklearn.metrics import (
 from pipeline import report
 from pipeline.calibration import apply_temperature, expected_calibration_error
 from pipeline.config import Params, to_dict
-from pipeline.ensemble import load_ensemble
+from pipeline.ensemble import load_ensemble, predict_packed
 from pipeline.errors import PipelineError
 from pipeline.images import thumbnail
 from pipeline.io import (
@@ -198,10 +199,18 @@ def run(
     if test.empty:
         raise PipelineError(f"{ingest_dir}/manifest.csv has no test images to evaluate on")
     # a lazy view: prediction and image checks read it a chunk at a time (flat memory)
-    test_images = Rows(read_array(ingest_dir / "images"), test["row"].astype(int).to_numpy())
+    rows = test["row"].astype(int).to_numpy()
+    test_images = Rows(read_array(ingest_dir / "images"), rows)
     labels = test["label"].map(classes.index).to_numpy(np.int64)
 
-    raw = ensemble.predict(test_images, calibrated=False)
+    raw = predict_packed(
+        ensemble,
+        ingest_dir / "images",
+        rows,
+        nproc=params.evaluate.nproc,
+        beside=out_dir,
+        calibrated=False,
+    )
     probs = apply_temperature(raw, ensemble.temperature)
     predicted = probs.argmax(1)
     order = np.argsort(-probs, axis=1)

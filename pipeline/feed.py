@@ -5,7 +5,8 @@ backends, each turning a set of samples into one epoch of (x, y) batches on the 
   DataLoader workers or in this process;
 - TensorFeed: the same policy as batched tensor operations (augment.backend: gpu, see
   pipeline/gpu_augment.py), the whole set held where the model is when it fits;
-- under torchrun (train.nproc > 1) each process takes its Shard of every epoch.
+- under torchrun (train.nproc > 1) each process takes its Shard of every epoch (the command
+  relaunches itself with pipeline/processes.py: launch).
 """
 
 from __future__ import annotations
@@ -64,24 +65,6 @@ def distributed(device: torch.device) -> Iterator[Shard]:
         yield shard
     finally:
         dist.destroy_process_group()
-
-
-def launch(nproc: int, argv: list[str]) -> None:
-    """Run `python -m pipeline <argv>` again as `nproc` processes under torchrun --standalone."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser
-    from torch.distributed.run import run as torchrun
-
-    args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc_per_node={nproc}", "--module", "pipeline", *argv]
-    )
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # workers say why
-    try:
-        torchrun(args)
-    except ChildFailedError:
-        raise PipelineError(
-            f"training under torchrun ({nproc} processes) failed: the first error above says why"
-        ) from None
 
 
 def epoch_order(n: int, seed: int, shard: Shard) -> torch.Tensor:

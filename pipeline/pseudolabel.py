@@ -10,7 +10,8 @@ Writes  <out>/table.csv + images/   every pool image so far (eligible ones), its
         <report>/metrics.json, candidates.csv, quarantine.csv, confidence.png, report.html,
         <report>/to_label.csv   the pool images most worth a human label (labeling_queue), with
                                 an empty label column for `python -m pipeline add-labels`
-Params  base, ingest.max_image_pixels, ingest.shard_mib, pseudolabel
+Params  base, ingest.max_image_pixels, ingest.shard_mib, pseudolabel (pseudolabel.nproc > 1: the
+        pool images are predicted by that many processes under torchrun, ensemble.predict_packed)
 
 Round k's set comes from the pools of rounds <= k, predicted by round k-1's model, which
 trained on the set before: an image rejected before may join, and an accepted label the new model no longer supports (another class, or under the
@@ -32,7 +33,7 @@ import pandas as pd
 
 from pipeline import report
 from pipeline.config import BaseConfig, Params, PseudolabelConfig, to_dict
-from pipeline.ensemble import load_ensemble
+from pipeline.ensemble import load_ensemble, predict_packed
 from pipeline.errors import PipelineError
 from pipeline.images import thumbnail
 from pipeline.inputs import (
@@ -375,8 +376,9 @@ def run(
         for start in range(0, len(new_rows), CHUNK):
             writer.extend(new_images[new_rows[start : start + CHUNK]])
         writer.close()
-        images = read_array(tmp / "images")
-        probs, member_probs, embeddings = ensemble.predict(images, members=True, embeddings=True)
+        probs, member_probs, embeddings = predict_packed(
+            ensemble, tmp / "images", nproc=cfg.nproc, beside=out_dir, members=True, embeddings=True
+        )
         probs = probs.astype(np.float64)  # bars and confidences compare equal once written
         labeled_share = (
             manifest.loc[manifest["split"] == "train", "label"]
