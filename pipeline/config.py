@@ -212,6 +212,12 @@ class TrainConfig:
     # which blends pairs of images and their labels; both keep a model from memorizing a label.
     label_smoothing: float = num(0.0, 0.0, 0.5)
     mixup: float = num(0.4, 0.0, 10.0)  # Beta(a, a) mixing weights; 0 = off
+    # FixMatch on the pool images the pseudo-label set leaves out (pipeline/consistency.py):
+    # the weight of its loss (0 = off), the confidence its targets need, and unlabeled images
+    # per labeled image in a step.
+    unlabeled_weight: float = num(0.0, 0.0, 100.0)
+    unlabeled_threshold: float = prob(0.95)
+    unlabeled_ratio: int = num(1, 1, 16)
     batch_size: int = num(64, 1, 65536)
     epochs: int = num(20, 1, 10000)
     # At least this many optimizer steps in all: a small set is passed over several times per

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +80,20 @@ def gradient_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
+def consistency_loss(
+    model: nn.Module, strong_logits: torch.Tensor, weak: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabeled loss: cross-entropy of the strong view against the model's own
+    confident prediction of the weak view (no gradient through the target). Returns (loss,
+    share of the batch confident enough to count)."""
+    with torch.no_grad():
+        probs = F.softmax(model(weak).float(), dim=1)
+        confidence, target = probs.max(1)
+        mask = (confidence >= threshold).float()
+    per_image = F.cross_entropy(strong_logits.float(), target, reduction="none")
+    return (per_image * mask).mean(), mask.mean()
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Batches,
@@ -88,17 +102,21 @@ def train_one_epoch(
     device: torch.device,
     *,
     net: nn.Module | None = None,
+    unlabeled: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict:
     """One pass over `batches`; returns loss, accuracy, mean gradient norm, update ratios.
 
     `net` runs the forward pass when it differs from `model` (DistributedDataParallel or
-    torch.compile around it). Figures stay on the device until the epoch ends: no step waits
-    for the GPU. Under torchrun, loss and accuracy are summed over every process.
+    torch.compile around it). With `unlabeled` (weak and strong views of pool images, one pair
+    per step), FixMatch's consistency loss is added (pipeline/consistency.py). Figures stay on
+    the device until the epoch ends: no step waits for the GPU. Under torchrun, loss and
+    accuracy are summed over every process.
     """
     net = model if net is None else net
     net.train()
     use_amp = device.type == "cuda"
     sums = torch.zeros(2, device=device)  # loss * n, correct
+    consistency = torch.zeros(2, device=device)  # summed over steps: unlabeled loss, mask share
     seen, grad_norms = 0, []
     last = len(batches) - 1
     ratios: dict[str, float] = {}
@@ -109,13 +127,25 @@ def train_one_epoch(
             partner = torch.randperm(len(y)).to(device)
             x = share * x + (1 - share) * x[partner]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits = net(x)
+            if unlabeled is None:
+                logits = net(x)
+            else:  # one forward pass over both: batch norm sees labeled and unlabeled alike
+                weak, strong = next(unlabeled)
+                logits, strong_logits = net(torch.cat([x, strong])).split([len(x), len(strong)])
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if mix is not None:
                 loss = share * loss + (1 - share) * F.cross_entropy(
                     logits, y[partner], label_smoothing=cfg.label_smoothing
                 )
-        objective = loss + cfg.l1 * l1_penalty(model) if cfg.l1 > 0 else loss
+            objective = loss
+            if unlabeled is not None:
+                unlabeled_loss, confident = consistency_loss(
+                    model, strong_logits, weak, cfg.unlabeled_threshold
+                )
+                objective = objective + cfg.unlabeled_weight * unlabeled_loss
+                consistency += torch.stack([unlabeled_loss.detach(), confident])
+        if cfg.l1 > 0:
+            objective = objective + cfg.l1 * l1_penalty(model)
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         grad_norms.append(gradient_norm(model))
@@ -138,12 +168,16 @@ def train_one_epoch(
         raise PipelineError(
             f"training diverged (loss is {total_loss / max(seen, 1)}): lower train.lr (it is {cfg.lr})"
         )
-    return {
+    record = {
         "train_loss": total_loss / max(seen, 1),
         "train_acc": correct / max(seen, 1),
         "grad_norm": torch.stack(grad_norms).mean().item() if grad_norms else 0.0,
         "update_ratio": ratios,
     }
+    if unlabeled is not None:  # this process's means (the first process's are recorded)
+        unlabeled_loss, confident = (consistency / max(len(grad_norms), 1)).tolist()
+        record.update(unlabeled_loss=unlabeled_loss, unlabeled_confident=confident)
+    return record
 
 
 @torch.inference_mode()
@@ -177,6 +211,7 @@ def fit(
     seed: int,
     device: torch.device,
     augmentation: Augmentation = None,
+    unlabeled=None,  # pipeline.consistency.UnlabeledFeed (not imported: K-folds never use it)
     state_dir: Path | None = None,
     fingerprint: str = "",
     desc: str = "train",
@@ -184,6 +219,8 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train for cfg.epochs (or `epochs`), early-stopping on `val`; keeps the top-k in state_dir.
+    With `unlabeled` (and cfg.unlabeled_weight > 0), every step adds FixMatch's consistency loss
+    on a batch of its images.
 
     With state_dir, every epoch saves a resumable state there; a later call with the same
     fingerprint continues after the last finished epoch. Under torchrun every process trains
@@ -238,7 +275,12 @@ def fit(
         # 2) train, 3) validate, 4) diagnose
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         batches = epoch_batches(feed, seed * 7919 + epoch, passes)
-        record.update(train_one_epoch(model, batches, optimizer, cfg, device, net=net))
+        views = None
+        if unlabeled is not None and len(unlabeled) and cfg.unlabeled_weight > 0:
+            views = unlabeled.epoch(seed * 7919 + epoch + 104_729 * (shard.rank + 1))
+        record.update(
+            train_one_epoch(model, batches, optimizer, cfg, device, net=net, unlabeled=views)
+        )
         if lead:
             if val is not None and len(val):
                 record.update(evaluate([model], val, device))

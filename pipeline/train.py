@@ -2,7 +2,8 @@
 
 Reads   the cleaned training table and the validation table (clean stage) + packed images,
         classes.json, the augment stage's policy, the round's pseudo-label input folder
-        (table.csv + images/: the accepted rows are trained on; none in r000)
+        (table.csv + images/: the accepted rows are trained on, the rest through FixMatch's
+        consistency loss, pipeline/consistency.py; none in r000)
 Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at prediction,
                                               and the temperature fitted on validation
         <report>/diagnostics.json, diagnostics.png, warnings.json, config.json, per_class.csv
@@ -35,6 +36,7 @@ from pipeline.calibration import (
     nll,
 )
 from pipeline.config import AugmentConfig, Params, parse, to_dict
+from pipeline.consistency import UnlabeledFeed
 from pipeline.device import pick_device
 from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
@@ -65,10 +67,12 @@ def load_training_samples(
     classes: list[str],
     pseudo_dir: Path | None,
     augment_dir: Path | None,
-) -> tuple[Samples, Samples, pd.DataFrame]:
-    """Cleaned human rows, offline copies and accepted pseudo-labels; the scored validation rows.
+) -> tuple[Samples, Samples, pd.DataFrame, np.ndarray]:
+    """Cleaned human rows, offline copies and accepted pseudo-labels; the scored validation rows;
+    the pool images the pseudo-label set leaves out (a person's rejects excluded).
 
-    Returns (train, val, counts): counts per class of human and pseudo-labeled training rows.
+    Returns (train, val, counts, unlabeled): counts per class of human and pseudo-labeled
+    training rows, and the unlabeled images (N, H, W, C) for consistency training.
     """
     table, val_table = read_table(table_path), read_table(val_path)
     images = read_array(images_path)
@@ -97,19 +101,24 @@ def load_training_samples(
             )
             parts_y.append(offline["label"].map(classes.index).to_numpy(np.int64))
             counts["offline"] = offline["label"].value_counts().reindex(classes, fill_value=0)
+    unlabeled = np.zeros((0, *images.shape[1:]), images.dtype)
     if pseudo_dir is not None and (pseudo_dir / "table.csv").is_file():
-        pseudo = read_table(pseudo_dir / "table.csv")
-        pseudo = pseudo[(pseudo["accepted"] == "True") & pseudo["label"].isin(classes)]
+        pool = read_table(pseudo_dir / "table.csv")
+        pool_images = read_array(pseudo_dir / "images")
+        in_set = (pool["accepted"] == "True") & pool["label"].isin(classes)
+        pseudo = pool[in_set]
         if len(pseudo):
-            parts_x.append(read_array(pseudo_dir / "images")[pseudo["row"].astype(int).to_numpy()])
+            parts_x.append(pool_images[pseudo["row"].astype(int).to_numpy()])
             parts_y.append(pseudo["label"].map(classes.index).to_numpy(np.int64))
             counts["pseudo"] = pseudo["label"].value_counts().reindex(classes, fill_value=0)
+        left_out = pool[~in_set & (pool["human"] != "reject")]
+        unlabeled = pool_images[left_out["row"].astype(int).to_numpy()]
     train = Samples(np.concatenate(parts_x), np.concatenate(parts_y))
     val = Samples(
         np.ascontiguousarray(images[val_table["row"].astype(int).to_numpy()]),
         val_table["label"].map(classes.index).to_numpy(np.int64),
     )
-    return train, val, counts
+    return train, val, counts, unlabeled
 
 
 def run(
@@ -128,14 +137,18 @@ def run(
 ) -> dict:
     cfg, base = params.train, params.base
     classes = read_json(classes_path)
-    train, val, per_class = load_training_samples(
+    train, val, per_class, unlabeled = load_training_samples(
         table_path, val_path, images_path, classes, pseudo_dir, augment_dir
     )
-    counts = {k: int(v) for k, v in per_class.sum().items()} | {"val": len(val)}
+    if cfg.unlabeled_weight == 0:
+        unlabeled = unlabeled[:0]
+    counts = {k: int(v) for k, v in per_class.sum().items()}
+    counts |= {"val": len(val), "unlabeled": len(unlabeled)}
     device = pick_device()
     saved = read_json(augment_dir / "params.json")["augment"]  # the policy the augment stage saved
+    policy = parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment")
     augmentation = training_augmentation(
-        parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment"),
+        policy,
         base,
         classes,
         device,
@@ -144,17 +157,22 @@ def run(
     torch.manual_seed(base.seed)
     model = build_model(cfg.model, base.channels, len(classes))
     config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
-    fingerprint = fingerprint_of(config, train.images, train.labels, val.labels)
+    fingerprint = fingerprint_of(config, train.images, train.labels, val.labels, unlabeled)
     log.info(
-        "train: %d human + %d offline + %d pseudo images, %d validation, device %s, %s augmentation",
+        "train: %d human + %d offline + %d pseudo images, %d unlabeled, %d validation, "
+        "device %s, %s augmentation",
         counts["human"],
         counts["offline"],
         counts["pseudo"],
+        counts["unlabeled"],
         counts["val"],
         device,
         "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
     )
     with distributed(device) as shard:
+        feed = (
+            UnlabeledFeed(unlabeled, policy, base, cfg, device, shard) if len(unlabeled) else None
+        )
         result = fit(
             model,
             train,
@@ -163,6 +181,7 @@ def run(
             seed=base.seed,
             device=device,
             augmentation=augmentation,
+            unlabeled=feed,
             state_dir=state_dir,
             fingerprint=fingerprint,
         )
@@ -202,6 +221,8 @@ def run(
         "train_size": len(train),
         **{f"train_size_{k}": v for k, v in counts.items()},
     }
+    if "unlabeled_confident" in result.history[-1]:  # share of unlabeled views that counted
+        summary["unlabeled_confident"] = result.history[-1]["unlabeled_confident"]
     write_live(live_dir, result.history, summary)
     write_report(report_dir, result, config, summary, per_class)
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -233,7 +254,15 @@ def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:
             ) from None
         for record in history:
             live.log_metric("lr", record["lr"], plot=True)
-            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "grad_norm"):
+            for key in (
+                "train_loss",
+                "train_acc",
+                "val_loss",
+                "val_acc",
+                "grad_norm",
+                "unlabeled_loss",
+                "unlabeled_confident",
+            ):
                 if key in record:
                     live.log_metric(key.replace("_", "/", 1), record[key])
             live.next_step()
@@ -268,6 +297,10 @@ def plot_diagnostics(path: Path, history: list[dict]) -> None:
         ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
         if history and f"val_{key}" in history[0]:
             ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        unlabeled = {"loss": "unlabeled_loss", "acc": "unlabeled_confident"}[key]
+        if history and unlabeled in history[0]:
+            name = {"loss": "consistency (unlabeled)", "acc": "unlabeled views confident"}[key]
+            ax.plot(epochs, [h[unlabeled] for h in history], label=name, ls="--")
         ax.set(title=title, xlabel="epoch")
         ax.legend()
     ax = axes[0, 2]

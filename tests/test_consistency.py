@@ -1,0 +1,153 @@
+"""FixMatch's consistency training on the pool images the pseudo-label set leaves out."""
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.datasets import load_digits
+
+from pipeline import loop, train
+from pipeline.config import load_params
+from pipeline.consistency import UnlabeledFeed, cutout, unlabeled_policies
+from pipeline.feed import Samples, Shard
+from pipeline.io import ShardWriter, read_array, read_json
+from pipeline.model import build_model
+
+from .conftest import train_table, val_table, write_params
+
+
+def digits(size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits as uint8 (N, size, size, 1) and their classes."""
+    data = load_digits()
+    images = np.clip(data.images * 16, 0, 255).astype(np.uint8)
+    if size != 8:
+        images = np.kron(images, np.ones((size // 8, size // 8), np.uint8))
+    return images[..., None], data.target
+
+
+def test_views_of_unknown_classes_skip_any_excluded_transform_and_strong_goes_further(
+    fast_params,
+):
+    aug = replace(fast_params.augment, exclude={"6": ("rotate",)})
+    weak, strong = unlabeled_policies(aug, fast_params.base)
+    assert weak.aug.rotate.p == strong.aug.rotate.p == 0  # a 6 turned over is a 9
+    assert weak.aug.shear == fast_params.augment.shear
+    assert strong.aug.shear.p >= 0.8 and strong.aug.shear.limit == 2 * aug.shear.limit
+    assert strong.aug.crop.scale[0] < weak.aug.crop.scale[0]
+    assert strong.aug.hflip.p == 0  # never switched on when the policy has it off
+
+    x = torch.zeros(64, 1, 16, 16)
+    cutout(x, torch.Generator().manual_seed(0))
+    grey = (x == 0.5).flatten(1).sum(1)
+    assert (grey >= 1).all() and (grey <= 9**2).all()  # one square, a quarter to half a side
+    assert set(x.unique().tolist()) == {0.0, 0.5}
+
+
+def test_unlabeled_views_are_seeded_sharded_and_in_the_models_input_range(fast_params):
+    images, _ = digits()
+    cfg = fast_params.train
+    device = torch.device("cpu")
+
+    def first(seed, shard=None):
+        feed = UnlabeledFeed(
+            images[:100], fast_params.augment, fast_params.base, cfg, device, shard or Shard()
+        )
+        return next(feed.epoch(seed))
+
+    weak, strong = first(0)
+    assert weak.shape == strong.shape == (cfg.unlabeled_ratio * cfg.batch_size, 1, 8, 8)
+    assert weak.min() >= -1 and weak.max() <= 1
+    assert weak.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(first(0)[1], strong) and not torch.equal(first(1)[1], strong)
+    half = first(0, Shard(1, 2))[0]
+    assert len(half) == cfg.batch_size // 2
+
+
+def test_the_loss_counts_only_confident_targets_and_pulls_the_strong_view_to_them(fast_params):
+    images, labels = digits()
+    cfg = replace(fast_params.train, mixup=0.0, min_steps=200)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1, 10)
+    device = torch.device("cpu")
+    loop.fit(model, Samples(images[:300], labels[:300]), None, cfg, seed=0, device=device)
+    feed = UnlabeledFeed(images[300:], fast_params.augment, fast_params.base, cfg, device, Shard())
+    weak, strong = next(feed.epoch(0))
+    model.train()
+    loss, share = loop.consistency_loss(model, model(strong), weak, 1.01)
+    assert loss.item() == 0 and share.item() == 0  # nothing is that confident: nothing counts
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(5):
+        loss, share = loop.consistency_loss(model, model(strong), weak, 0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert 0 < share.item() <= 1
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_pool_images_outside_the_set_are_the_unlabeled_ones_a_persons_rejects_excluded(
+    ingested, project
+):
+    table = train_table(ingested)
+    classes = read_json(ingested / "classes.json")
+    pool_images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    pseudo = project / "pseudo"
+    writer = ShardWriter(pseudo / "images", (8, 8, 1))
+    writer.extend(pool_images)
+    writer.close()
+    pd.DataFrame(
+        {
+            "id": [f"p{i}" for i in range(5)],
+            "row": range(5),
+            "accepted": ["True", "False", "True", "False", "False"],
+            "label": [classes[0], "", classes[1], "", ""],
+            "human": ["", "", "", "reject", ""],
+        }
+    ).to_csv(pseudo / "table.csv", index=False)
+    train_set, _, counts, unlabeled = train.load_training_samples(
+        table, val_table(table), ingested / "images", classes, pseudo, None
+    )
+    assert counts["pseudo"].sum() == 2
+    assert np.array_equal(unlabeled, pool_images[[1, 4]])
+    trained = {image.tobytes() for image in train_set.images}
+    assert not any(image.tobytes() in trained for image in unlabeled)
+
+
+def test_the_train_stage_feeds_the_left_out_pool_images_to_the_consistency_loss(ingested, project):
+    """A round's train stage: the pool images outside the set are trained on through the
+    consistency loss, shown in its diagnostics and dvclive; weight 0 turns it off."""
+    from .test_train import _augment, _stage_args
+
+    write_params(project, {"train": {"unlabeled_weight": 1.0}})
+    _augment(project, ingested)
+    pool_images = read_array(ingested / "images")[:40]  # stand-ins for a pool's images
+    pseudo = project / "pseudo"
+    writer = ShardWriter(pseudo / "images", pool_images.shape[1:])
+    writer.extend(pool_images)
+    writer.close()
+    accepted = np.arange(40) < 10
+    pd.DataFrame(
+        {
+            "id": [f"p{i}" for i in range(40)],
+            "row": range(40),
+            "accepted": np.where(accepted, "True", "False"),
+            "label": np.where(accepted, "zero", ""),
+            "human": "",
+        }
+    ).to_csv(pseudo / "table.csv", index=False)
+    args = _stage_args(project, ingested, "r001") | {"pseudo_dir": pseudo}
+    summary = train.run(**args)
+    assert summary["train_size_pseudo"] == 10 and summary["train_size_unlabeled"] == 30
+    history = read_json(args["report_dir"] / "diagnostics.json")["history"]
+    assert all(0 <= h["unlabeled_confident"] <= 1 and h["unlabeled_loss"] >= 0 for h in history)
+    assert (args["live_dir"] / "plots" / "metrics" / "unlabeled" / "confident.tsv").is_file()
+
+    params = load_params(project / "params.yaml", {"train.unlabeled_weight": 0})
+    off = train.run(
+        **_stage_args(project, ingested, "off") | {"pseudo_dir": pseudo, "params": params}
+    )
+    assert off["train_size_unlabeled"] == 0 and "unlabeled_confident" not in off
