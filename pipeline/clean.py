@@ -66,7 +66,7 @@ from pipeline.io import (
 )
 from pipeline.loop import fit
 from pipeline.model import build_model
-from pipeline.processes import job_folder, part_of, spread
+from pipeline.processes import job_folder, part_of, spread, usable
 from pipeline.quality import checks_for, image_issues
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def kfold_pred_probs(
             f"fewer than clean.folds ({folds}): lower clean.folds or add images to that class"
         )
     splits = fold_splits(labels, params)
-    nproc = min(params.clean.nproc, folds)
+    nproc = usable(min(params.clean.nproc, folds))
     if nproc > 1:
         with job_folder(beside) as job:
             np.save(job / "images.npy", images)

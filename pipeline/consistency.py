@@ -100,11 +100,15 @@ class UnlabeledFeed:
         return len(self.images)
 
     def epoch(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator(self.device).manual_seed(seed)
-        orders = (epoch_order(len(self.images), seed + p, self.shard) for p in itertools.count())
-        stream = itertools.chain.from_iterable(orders)
+        """An endless stream for one epoch. Every process shuffles with the same `seed` and
+        takes its own share of each pass; the views' randomness differs by process."""
+        generator = torch.Generator(self.device).manual_seed(seed + 104_729 * self.shard.rank)
+        order, passes = torch.zeros(0, dtype=torch.long), itertools.count()
         while True:
-            idx = torch.stack([next(stream) for _ in range(self.batch_size)])
+            while len(order) < self.batch_size:  # the next pass, its own seeded order
+                share = epoch_order(len(self.images), seed + next(passes) * 1_000_003, self.shard)
+                order = torch.cat([order, share])
+            idx, order = order[: self.batch_size], order[self.batch_size :]
             batch = self.images[idx].to(self.device, non_blocking=True)
             labels = torch.zeros(len(idx), dtype=torch.long, device=self.device)
             weak = self.weak(batch, labels, generator)

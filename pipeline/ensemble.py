@@ -23,7 +23,7 @@ from pipeline.device import pick_device, to_input
 from pipeline.errors import PipelineError
 from pipeline.io import Rows, atomic_path, read_array, read_json, write_json
 from pipeline.model import ResNet, build_model
-from pipeline.processes import block, job_folder, part_of, spread
+from pipeline.processes import block, job_folder, part_of, spread, usable
 
 PREDICT_BATCH = 1024  # images per forward pass when predicting
 
@@ -159,7 +159,7 @@ def predict_packed(
     packed = read_array(images)
     view = packed if rows is None else Rows(packed, rows)
     options = {"calibrated": calibrated, "members": members, "embeddings": embeddings}
-    nproc = min(nproc, -(-len(view) // batch_size))  # a process per batch at most
+    nproc = usable(min(nproc, -(-len(view) // batch_size)))  # a process per batch at most
     if nproc <= 1:
         return ensemble.predict(view, batch_size=batch_size, **options)
     if ensemble.folder is None:

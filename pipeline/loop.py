@@ -85,7 +85,12 @@ def consistency_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FixMatch's unlabeled loss: cross-entropy of the strong view against the model's own
     confident prediction of the weak view (no gradient through the target). Returns (loss,
-    share of the batch confident enough to count)."""
+    share of the batch confident enough to count).
+
+    The target comes from a forward pass of its own, without gradients and outside
+    DistributedDataParallel: in training mode, so batch norm normalizes the weak batch by its
+    own statistics (and its running averages also see weak batches, drawn from the same
+    images and policy as the labeled ones)."""
     with torch.no_grad():
         probs = F.softmax(model(weak).float(), dim=1)
         confidence, target = probs.max(1)
@@ -129,8 +134,8 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             if unlabeled is None:
                 logits = net(x)
-            else:  # one forward pass over both: batch norm sees labeled and unlabeled alike
-                weak, strong = next(unlabeled)
+            else:  # labeled and strong views in one pass: batch norm sees both alike (the
+                weak, strong = next(unlabeled)  # weak view's target: a no-grad pass of its own)
                 logits, strong_logits = net(torch.cat([x, strong])).split([len(x), len(strong)])
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if mix is not None:
@@ -277,7 +282,7 @@ def fit(
         batches = epoch_batches(feed, seed * 7919 + epoch, passes)
         views = None
         if unlabeled is not None and len(unlabeled) and cfg.unlabeled_weight > 0:
-            views = unlabeled.epoch(seed * 7919 + epoch + 104_729 * (shard.rank + 1))
+            views = unlabeled.epoch(seed * 7919 + epoch * 100_003 + 17)
         record.update(
             train_one_epoch(model, batches, optimizer, cfg, device, net=net, unlabeled=views)
         )

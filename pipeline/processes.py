@@ -55,6 +55,20 @@ def launch(nproc: int, argv: list[str], what: str = "training") -> None:
                     signal.signal(sig, handler)
 
 
+def usable(nproc: int) -> int:
+    """Processes to start for `nproc`: on GPUs one per device at most (each takes
+    cuda:LOCAL_RANK), so more than the machine has is fewer, with a warning."""
+    if not torch.cuda.is_available() or nproc <= torch.cuda.device_count():
+        return nproc
+    log.warning(
+        "%d processes asked for, %d GPUs: using %d",
+        nproc,
+        torch.cuda.device_count(),
+        torch.cuda.device_count(),
+    )
+    return torch.cuda.device_count()
+
+
 @contextmanager
 def job_folder(beside: Path | None = None) -> Iterator[Path]:
     """A fresh folder for the parts' inputs and results, beside `beside` (a stage's output:

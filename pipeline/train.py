@@ -67,9 +67,11 @@ def load_training_samples(
     classes: list[str],
     pseudo_dir: Path | None,
     augment_dir: Path | None,
+    unlabeled: bool = True,
 ) -> tuple[Samples, Samples, pd.DataFrame, np.ndarray]:
     """Cleaned human rows, offline copies and accepted pseudo-labels; the scored validation rows;
-    the pool images the pseudo-label set leaves out (a person's rejects excluded).
+    with `unlabeled`, the pool images the pseudo-label set leaves out (a person's rejects
+    excluded), else none.
 
     Returns (train, val, counts, unlabeled): counts per class of human and pseudo-labeled
     training rows, and the unlabeled images (N, H, W, C) for consistency training.
@@ -101,7 +103,7 @@ def load_training_samples(
             )
             parts_y.append(offline["label"].map(classes.index).to_numpy(np.int64))
             counts["offline"] = offline["label"].value_counts().reindex(classes, fill_value=0)
-    unlabeled = np.zeros((0, *images.shape[1:]), images.dtype)
+    left_out = np.zeros((0, *images.shape[1:]), images.dtype)
     if pseudo_dir is not None and (pseudo_dir / "table.csv").is_file():
         pool = read_table(pseudo_dir / "table.csv")
         pool_images = read_array(pseudo_dir / "images")
@@ -111,14 +113,15 @@ def load_training_samples(
             parts_x.append(pool_images[pseudo["row"].astype(int).to_numpy()])
             parts_y.append(pseudo["label"].map(classes.index).to_numpy(np.int64))
             counts["pseudo"] = pseudo["label"].value_counts().reindex(classes, fill_value=0)
-        left_out = pool[~in_set & (pool["human"] != "reject")]
-        unlabeled = pool_images[left_out["row"].astype(int).to_numpy()]
+        if unlabeled:
+            rows = pool.loc[~in_set & (pool["human"] != "reject"), "row"]
+            left_out = pool_images[rows.astype(int).to_numpy()]
     train = Samples(np.concatenate(parts_x), np.concatenate(parts_y))
     val = Samples(
         np.ascontiguousarray(images[val_table["row"].astype(int).to_numpy()]),
         val_table["label"].map(classes.index).to_numpy(np.int64),
     )
-    return train, val, counts, unlabeled
+    return train, val, counts, left_out
 
 
 def run(
@@ -138,10 +141,14 @@ def run(
     cfg, base = params.train, params.base
     classes = read_json(classes_path)
     train, val, per_class, unlabeled = load_training_samples(
-        table_path, val_path, images_path, classes, pseudo_dir, augment_dir
+        table_path,
+        val_path,
+        images_path,
+        classes,
+        pseudo_dir,
+        augment_dir,
+        unlabeled=cfg.unlabeled_weight > 0,
     )
-    if cfg.unlabeled_weight == 0:
-        unlabeled = unlabeled[:0]
     counts = {k: int(v) for k, v in per_class.sum().items()}
     counts |= {"val": len(val), "unlabeled": len(unlabeled)}
     device = pick_device()

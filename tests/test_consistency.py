@@ -60,8 +60,18 @@ def test_unlabeled_views_are_seeded_sharded_and_in_the_models_input_range(fast_p
     assert weak.min() >= -1 and weak.max() <= 1
     assert weak.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(first(0)[1], strong) and not torch.equal(first(1)[1], strong)
-    half = first(0, Shard(1, 2))[0]
-    assert len(half) == cfg.batch_size // 2
+    # under torchrun every process shuffles alike and takes its own share of each pass
+    twenty = images[:20] + np.arange(20, dtype=np.uint8)[:, None, None, None]  # told apart
+    one = replace(cfg, batch_size=20, unlabeled_ratio=1)
+    seen = []
+    for rank in (0, 1):
+        feed = UnlabeledFeed(
+            twenty, fast_params.augment, fast_params.base, one, device, Shard(rank, 2)
+        )
+        assert feed.batch_size == 10
+        feed.weak = lambda batch, labels, generator: batch.permute(0, 3, 1, 2).float()
+        seen.append({int(view[0, 0, 0]) for view in next(feed.epoch(0))[0]})
+    assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 20
 
 
 def test_the_loss_counts_only_confident_targets_and_pulls_the_strong_view_to_them(fast_params):
@@ -122,7 +132,7 @@ def test_the_train_stage_feeds_the_left_out_pool_images_to_the_consistency_loss(
     consistency loss, shown in its diagnostics and dvclive; weight 0 turns it off."""
     from .test_train import _augment, _stage_args
 
-    write_params(project, {"train": {"unlabeled_weight": 1.0}})
+    write_params(project, {"train": {"unlabeled_weight": 1.0, "unlabeled_threshold": 0.5}})
     _augment(project, ingested)
     pool_images = read_array(ingested / "images")[:40]  # stand-ins for a pool's images
     pseudo = project / "pseudo"
@@ -144,6 +154,7 @@ def test_the_train_stage_feeds_the_left_out_pool_images_to_the_consistency_loss(
     assert summary["train_size_pseudo"] == 10 and summary["train_size_unlabeled"] == 30
     history = read_json(args["report_dir"] / "diagnostics.json")["history"]
     assert all(0 <= h["unlabeled_confident"] <= 1 and h["unlabeled_loss"] >= 0 for h in history)
+    assert history[-1]["unlabeled_confident"] > 0 and history[-1]["unlabeled_loss"] > 0
     assert (args["live_dir"] / "plots" / "metrics" / "unlabeled" / "confident.tsv").is_file()
 
     params = load_params(project / "params.yaml", {"train.unlabeled_weight": 0})
@@ -151,3 +162,5 @@ def test_the_train_stage_feeds_the_left_out_pool_images_to_the_consistency_loss(
         **_stage_args(project, ingested, "off") | {"pseudo_dir": pseudo, "params": params}
     )
     assert off["train_size_unlabeled"] == 0 and "unlabeled_confident" not in off
+    off_history = read_json(project / "artifacts/reports/off/train/diagnostics.json")["history"]
+    assert [h["val_loss"] for h in off_history] != [h["val_loss"] for h in history]
