@@ -2,7 +2,8 @@
 
 Reads   data/unlabeled/<pool>/** (the round's new pool), the previous round's ensemble
         (calibrated on validation) and pseudo-label set (every earlier pool's images and
-        decisions), <ingest>/manifest.csv + classes.json, data/truth.csv (optional)
+        decisions), <ingest>/manifest.csv + classes.json + images/, data/truth.csv (optional),
+        <clean>/issues.csv (the labeled images the clean stage dropped)
 Writes  <out>/table.csv + images/   every pool image so far (eligible ones), its prediction, and
                                     whether it is in the set this round trains on, with
                                     provenance: pool, the round it joined, the round it left
@@ -15,7 +16,10 @@ Params  base, ingest.max_image_pixels, ingest.shard_mib, pseudolabel (pseudolabe
 
 Round k's set comes from the pools of rounds <= k, predicted by round k-1's model, which
 trained on the set before: an image rejected before may join, and an accepted label the new model no longer supports (another class, or under the
-bar) leaves the set. The `curriculum` policy admits a growing top share of each predicted class
+bar) leaves the set. With pseudolabel.dropped, a labeled image the clean stage dropped on its
+models' word (not a person's) is scored with the pools: cleaning doubted its label, not the
+image. The
+`curriculum` policy admits a growing top share of each predicted class
 (Curriculum Labeling, Cascante-Bandera et al. 2021), so no class floods the training set.
 Also `init_pseudo`, which writes the empty set of round r000 (human labels only).
 """
@@ -32,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report
+from pipeline.config import DROPPED_POOL as DROPPED
 from pipeline.config import BaseConfig, Params, PseudolabelConfig, to_dict
 from pipeline.ensemble import load_ensemble, predict_packed
 from pipeline.errors import PipelineError
@@ -127,11 +132,16 @@ def select(
     cfg: PseudolabelConfig,
     labeled_share: np.ndarray,
     round_index: int = 0,
+    basis: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which rows to accept: (accepted (N,) bool, predicted (N,), threshold used (N,))."""
+    """Which rows to accept: (accepted (N,) bool, predicted (N,), threshold used (N,)).
+
+    With `basis` (N,) bool, only those rows' predictions set the per-class bars (the pool
+    images, not the dropped labeled ones); the bars apply to every row."""
     predicted = pred_probs.argmax(1)
     confidence = pred_probs.max(1)
-    thresholds = class_thresholds(pred_probs, cfg, round_index)[predicted]
+    ranked = pred_probs if basis is None else pred_probs[basis]
+    thresholds = class_thresholds(ranked, cfg, round_index)[predicted]
     accepted = confidence >= thresholds
     if cfg.agreement and len(member_probs):
         accepted &= (member_probs.argmax(2) == predicted[None, :]).all(0)
@@ -220,6 +230,35 @@ def provenance(
             "stayed": stays,
             "joins": joins,
             "leaves": leaves,
+        }
+    )
+
+
+def dropped_rows(issues_path: Path, manifest: pd.DataFrame, seen: set[str]) -> pd.DataFrame:
+    """Labeled rows the clean stage dropped on its models' word, not yet candidates (id not in
+    `seen`): id, path, sha256, pool and their row in the ingest images. A person's drop
+    (data/overrides.csv) and validation rows never join."""
+    if not issues_path.is_file():
+        raise PipelineError(
+            f"missing input {issues_path}: run the clean stage first, or set "
+            f"pseudolabel.dropped: false"
+        )
+    issues = read_table(issues_path)
+    by_model = (
+        (issues["decision"] == "drop")
+        & (issues["split"] == "train")
+        & ~issues["reason"].str.startswith("override:")
+        & ~issues["id"].isin(seen)
+    )
+    rows = manifest.set_index("id").loc[issues.loc[by_model, "id"]]
+    rows = rows.assign(row=rows["row"].astype(int)).sort_values("row")
+    return pd.DataFrame(
+        {
+            "id": rows.index,
+            "path": rows["path"].to_numpy(),
+            "sha256": rows["sha256"].to_numpy(),
+            "pool": DROPPED,
+            "image_row": rows["row"].to_numpy(),
         }
     )
 
@@ -336,7 +375,11 @@ def run(
     params: Params,
     truth_path: Path | None = None,
     overrides_path: Path | None = None,
+    clean_dir: Path | None = None,
 ) -> dict:
+    """Round `round_name`'s pseudo-label set and report; returns its metrics. With clean_dir
+    (the clean stage's folder, as `dvc repro` passes it) and pseudolabel.dropped, the labeled
+    images clean dropped are scored too; without it, the pools alone."""
     cfg = params.pseudolabel
     pool_dir = data_dir / "unlabeled" / pool
     if not pool_dir.is_dir():
@@ -366,6 +409,11 @@ def run(
     new_images, decoded = read_array(scratch), len(new)
     new = new[eligible].reset_index(drop=True).assign(pool=pool)
     new_rows = np.flatnonzero(eligible)
+    # ... and the labeled images cleaning dropped, the first time a round sees them
+    dropped = new.iloc[:0].assign(image_row=0)
+    if cfg.dropped and clean_dir is not None:
+        dropped = dropped_rows(clean_dir / "issues.csv", manifest, set(previous["id"]))
+    new = pd.concat([dropped.drop(columns="image_row"), new], ignore_index=True)
 
     # 2) every pool so far: earlier pools' images, then the new pool's, re-scored by this model
     shape = (params.base.image_size, params.base.image_size, params.base.channels)
@@ -373,6 +421,9 @@ def run(
         writer = ShardWriter(tmp / "images", shape, params.ingest.shard_mib)
         for start in range(0, len(previous_images), CHUNK):
             writer.extend(previous_images[start : start + CHUNK])
+        labeled, dropped_at = read_array(ingest_dir / "images"), dropped["image_row"].to_numpy()
+        for start in range(0, len(dropped_at), CHUNK):
+            writer.extend(labeled[dropped_at[start : start + CHUNK]])
         for start in range(0, len(new_rows), CHUNK):
             writer.extend(new_images[new_rows[start : start + CHUNK]])
         writer.close()
@@ -387,8 +438,9 @@ def run(
             .to_numpy(float)
         )
         labeled_share /= max(labeled_share.sum(), 1.0)
+        from_pools = np.array([*previous["pool"], *new["pool"]]) != DROPPED
         accepted, predicted, thresholds = select(
-            probs, member_probs, cfg, labeled_share, round_index=len(pools) - 1
+            probs, member_probs, cfg, labeled_share, round_index=len(pools) - 1, basis=from_pools
         )
         names = [classes[i] for i in predicted]
         labels = np.where(accepted, names, "").astype(object)
@@ -432,7 +484,9 @@ def run(
         ),
     )
     metrics = pseudo_metrics(candidates, classes, pool, decoded, len(new_rows), len(quarantine))
-    queue = candidates.iloc[labeling_queue(probs, embeddings, accepted, cfg.queue_size)]
+    # a dropped labeled image is answered in data/overrides.csv (the clean report), not the queue
+    settled = accepted | (table["pool"] == DROPPED).to_numpy()
+    queue = candidates.iloc[labeling_queue(probs, embeddings, settled, cfg.queue_size)]
     top2 = np.sort(probs[queue.index], axis=1)[:, -2:]
     queue = queue.assign(
         rank=np.arange(1, len(queue) + 1), margin=top2[:, 1] - top2[:, 0], label=""
@@ -466,7 +520,7 @@ def run(
         )
     acc = metrics.get("pseudo_label_accuracy")
     log.info(
-        "pseudolabel %s: %d of %d pool images in the set (%d joined, %d left; %d pools)%s",
+        "pseudolabel %s: %d of %d images in the set (%d joined, %d left; %d pools)%s",
         round_name,
         metrics["accepted"],
         metrics["candidates"],
@@ -550,9 +604,7 @@ def plot_confidence(path: Path, candidates: pd.DataFrame) -> None:
         color="#9e9e9e",
         alpha=0.8,
     )
-    ax.set(
-        xlabel="ensemble confidence", ylabel="pool images", title="confidence of pool predictions"
-    )
+    ax.set(xlabel="ensemble confidence", ylabel="images", title="confidence of pool predictions")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -591,9 +643,9 @@ def render(round_name, pools, metrics, candidates, queue, images, folder, limit,
     queued = candidates.loc[queue.index]
     cards = [
         ("new pool images", metrics["pool_images"]),
-        ("pool images so far", metrics["candidates"]),
+        ("images scored so far", metrics["candidates"]),
         ("in the set", metrics["accepted"]),
-        ("share of pool images", f"{metrics['acceptance_rate']:.1%}"),
+        ("share in the set", f"{metrics['acceptance_rate']:.1%}"),
         ("joined this round", metrics["joined"]),
         ("left this round", metrics["left"]),
     ]
@@ -616,8 +668,10 @@ def render(round_name, pools, metrics, candidates, queue, images, folder, limit,
         f"{report.esc(', '.join(pools))}</h1>"
         "<p class='muted'>The previous round's ensemble (temperature-calibrated on validation) "
         "re-scores every pool so far. The images it is confident about form the set this round "
-        "trains on: some join, and labels it no longer supports leave. Accepted samples are shown least "
-        "confident first: that is where mistakes hide.</p>"
+        "trains on: some join, and labels it no longer supports leave. Labeled images the clean "
+        f"stage dropped (its models doubted the label, not a person) are scored too, as the pool "
+        f"'{DROPPED}'. Accepted samples are shown least confident first: that is where mistakes "
+        "hide.</p>"
         + report.cards(cards)
         + f"<p><img class='plot' alt='confidence histogram' src='{report.file_uri(folder / 'confidence.png')}'></p>"
         + "<h2>Per predicted class</h2>"

@@ -211,7 +211,7 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
                 "val acc",
                 "test acc",
                 "macro-F1",
-                "pool images it trained on",
+                "pseudo-labeled images it trained on",
                 "their accuracy",
                 "reports",
             ],

@@ -70,7 +70,7 @@ def load_training_samples(
     unlabeled: bool = True,
 ) -> tuple[Samples, Samples, pd.DataFrame, np.ndarray]:
     """Cleaned human rows, offline copies and accepted pseudo-labels; the scored validation rows;
-    with `unlabeled`, the pool images the pseudo-label set leaves out (a person's rejects
+    with `unlabeled`, the images the pseudo-label set leaves out (a person's rejects
     excluded), else none.
 
     Returns (train, val, counts, unlabeled): counts per class of human and pseudo-labeled

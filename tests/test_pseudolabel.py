@@ -301,3 +301,73 @@ def test_a_persons_decisions_on_pseudo_labels_win_over_the_model(round0, project
     with pytest.raises(PipelineError, match="not reject or a class"):
         _run(project, round0, "p1", name="r000c")
     record("input", "data/pseudo_overrides.csv naming an unknown class", "refused, one line")
+
+
+def test_labeled_images_cleaning_dropped_are_scored_with_the_pools(round0, ingested, project):
+    data = project / "data"
+    _write_pools(data, {"p1": 200, "p2": 300})
+    manifest = pd.read_csv(ingested / "manifest.csv", dtype=str, keep_default_na=False)
+    labeled = manifest[manifest["split"] == "train"].iloc[:6]
+    reasons = ["drop_not_confident: given 'one', model says 'two' (p=0.61)"] * 4 + [
+        "override: drop (data/overrides.csv)",  # a person's drop never comes back
+        "",  # nor does a validation row
+    ]
+    issues = labeled[["id", "path", "row"]].assign(
+        split=["train"] * 5 + ["val"], decision=["drop"] * 5 + ["validate"], reason=reasons
+    )
+    kept = manifest[manifest["split"] == "train"].iloc[6:9][["id", "path", "row"]]
+    issues = pd.concat([issues, kept.assign(split="train", decision="keep", reason="")])
+    (project / "clean").mkdir()
+    issues.to_csv(project / "clean" / "issues.csv", index=False)
+    params = replace(
+        round0, pseudolabel=replace(round0.pseudolabel, min_confidence=0.0, dropped=True)
+    )
+    runs = []
+    for name, pool, pseudo_in in (("r001", "p1", "init"), ("r002", "p2", "r001/pseudo")):
+        runs.append(
+            pseudolabel.run(
+                round_name=name,
+                pool=pool,
+                data_dir=data,
+                model_dir=project / "model",
+                ingest_dir=ingested,
+                pseudo_in=project / pseudo_in,
+                out_dir=project / name / "pseudo",
+                report_dir=project / name / "report",
+                params=params,
+                clean_dir=project / "clean",
+            )
+        )
+    table = pd.read_csv(project / "r002" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
+    dropped = table[table["pool"] == pseudolabel.DROPPED]
+    # the four the models dropped, once: in the first round, before its pool
+    assert sorted(dropped["id"]) == sorted(labeled["id"].iloc[:4])
+    assert table["pool"].tolist() == [pseudolabel.DROPPED] * 4 + ["p1"] * 30 + ["p2"] * 30
+    assert runs[0]["per_pool"][pseudolabel.DROPPED]["candidates"] == 4
+    images = read_array(project / "r002" / "pseudo" / "images")
+    source = read_array(ingested / "images")
+    by_id = labeled.set_index("id")["row"].astype(int)
+    for _, row in dropped.iterrows():
+        assert np.array_equal(images[int(row["row"])], source[by_id[row["id"]]])
+    # they are labeled like pool images, and the model trained on these labels admits some, but
+    # they are never queued for add-labels, which takes pool images only
+    assert (dropped["predicted"] != "").all() and (dropped["accepted"] == "True").any()
+    queue = pd.read_csv(project / "r002" / "report" / "to_label.csv", keep_default_na=False)
+    assert not set(queue["path"]) & set(dropped["path"])
+    # off: the pools alone
+    params = replace(params, pseudolabel=replace(params.pseudolabel, dropped=False))
+    off = pseudolabel.run(
+        round_name="r001",
+        pool="p1",
+        data_dir=data,
+        model_dir=project / "model",
+        ingest_dir=ingested,
+        pseudo_in=project / "init",
+        out_dir=project / "off" / "pseudo",
+        report_dir=project / "off" / "report",
+        params=params,
+        clean_dir=project / "clean",
+    )
+    assert off["candidates"] == 30
+    # the pools' own predictions set the bars: the same pool images are admitted either way
+    assert off["accepted"] == runs[0]["per_pool"]["p1"]["accepted"]
