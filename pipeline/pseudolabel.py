@@ -18,9 +18,8 @@ Round k's set comes from the pools of rounds <= k, predicted by round k-1's mode
 trained on the set before: an image rejected before may join, and an accepted label the new model no longer supports (another class, or under the
 bar) leaves the set. With pseudolabel.dropped, a labeled image the clean stage dropped on its
 models' word (not a person's) is scored with the pools: cleaning doubted its label, not the
-image. The
-`curriculum` policy admits a growing top share of each predicted class
-(Curriculum Labeling, Cascante-Bandera et al. 2021), so no class floods the training set.
+image. The `curriculum` policy admits a growing top share of each predicted class (Curriculum
+Labeling, Cascante-Bandera et al. 2021), so no class floods the training set.
 Also `init_pseudo`, which writes the empty set of round r000 (human labels only).
 """
 
@@ -668,10 +667,14 @@ def render(round_name, pools, metrics, candidates, queue, images, folder, limit,
         f"{report.esc(', '.join(pools))}</h1>"
         "<p class='muted'>The previous round's ensemble (temperature-calibrated on validation) "
         "re-scores every pool so far. The images it is confident about form the set this round "
-        "trains on: some join, and labels it no longer supports leave. Labeled images the clean "
-        f"stage dropped (its models doubted the label, not a person) are scored too, as the pool "
-        f"'{DROPPED}'. Accepted samples are shown least confident first: that is where mistakes "
-        "hide.</p>"
+        "trains on: some join, and labels it no longer supports leave. "
+        + (
+            "Labeled images the clean stage dropped (its models doubted the label, not a "
+            f"person) are scored too, as the pool '{DROPPED}'. "
+            if DROPPED in metrics["per_pool"]
+            else ""
+        )
+        + "Accepted samples are shown least confident first: that is where mistakes hide.</p>"
         + report.cards(cards)
         + f"<p><img class='plot' alt='confidence histogram' src='{report.file_uri(folder / 'confidence.png')}'></p>"
         + "<h2>Per predicted class</h2>"
