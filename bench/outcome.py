@@ -177,11 +177,36 @@ def ceiling_pseudo(work: Path, final_pseudo: Path) -> Path:
     return out
 
 
+def pipeline_rounds(work: Path, params) -> tuple[list[dict], Path]:
+    """The rounds exactly as `dvc repro` runs them, after `prepare`: r000 on the human labels,
+    then per pool the previous round's model labels every pool so far and the round trains on
+    that set. Returns (each round's figures, the last round's pseudo-label set)."""
+    pseudo_in = work / "r000" / "pseudo"
+    pseudolabel.init_pseudo(pseudo_in, params.base)
+    train_csv, val_csv = work / "clean" / "train.csv", work / "clean" / "val.csv"
+    rounds = [train_and_test(work, "r000", train_csv, val_csv, params, None)]
+    pools = sorted(p.name for p in (work / "data" / "unlabeled").iterdir())
+    for index, pool in enumerate(pools, start=1):
+        name, previous = f"r{index:03d}", f"r{index - 1:03d}"
+        pseudo_in, pm = pseudo_round(work, name, pool, previous, pseudo_in, params)
+        figures = train_and_test(work, name, train_csv, val_csv, params, pseudo_in)
+        pooled = [v for k, v in pm["per_pool"].items() if k != pseudolabel.DROPPED]
+        dropped = pm["per_pool"].get(pseudolabel.DROPPED, {"candidates": 0, "accepted": 0})
+        figures.update(
+            pseudo_share=sum(v["accepted"] for v in pooled)
+            / max(sum(v["candidates"] for v in pooled), 1),
+            dropped_rejoined=f"{dropped['accepted']}/{dropped['candidates']}",
+            pseudo_accuracy=pm.get("pseudo_label_accuracy"),
+            pseudo_left=pm["left"],
+        )
+        rounds.append(figures)
+    return rounds, pseudo_in
+
+
 def one_seed(regime: str, seed: int, overrides: dict) -> dict:
     params = load_params(ROOT / "params.yaml", {**REGIMES[regime], **overrides, "base.seed": seed})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = work / "data"
         started = time.perf_counter()
         clean_metrics = prepare(regime, work, params)
         result = {"regime": regime, "seed": seed}
@@ -191,27 +216,7 @@ def one_seed(regime: str, seed: int, overrides: dict) -> dict:
         for name, (table, val) in baseline_tables(work).items():
             result[name] = train_and_test(work, name, table, val, params, None)["test"]
 
-        # the rounds exactly as `dvc repro` runs them: r000 on the human labels, then per pool
-        # the previous round's model labels every pool so far and the round trains on that set
-        pseudo_in = work / "r000" / "pseudo"
-        pseudolabel.init_pseudo(pseudo_in, params.base)
-        train_csv, val_csv = work / "clean" / "train.csv", work / "clean" / "val.csv"
-        rounds = [train_and_test(work, "r000", train_csv, val_csv, params, None)]
-        pools = sorted(p.name for p in (data / "unlabeled").iterdir())
-        for index, pool in enumerate(pools, start=1):
-            name, previous = f"r{index:03d}", f"r{index - 1:03d}"
-            pseudo_in, pm = pseudo_round(work, name, pool, previous, pseudo_in, params)
-            figures = train_and_test(work, name, train_csv, val_csv, params, pseudo_in)
-            pooled = [v for k, v in pm["per_pool"].items() if k != pseudolabel.DROPPED]
-            dropped = pm["per_pool"].get(pseudolabel.DROPPED, {"candidates": 0, "accepted": 0})
-            figures.update(
-                pseudo_share=sum(v["accepted"] for v in pooled)
-                / max(sum(v["candidates"] for v in pooled), 1),
-                dropped_rejoined=f"{dropped['accepted']}/{dropped['candidates']}",
-                pseudo_accuracy=pm.get("pseudo_label_accuracy"),
-                pseudo_left=pm["left"],
-            )
-            rounds.append(figures)
+        rounds, pseudo_in = pipeline_rounds(work, params)
         for index, figures in enumerate(rounds):
             result[f"r{index:03d}"] = figures["test"]
         result["rounds"] = rounds

@@ -73,7 +73,7 @@ def round0(ingested, project):
     return params
 
 
-def _run(project, params, pool, name="r000", pseudo_in="init"):
+def _run(project, params, pool, name="r000", pseudo_in="init", **options):
     return pseudolabel.run(
         round_name=name,
         pool=pool,
@@ -84,6 +84,7 @@ def _run(project, params, pool, name="r000", pseudo_in="init"):
         out_dir=project / name / "pseudo",
         report_dir=project / name / "report",
         params=params,
+        **options,
     )
 
 
@@ -322,22 +323,11 @@ def test_labeled_images_cleaning_dropped_are_scored_with_the_pools(round0, inges
     params = replace(
         round0, pseudolabel=replace(round0.pseudolabel, min_confidence=0.0, dropped=True)
     )
-    runs = []
-    for name, pool, pseudo_in in (("r001", "p1", "init"), ("r002", "p2", "r001/pseudo")):
-        runs.append(
-            pseudolabel.run(
-                round_name=name,
-                pool=pool,
-                data_dir=data,
-                model_dir=project / "model",
-                ingest_dir=ingested,
-                pseudo_in=project / pseudo_in,
-                out_dir=project / name / "pseudo",
-                report_dir=project / name / "report",
-                params=params,
-                clean_dir=project / "clean",
-            )
-        )
+    clean = {"clean_dir": project / "clean"}
+    runs = [
+        _run(project, params, "p1", "r001", **clean),
+        _run(project, params, "p2", "r002", "r001/pseudo", **clean),
+    ]
     table = pd.read_csv(project / "r002" / "pseudo" / "table.csv", dtype=str, keep_default_na=False)
     dropped = table[table["pool"] == pseudolabel.DROPPED]
     # the four the models dropped, once: in the first round, before its pool
@@ -356,18 +346,7 @@ def test_labeled_images_cleaning_dropped_are_scored_with_the_pools(round0, inges
     assert not set(queue["path"]) & set(dropped["path"])
     # off: the pools alone
     params = replace(params, pseudolabel=replace(params.pseudolabel, dropped=False))
-    off = pseudolabel.run(
-        round_name="r001",
-        pool="p1",
-        data_dir=data,
-        model_dir=project / "model",
-        ingest_dir=ingested,
-        pseudo_in=project / "init",
-        out_dir=project / "off" / "pseudo",
-        report_dir=project / "off" / "report",
-        params=params,
-        clean_dir=project / "clean",
-    )
+    off = _run(project, params, "p1", "off", **clean)
     assert off["candidates"] == 30
     # the pools' own predictions set the bars: the same pool images are admitted either way
     assert off["accepted"] == runs[0]["per_pool"]["p1"]["accepted"]
