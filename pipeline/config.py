@@ -222,7 +222,7 @@ class TrainConfig:
     epochs: int = num(20, 1, 10000)
     # At least this many optimizer steps in all: a small set is passed over several times per
     # epoch, so a few hundred images are trained as long as a few thousand.
-    min_steps: int = num(1000, 0, 10_000_000)
+    min_steps: int = num(3000, 0, 10_000_000)
     schedule: str = choice("cosine", "constant", "step", "exponential")
     step_every: int = num(5, 1)  # epochs between decays ("step")
     gamma: float = num(0.5, 0.0, 1.0, open_lo=True)  # decay factor ("step", "exponential")
