@@ -211,8 +211,13 @@ def pipeline_rounds(work: Path, params) -> tuple[list[dict], Path]:
     return rounds, pseudo_in
 
 
+def regime_params(regime: str, seed: int, overrides: dict):
+    """params.yaml as committed, plus the regime's settings, `overrides` and the seed."""
+    return load_params(ROOT / "params.yaml", {**REGIMES[regime], **overrides, "base.seed": seed})
+
+
 def one_seed(regime: str, seed: int, overrides: dict) -> dict:
-    params = load_params(ROOT / "params.yaml", {**REGIMES[regime], **overrides, "base.seed": seed})
+    params = regime_params(regime, seed, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.perf_counter()

@@ -18,13 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import outcome
 
-from pipeline.config import load_params
-
 
 def main(seed: int, regime: str, work: Path, overrides: dict) -> dict:
-    params = load_params(
-        ROOT / "params.yaml", {**outcome.REGIMES[regime], **overrides, "base.seed": seed}
-    )
+    params = outcome.regime_params(regime, seed, overrides)
     started = time.perf_counter()
     tables = outcome.baseline_tables(work)
     last = sorted(p for p in work.glob("r0*") if (p / "pseudo" / "table.csv").is_file())[-1]

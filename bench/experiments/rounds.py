@@ -23,14 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import outcome
 
-from pipeline.config import load_params
 from pipeline.io import read_json
 
 
 def main(seed: int, regime: str, work: Path, overrides: dict) -> dict:
-    params = load_params(
-        ROOT / "params.yaml", {**outcome.REGIMES[regime], **overrides, "base.seed": seed}
-    )
+    params = outcome.regime_params(regime, seed, overrides)
     started = time.perf_counter()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
