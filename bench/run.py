@@ -120,7 +120,7 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
     for n in sizes:
         images, labels = generate(n, seed=1)
         start = time.perf_counter()
-        probs, embeddings = clean.kfold_pred_probs(images, labels, 10, params, classes)
+        probs, embeddings, _ = clean.kfold_pred_probs(images, labels, 10, params, classes)
         kfold = time.perf_counter() - start
         start = time.perf_counter()
         clean.find_issues(labels, probs, filter_by=params.clean.filter_by)

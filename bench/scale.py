@@ -18,8 +18,8 @@ slopes (seconds and MiB per 100k images) and each stage's extrapolation to 1M, 1
 Then, on one more generated set, each at 1 and then 2 processes under torchrun (CPU), side by
 side in this run, every process with the threads OMP_NUM_THREADS gives it (set it: unset, one
 process takes every core and two take half each):
-  kfold    clean.kfold_pred_probs with the committed clean recipe (5 folds, 12 epochs, at least
-           150 steps each) over --kfold-images images: clean.nproc 1, then 2
+  kfold    clean.kfold_pred_probs with the committed clean recipe at one budget (5 folds, 12
+           epochs, at least 150 steps each) over --kfold-images images: clean.nproc 1, then 2
   predict  ensemble.predict_packed with members and embeddings, as the pseudolabel stage calls
            it, by a 3-member ensemble (train.top_k) over --predict-images packed images:
            pseudolabel.nproc 1, then 2
@@ -89,14 +89,14 @@ from pipeline.clean import kfold_pred_probs
 from pipeline.config import load_params
 from pipeline.io import read_array, read_json, read_table
 ingest, nproc, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-params = load_params("params.yaml", {"clean.nproc": nproc})
+params = load_params("params.yaml", {"clean.nproc": nproc, "clean.min_steps": 150})
 classes = read_json(ingest + "/classes.json")
 manifest = read_table(ingest + "/manifest.csv")
 rows = manifest[manifest["split"] == "train"].sample(n, random_state=0)  # every class
 labels = rows["label"].map(classes.index).to_numpy()
 images = read_array(ingest + "/images")[rows["row"].astype(int).to_numpy()]
 start = time.perf_counter()
-probs, embeddings = kfold_pred_probs(images, labels, len(classes), params, classes)
+probs, embeddings, _ = kfold_pred_probs(images, labels, len(classes), params, classes)
 seconds = time.perf_counter() - start
 np.savez(out + ".npz", probs=probs, embeddings=embeddings)
 json.dump({"call_seconds": seconds}, open(out + ".json", "w"))

@@ -7,7 +7,8 @@ Writes  <out>/train.csv        the cleaned training table the train stage reads
         <out>/pred_probs.npy   (N, K) out-of-sample probabilities, rows as in issues.csv
         <out>/embeddings.npy   (N, D) penultimate features of the second opinion (one model for
                                every row; the K-fold's when clean.recheck_steps is 0)
-        <out>/metrics.json     issues per type, noise estimate, label health, truth precision/recall
+        <out>/metrics.json     issues per type, noise estimate, label health, truth precision/recall,
+                               the K-fold budgets tried and the one kept
         <out>/report.html      gallery of flagged samples, worst first
 Params  base, clean (its own short K-fold recipe; clean.nproc > 1 spreads the folds over that many
         processes under torchrun), train.model (the model family), augment
@@ -20,6 +21,11 @@ issue is scored against the model's suggestion when that is confident
 (>= clean.relabel_threshold, or, with clean.recheck_relabel, the second opinion agrees at
 clean.recheck_threshold), otherwise left out of the score and counted: a noisy validation label
 would otherwise reward checkpoints that learned the noise.
+
+The K-fold's budget (clean.min_steps, optimizer steps per fold at least) is chosen per dataset
+when several are given: the K-fold runs at each, and the run whose out-of-fold predictions agree
+best with the given labels is kept (metrics.json `kfold_budgets`). Too long a run memorizes the
+wrong labels it should find (digits), too short a one leaves hard images underfit (photos).
 
 The second opinion is one model trained, after the K-fold, on the rows a first pass keeps. Its
 embeddings are the one space near-duplicate and outlier scores compare in. With
@@ -64,7 +70,7 @@ from pipeline.io import (
     write_table,
     write_text,
 )
-from pipeline.loop import fit
+from pipeline.loop import fit, passes_per_epoch
 from pipeline.model import build_model
 from pipeline.processes import job_folder, part_of, spread, usable
 from pipeline.quality import checks_for, image_issues
@@ -102,12 +108,13 @@ def kfold_pred_probs(
     classes: list[str],
     *,
     beside: Path | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """pred_probs (N, K) and embeddings (N, D), each row from the fold model that never saw it.
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """pred_probs (N, K) and embeddings (N, D), each row from the fold model that never saw it,
+    and the K-fold budgets tried (`budget_scores`).
 
-    With clean.nproc > 1 the folds run in that many processes under torchrun (fold f in process
-    f mod nproc: kfold_part), each seeded and trained as here, so on a CPU the numbers are the
-    same bit for bit (given the same threads per process). Their job folder goes beside `beside`.
+    With several budgets (clean.min_steps) the K-fold runs once per budget and keeps the run
+    whose out-of-fold predictions agree best with the given labels (`better`): held-out rows
+    are never trained on, so this is a cross-validated choice, made before any label is judged.
     """
     folds = params.clean.folds
     counts = np.bincount(labels, minlength=n_classes)
@@ -117,16 +124,79 @@ def kfold_pred_probs(
             f"fewer than clean.folds ({folds}): lower clean.folds or add images to that class"
         )
     splits = fold_splits(labels, params)
+    tried, best = [], None
+    for min_steps in distinct_budgets(params, len(splits[0][0])):
+        pred_probs, embeddings = one_kfold(
+            images, labels, n_classes, splits, params, classes, min_steps, beside
+        )
+        tried.append({"min_steps": min_steps, **budget_scores(labels, pred_probs)})
+        if best is None or better(tried[-1], best[0]):
+            best = (tried[-1], pred_probs, embeddings)
+    chosen, pred_probs, embeddings = best
+    for score in tried:
+        score["chosen"] = score is chosen
+    if len(tried) > 1:
+        log.info(
+            "clean: K-fold budgets, out-of-fold agreement with the given labels: %s; keeping %d",
+            ", ".join(
+                f"{s['min_steps']} steps {s['accuracy']:.1%} (log loss {s['log_loss']:.3f})"
+                for s in tried
+            ),
+            chosen["min_steps"],
+        )
+    return pred_probs, embeddings, tried
+
+
+def distinct_budgets(params: Params, n_train: int) -> list[int]:
+    """clean.min_steps, smallest first, less those that train a fold of n_train rows exactly as
+    a smaller one does (a set large enough makes every budget in clean.epochs on its own)."""
+    budgets, seen = [], set()
+    for min_steps in sorted(set(params.clean.min_steps)):
+        passes = passes_per_epoch(recipe(params, min_steps), n_train, params.clean.epochs)
+        if passes not in seen:
+            seen.add(passes)
+            budgets.append(min_steps)
+    return budgets
+
+
+def budget_scores(labels: np.ndarray, pred_probs: np.ndarray) -> dict:
+    """How well out-of-fold predictions agree with the given labels: accuracy and log loss."""
+    given = pred_probs[np.arange(len(labels)), labels]
+    return {
+        "accuracy": float((pred_probs.argmax(1) == labels).mean()),
+        "log_loss": float(-np.log(np.clip(given, 1e-12, None)).mean()),
+    }
+
+
+def better(a: dict, b: dict) -> bool:
+    """Budget score a beats b: higher accuracy against the given labels, then lower log loss; on
+    a tie the budget tried first (the smaller) stays. Under noise that flips labels uniformly at
+    random, agreement with the given labels ranks models as accuracy against the truth would;
+    a systematic confusion (every 7 labeled 1) can favour a model that learned it."""
+    return (a["accuracy"], -a["log_loss"]) > (b["accuracy"], -b["log_loss"])
+
+
+def one_kfold(images, labels, n_classes, splits, params, classes, min_steps, beside):
+    """The K-fold at one budget: (pred_probs (N, K), embeddings (N, D)).
+
+    With clean.nproc > 1 the folds run in that many processes under torchrun (fold f in process
+    f mod nproc: kfold_part), each seeded and trained as here, so on a CPU the numbers are the
+    same bit for bit (given the same threads per process). Their job folder goes beside `beside`.
+    """
+    folds = params.clean.folds
     nproc = usable(min(params.clean.nproc, folds))
     if nproc > 1:
         with job_folder(beside) as job:
             np.save(job / "images.npy", images)
             np.save(job / "labels.npy", labels)
-            write_json(job / "job.json", {"params": to_dict(params), "classes": classes})
+            write_json(
+                job / "job.json",
+                {"params": to_dict(params), "classes": classes, "min_steps": min_steps},
+            )
             spread(nproc, "kfold-part", job, "the clean stage's K-fold")
             results = [read_npz(job / f"fold-{fold:03d}.npz") for fold in range(folds)]
     else:
-        results = fold_predictions(images, labels, splits, range(folds), params, classes)
+        results = fold_predictions(images, labels, splits, range(folds), params, classes, min_steps)
     pred_probs = np.zeros((len(labels), n_classes), np.float32)
     embeddings = None
     for (_, held_idx), (probs, feats) in zip(splits, results):
@@ -152,13 +222,15 @@ def fold_predictions(
     folds: range,
     params: Params,
     classes: list[str],
+    min_steps: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """For each fold in `folds`: a model trained on its training rows, then its (probs (H, K),
-    embeddings (H, D)) for the H rows it held out. Each fold is seeded by its number alone."""
+    """For each fold in `folds`: a model trained on its training rows for at least `min_steps`
+    steps, then its (probs (H, K), embeddings (H, D)) for the H rows it held out. Each fold is
+    seeded by its number alone."""
     device = pick_device()
     augmentation = training_augmentation(params.augment, params.base, classes, device)
-    fold_recipe = recipe(params, params.clean.min_steps)
-    for fold in tqdm(folds, desc="clean: K-fold", unit="fold"):
+    fold_recipe = recipe(params, min_steps)
+    for fold in tqdm(folds, desc=f"clean: K-fold, {min_steps} steps", unit="fold"):
         train_idx, held_idx = splits[fold]
         torch.manual_seed(params.base.seed + fold)
         model = build_model(params.train.model, params.base.channels, len(classes))
@@ -185,7 +257,9 @@ def kfold_part(job: Path) -> None:
         labels = np.load(job / "labels.npy")
         mine = range(rank, params.clean.folds, world)
         splits = fold_splits(labels, params)
-        results = fold_predictions(images, labels, splits, mine, params, spec["classes"])
+        results = fold_predictions(
+            images, labels, splits, mine, params, spec["classes"], spec["min_steps"]
+        )
         for fold, (probs, feats) in zip(mine, results):
             np.savez(job / f"fold-{fold:03d}.npz", probs=probs, embeddings=feats)
 
@@ -526,7 +600,7 @@ def run(
     train_images = np.ascontiguousarray(images[table["row"].astype(int).to_numpy()])
 
     # Out-of-sample probabilities, with the augmentation policy the final model will use.
-    pred_probs, kfold_embeddings = kfold_pred_probs(
+    pred_probs, kfold_embeddings, budgets = kfold_pred_probs(
         train_images, labels, len(classes), params, classes, beside=out_dir
     )
     found = find_issues(labels, pred_probs, filter_by=params.clean.filter_by)
@@ -648,6 +722,7 @@ def run(
 
     metrics = clean_metrics(labels, pred_probs, decided, types, classes, unmatched)
     metrics["policy_applied"] = policy
+    metrics["kfold_budgets"] = budgets
     metrics["datalab"] = datalab[2] if datalab else "not installed: pip install -e '.[datalab]'"
     metrics["relabeled_by_second_opinion"] = int(
         (decided["reason"].str.startswith("relabel_recheck") & ~is_val).sum()
@@ -723,6 +798,10 @@ def clean_metrics(labels, pred_probs, decided, types, classes, unmatched) -> dic
     return metrics
 
 
+def _chosen(metrics: dict) -> dict | None:
+    return next((b for b in metrics.get("kfold_budgets", []) if b["chosen"]), None)
+
+
 def render(
     decided: pd.DataFrame, images: np.ndarray, metrics: dict, limit: int, data_dir: Path
 ) -> str:
@@ -734,6 +813,7 @@ def render(
         ("estimated noise", f"{metrics['estimated_noise_rate']:.1%}"),
         ("label health", f"{metrics['label_health_score']:.2f}"),
         ("out-of-sample accuracy", f"{metrics['out_of_sample_accuracy']:.1%}"),
+        ("K-fold budget", f"{chosen['min_steps']} steps" if (chosen := _chosen(metrics)) else "-"),
     ]
     if truth:
         summary += [
@@ -756,6 +836,13 @@ def render(
             f"<div class='path'>{report.esc(row.path)}</div></div>"
         )
     by_type = report.table(["issue type", "count"], sorted(metrics["issues_by_type"].items()))
+    budgets = report.table(
+        ["steps per fold at least", "agreement with the given labels", "log loss", "kept"],
+        [
+            (b["min_steps"], f"{b['accuracy']:.1%}", f"{b['log_loss']:.3f}", "yes" * b["chosen"])
+            for b in metrics.get("kfold_budgets", [])
+        ],
+    )
     per_class = report.table(
         ["class", "estimated noise"], [(k, v) for k, v in metrics["noise_per_class"].items()]
     )
@@ -769,6 +856,9 @@ def render(
         "the models disagree with. Worst label quality first.</p>"
         + report.cards(summary)
         + f"<h2>Issues by type</h2>{by_type}<h2>Estimated noise per class</h2>{per_class}"
+        + "<h2>K-fold budgets tried</h2><p class='muted'>The run whose held-out predictions "
+        "agree best with the given labels is kept (clean.min_steps).</p>"
+        + budgets
         + f"<h2>Most overlapping classes</h2>{pairs}"
         + f"<h2>Flagged samples ({len(flagged)}, showing {min(limit, len(flagged))})</h2>"
         + f"<div class='gallery'>{''.join(tiles)}</div>"

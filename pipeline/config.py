@@ -32,6 +32,11 @@ def num(default: float, lo: float | None = None, hi: float | None = None, *, ope
     return field(default=default, metadata={"range": (lo, hi, open_lo)})
 
 
+def budgets(default: tuple, lo: float | None = None, hi: float | None = None):
+    """One number or a list of them, each in [lo, hi]: always read as a tuple."""
+    return field(default=default, metadata={"range": (lo, hi, False), "one_or_more": True})
+
+
 def prob(default: float):
     return num(default, 0.0, 1.0)
 
@@ -240,7 +245,11 @@ class CleanConfig:
     # K-fold models share train.model but have their own short recipe, so tuning the final
     # model's optimizer (train.lr, ...) does not rerun cleaning.
     epochs: int = num(12, 1, 1000)
-    min_steps: int = num(150, 0, 10_000_000)  # at least this many optimizer steps per fold
+    # At least this many optimizer steps per fold. With several budgets the K-fold runs once
+    # per budget and keeps the one whose out-of-fold predictions agree best with the given
+    # labels: too long a run memorizes the wrong labels it should find, too short a one is
+    # underfit, and which happens depends on the data.
+    min_steps: tuple[int, ...] = budgets((150, 600), 0, 10_000_000)
     lr: float = num(3e-3, 0.0, 10.0, open_lo=True)
     weight_decay: float = num(5e-4, 0.0, 1.0)  # AdamW, cosine schedule
     batch_size: int = num(64, 1, 65536)
@@ -424,6 +433,10 @@ def _convert(hint: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) 
         }
     if origin is tuple:
         args = typing.get_args(hint)
+        if meta.get("one_or_more"):
+            value = value if isinstance(value, list | tuple) else [value]
+            if not value:
+                raise PipelineError(f"{where}: expected at least one value, got []")
         if not isinstance(value, list | tuple):
             raise PipelineError(f"{where}: expected a list, got {_describe(value)}")
         if len(args) == 2 and args[1] is Ellipsis:

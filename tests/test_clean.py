@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, PngImagePlugin
+from sklearn.datasets import load_digits
 
 from pipeline import clean, ingest, inputs
 from pipeline.config import load_params
@@ -304,3 +305,41 @@ def test_noise_guard_falls_back_to_flag_when_the_folds_are_near_chance():
     confident = np.full((len(labels), 10), 0.01, np.float32)
     confident[np.arange(len(labels)), labels] = 0.91
     assert clean.guarded_policy(labels, confident, "relabel", 0.4) == ("relabel", "")
+
+
+def _digit_set(per_class=30, flip=0.2, seed=0):
+    """sklearn digits as the K-fold sees them: (N, 8, 8, 1) uint8 and labels, some flipped."""
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([np.flatnonzero(digits.target == k)[:per_class] for k in range(3)])
+    images = (digits.images[rows] * 16).clip(0, 255).astype(np.uint8)[..., None]
+    labels = digits.target[rows].copy()
+    flipped = rng.choice(len(rows), int(flip * len(rows)), replace=False)
+    labels[flipped] = (labels[flipped] + 1) % 3
+    return images, labels
+
+
+def test_the_k_fold_keeps_the_budget_that_agrees_best_with_the_given_labels(tmp_path):
+    images, labels = _digit_set()
+    classes = ["0", "1", "2"]
+    params = load_params(write_params(tmp_path, {"clean": {"min_steps": [120, 0, 5]}}))
+    probs, embeddings, tried = clean.kfold_pred_probs(images, labels, 3, params, classes)
+    # 5 steps train a fold exactly as 0 do (its 8 epochs make more): run once, smallest first
+    assert [t["min_steps"] for t in tried] == [0, 120]
+    best = max(tried, key=lambda t: (t["accuracy"], -t["log_loss"]))
+    assert [t["chosen"] for t in tried] == [t is best for t in tried]
+    for t in tried:  # the scores are those of the run's own out-of-fold predictions
+        one = load_params(write_params(tmp_path, {"clean": {"min_steps": t["min_steps"]}}))
+        alone, alone_embeddings, _ = clean.kfold_pred_probs(images, labels, 3, one, classes)
+        assert clean.budget_scores(labels, alone) == {k: t[k] for k in ("accuracy", "log_loss")}
+        if t["chosen"]:  # and what the stage goes on with is the chosen run, bit for bit
+            assert np.array_equal(alone, probs)
+            assert np.array_equal(alone_embeddings, embeddings)
+
+
+def test_a_budget_wins_on_agreement_then_log_loss_then_the_smaller_stays():
+    low = {"accuracy": 0.70, "log_loss": 1.2}
+    assert clean.better({"accuracy": 0.71, "log_loss": 1.5}, low)
+    assert clean.better({"accuracy": 0.70, "log_loss": 1.1}, low)
+    assert not clean.better(dict(low), low)
+    assert not clean.better({"accuracy": 0.69, "log_loss": 0.1}, low)

@@ -38,6 +38,8 @@ def test_project_params_load():
         ({"augment": {"hsv": {"p": 0.5}}}, "augment.hsv.p: HSV shifts need colour images"),
         ({"pseudolabel": {"balance": "yes"}}, "pseudolabel.balance: expected true or false"),
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
+        ({"clean": {"min_steps": []}}, "clean.min_steps: expected at least one value"),
+        ({"clean": {"min_steps": [150, -1]}}, "clean.min_steps[1]: -1 is out of range"),
     ],
 )
 def test_refuses_bad_params_with_key_path(tmp_path, extra, expected, record):
@@ -49,6 +51,12 @@ def test_refuses_bad_params_with_key_path(tmp_path, extra, expected, record):
         "params",
         "hand-picked bad values: wrong type, out of range, unknown key or choice",
         "refused with the key path and what is allowed",
+    )
+
+
+def test_one_k_fold_budget_may_be_written_as_a_number(tmp_path):
+    assert load_params(write_params(tmp_path, {"clean": {"min_steps": 600}})).clean.min_steps == (
+        600,
     )
 
 
