@@ -196,7 +196,10 @@ def one_kfold(images, labels, n_classes, splits, params, classes, min_steps, bes
             spread(nproc, "kfold-part", job, "the clean stage's K-fold")
             results = [read_npz(job / f"fold-{fold:03d}.npz") for fold in range(folds)]
     else:
-        results = fold_predictions(images, labels, splits, range(folds), params, classes, min_steps)
+        folds_run = fold_predictions(
+            images, labels, splits, range(folds), params, classes, min_steps
+        )
+        results = list(folds_run)  # run to the end, so the progress bar closes at folds/folds
     pred_probs = np.zeros((len(labels), n_classes), np.float32)
     embeddings = None
     for (_, held_idx), (probs, feats) in zip(splits, results):

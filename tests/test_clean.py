@@ -328,6 +328,7 @@ def test_the_k_fold_keeps_the_budget_that_agrees_best_with_the_given_labels(tmp_
     assert [t["min_steps"] for t in tried] == [0, 120]
     best = max(tried, key=lambda t: (t["accuracy"], -t["log_loss"]))
     assert [t["chosen"] for t in tried] == [t is best for t in tried]
+    assert best["min_steps"] == 120  # 16 steps leave these folds underfit: not the first tried
     for t in tried:  # the scores are those of the run's own out-of-fold predictions
         one = load_params(write_params(tmp_path, {"clean": {"min_steps": t["min_steps"]}}))
         alone, alone_embeddings, _ = clean.kfold_pred_probs(images, labels, 3, one, classes)

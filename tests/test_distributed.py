@@ -6,6 +6,7 @@ Every process runs one CPU thread (OMP_NUM_THREADS=1): training's float rounding
 thread count, so one process is compared with several at the same threads per process.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -72,11 +73,15 @@ def test_two_process_kfold_equals_one_process(project):
     )
     ingest.run(data, project / "ingest", load_params(project / "params.yaml"))
     for nproc in (1, 2):
-        # no second opinion: embeddings.npy is then the K-fold's own; 3 folds on 2 processes
-        write_params(project, {"clean": {"nproc": nproc, "recheck_steps": 0}})
+        # no second opinion: embeddings.npy is then the K-fold's own; 3 folds on 2 processes,
+        # at each of two budgets
+        clean_params = {"nproc": nproc, "recheck_steps": 0, "min_steps": [0, 60]}
+        write_params(project, {"clean": clean_params})
         result = pipeline_cli(project, f"clean --ingest ingest --data-dir data --out clean{nproc}")
     assert "the clean stage's K-fold: 2 processes under torchrun" in result.stderr
     same_outputs(project / "clean1", project / "clean2")
+    budgets = json.loads((project / "clean2" / "metrics.json").read_text())["kfold_budgets"]
+    assert [b["min_steps"] for b in budgets] == [0, 60]
     probs = np.load(project / "clean2" / "pred_probs.npy")
     assert probs.shape == (90, 3) and (probs.sum(1) > 0.99).all()  # every fold's rows filled
     no_job_folders_left(project)
