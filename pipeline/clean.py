@@ -125,7 +125,7 @@ def kfold_pred_probs(
         )
     splits = fold_splits(labels, params)
     tried, best = [], None
-    for min_steps in distinct_budgets(params, len(splits[0][0])):
+    for min_steps in distinct_budgets(params, [len(train_idx) for train_idx, _ in splits]):
         pred_probs, embeddings = one_kfold(
             images, labels, n_classes, splits, params, classes, min_steps, beside
         )
@@ -147,12 +147,14 @@ def kfold_pred_probs(
     return pred_probs, embeddings, tried
 
 
-def distinct_budgets(params: Params, n_train: int) -> list[int]:
-    """clean.min_steps, smallest first, less those that train a fold of n_train rows exactly as
-    a smaller one does (a set large enough makes every budget in clean.epochs on its own)."""
+def distinct_budgets(params: Params, fold_sizes: list[int]) -> list[int]:
+    """clean.min_steps, smallest first, less those that train every fold (of fold_sizes training
+    rows) exactly as a smaller one does: a set large enough makes every budget in clean.epochs
+    on its own."""
     budgets, seen = [], set()
     for min_steps in sorted(set(params.clean.min_steps)):
-        passes = passes_per_epoch(recipe(params, min_steps), n_train, params.clean.epochs)
+        fold_recipe = recipe(params, min_steps)
+        passes = tuple(passes_per_epoch(fold_recipe, n, params.clean.epochs) for n in fold_sizes)
         if passes not in seen:
             seen.add(passes)
             budgets.append(min_steps)
@@ -170,13 +172,22 @@ def budget_scores(labels: np.ndarray, pred_probs: np.ndarray) -> dict:
 
 def better(a: dict, b: dict) -> bool:
     """Budget score a beats b: higher accuracy against the given labels, then lower log loss; on
-    a tie the budget tried first (the smaller) stays. Under noise that flips labels uniformly at
-    random, agreement with the given labels ranks models as accuracy against the truth would;
-    a systematic confusion (every 7 labeled 1) can favour a model that learned it."""
+    a tie the budget tried first (the smaller) stays. When labels are flipped at random, the
+    expected accuracy against them rises with accuracy against the truth; a systematic
+    confusion (every 7 labeled 1) can favour a model that learned it."""
     return (a["accuracy"], -a["log_loss"]) > (b["accuracy"], -b["log_loss"])
 
 
-def one_kfold(images, labels, n_classes, splits, params, classes, min_steps, beside):
+def one_kfold(
+    images: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    params: Params,
+    classes: list[str],
+    min_steps: int,
+    beside: Path | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The K-fold at one budget: (pred_probs (N, K), embeddings (N, D)).
 
     With clean.nproc > 1 the folds run in that many processes under torchrun (fold f in process
@@ -842,7 +853,12 @@ def render(
     budgets = report.table(
         ["steps per fold at least", "agreement with the given labels", "log loss", "kept"],
         [
-            (b["min_steps"], f"{b['accuracy']:.1%}", f"{b['log_loss']:.3f}", "yes" * b["chosen"])
+            (
+                b["min_steps"],
+                f"{b['accuracy']:.1%}",
+                f"{b['log_loss']:.3f}",
+                "yes" if b["chosen"] else "",
+            )
             for b in metrics.get("kfold_budgets", [])
         ],
     )

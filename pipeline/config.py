@@ -434,7 +434,8 @@ def _convert(hint: Any, value: Any, where: str, meta: typing.Mapping[str, Any]) 
     if origin is tuple:
         args = typing.get_args(hint)
         if meta.get("one_or_more"):
-            value = value if isinstance(value, list | tuple) else [value]
+            if not isinstance(value, list | tuple):
+                return (_convert(args[0], value, where, meta),)
             if not value:
                 raise PipelineError(f"{where}: expected at least one value, got []")
         if not isinstance(value, list | tuple):

@@ -338,7 +338,7 @@ def test_the_k_fold_keeps_the_budget_that_agrees_best_with_the_given_labels(tmp_
             assert np.array_equal(alone_embeddings, embeddings)
 
 
-def test_a_budget_wins_on_agreement_then_log_loss_then_the_smaller_stays():
+def test_a_budget_wins_on_agreement_then_log_loss_and_a_tie_keeps_the_one_tried_first():
     low = {"accuracy": 0.70, "log_loss": 1.2}
     assert clean.better({"accuracy": 0.71, "log_loss": 1.5}, low)
     assert clean.better({"accuracy": 0.70, "log_loss": 1.1}, low)

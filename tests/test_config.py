@@ -40,6 +40,7 @@ def test_project_params_load():
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
         ({"clean": {"min_steps": []}}, "clean.min_steps: expected at least one value"),
         ({"clean": {"min_steps": [150, -1]}}, "clean.min_steps[1]: -1 is out of range"),
+        ({"clean": {"min_steps": "long"}}, "clean.min_steps: expected an integer"),
     ],
 )
 def test_refuses_bad_params_with_key_path(tmp_path, extra, expected, record):
