@@ -148,9 +148,7 @@ def thumbnail(path: Path, max_side: int = 96) -> np.ndarray | None:
                 if not 0 < width * height <= THUMBNAIL_MAX_PIXELS:
                     return None
                 image.draft("RGB", (max_side, max_side))
-                image = ImageOps.exif_transpose(image)
-                gray = image.mode in ("1", "L", "LA", "I", "F") or image.mode.startswith("I;16")
-                image, _ = _normalize_mode(image, 1 if gray else 3)  # as ingest: 16-bit scaled
+                image = as_decoded(ImageOps.exif_transpose(image))
                 image.thumbnail((max_side, max_side))
                 return np.asarray(image, dtype=np.uint8)
         except Exception:  # noqa: BLE001 - a missing or broken file only costs the picture
@@ -198,6 +196,13 @@ def _content_box(
     left = size[0] - width if orientation in (2, 3, 6, 7) else 0
     top = size[1] - height if orientation in (3, 4, 7, 8) else 0
     return (left, top, left + width, top + height)
+
+
+def as_decoded(image: Image.Image) -> Image.Image:
+    """The image in L or RGB as ingest decodes it (16-bit scaled, palette expanded, alpha over
+    black), at its own size; grayscale modes stay grayscale."""
+    gray = image.mode in ("1", "L", "LA", "La", "I", "F") or image.mode.startswith("I;16")
+    return _normalize_mode(image, 1 if gray else 3)[0]
 
 
 def _normalize_mode(image: Image.Image, channels: int) -> tuple[Image.Image, str]:

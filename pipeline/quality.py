@@ -11,11 +11,14 @@ on the file itself rather than on a letterboxed 16-px array.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from pipeline.config import QualityConfig
+from pipeline.images import as_decoded
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,12 @@ QUALITY_CHECKS = (
     "odd_size",
     "grayscale",
 )
+
+
+# The modes CleanVision's checks read as they are meant. It reads each file itself: two-channel
+# images (LA, PA) crash its brightness check, which indexes a third channel, and 16-bit, palette
+# and alpha images would be scored on raw values; those are checked on a decoded copy.
+CLEANVISION_MODES = ("L", "RGB")
 
 
 def checks_for(channels: int) -> tuple[str, ...]:
@@ -50,9 +59,10 @@ def cleanvision_params(cfg: QualityConfig) -> dict[str, dict]:
 
 def image_issues(paths: list[Path], cfg: QualityConfig, channels: int) -> pd.DataFrame:
     """is_<check>_issue and <check>_score (CleanVision's, in [0, 1], lower = worse) for each
-    file, rows in the order of `paths`. The files are read once more, one process. A file that
-    is gone since ingest (a data/ edited without `dvc repro`) gets no scores and no flags, and
-    one warning says how many."""
+    file, rows in the order of `paths`. The files are read once more, one process; an image in
+    a mode CleanVision misreads is checked on a decoded copy (`checkable`). A file that is gone
+    since ingest (a data/ edited without `dvc repro`) gets no scores and no flags, and one
+    warning says how many; if CleanVision fails, no file is flagged and a warning says why."""
     from cleanvision import Imagelab  # imports matplotlib and friends: only when needed
 
     checks = checks_for(channels)
@@ -67,15 +77,46 @@ def image_issues(paths: list[Path], cfg: QualityConfig, channels: int) -> pd.Dat
             len(files),
             next(f for f in files if f not in set(present)),
         )
-    if not present:
-        found = pd.DataFrame(index=files, columns=columns)
-    else:
-        lab = Imagelab(filepaths=present, verbose=False)
+    found = pd.DataFrame(index=files, columns=columns)
+    if present:
         wanted = cleanvision_params(cfg)
-        lab.find_issues(issue_types={n: wanted[n] for n in checks}, n_jobs=1, verbose=False)
-        found = lab.issues.reindex(files)
+        with tempfile.TemporaryDirectory() as folder:
+            checked = checkable(present, Path(folder))
+            lab = Imagelab(filepaths=checked, verbose=False)
+            try:
+                lab.find_issues(issue_types={n: wanted[n] for n in checks}, n_jobs=1, verbose=False)
+            except Exception as exc:  # noqa: BLE001 - a library failure costs these flags only
+                log.warning(
+                    "image checks: CleanVision failed (%s: %s); no image is flagged dark, "
+                    "blurry, odd-sized and so on this run; the label checks are unaffected",
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                issues = lab.issues.reindex(checked)
+                issues.index = present
+                found = issues.reindex(files)
     for name in checks:
         flag = found[f"is_{name}_issue"]
         found[f"is_{name}_issue"] = flag.where(flag.notna(), False).astype(bool)
         found[f"{name}_score"] = found[f"{name}_score"].astype(float)
     return found[columns].reset_index(drop=True)
+
+
+def checkable(files: list[str], folder: Path) -> list[str]:
+    """`files`, each image in a mode outside CLEANVISION_MODES replaced by a copy in `folder`, as
+    ingest decodes it at the file's own size. The originals are only read."""
+    out = []
+    for index, file in enumerate(files):
+        try:
+            with Image.open(file) as image:
+                if image.mode in CLEANVISION_MODES:
+                    out.append(file)
+                    continue
+                copy = folder / f"{index:06d}.png"
+                as_decoded(image).save(copy)
+        except OSError:  # unreadable since ingest: CleanVision meets it as it is
+            out.append(file)
+            continue
+        out.append(str(copy))
+    return out

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from sklearn.datasets import load_digits
 
-from pipeline import clean, ingest, inputs
+from pipeline import clean, ingest, inputs, quality
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -344,3 +344,32 @@ def test_a_budget_wins_on_agreement_then_log_loss_and_a_tie_keeps_the_one_tried_
     assert clean.better({"accuracy": 0.70, "log_loss": 1.1}, low)
     assert not clean.better(dict(low), low)
     assert not clean.better({"accuracy": 0.69, "log_loss": 0.1}, low)
+
+
+def test_image_checks_score_every_mode_ingest_accepts_and_leave_the_files_alone(tmp_path, record):
+    """CleanVision reads the files itself; a two-channel image (LA) used to crash it."""
+    files = []
+    for mode, color, fmt, *save in [
+        ("L", 30, "PNG"),
+        ("LA", (200, 255), "PNG"),
+        ("P", 3, "PNG"),
+        ("P", 3, "GIF", {"transparency": 3}),
+        ("I;16", 40000, "PNG"),
+        ("1", 1, "PNG"),
+        ("RGBA", (255, 255, 255, 128), "PNG"),
+        ("CMYK", (0, 0, 0, 0), "JPEG"),
+        ("RGB", (10, 200, 30), "PNG"),
+    ]:
+        path = tmp_path / f"{mode.replace(';', '_')}.{fmt.lower()}"
+        Image.new(mode, (24, 16), color).save(path, format=fmt, **(save[0] if save else {}))
+        files.append(path)
+    before = {p: p.read_bytes() for p in files}
+    params = load_params(write_params(tmp_path))
+    found = quality.image_issues(files, params.clean.quality, channels=3)
+    assert len(found) == len(files)
+    for name in quality.checks_for(3):
+        assert found[f"{name}_score"].between(0, 1).all(), name
+    assert found.set_axis([p.stem for p in files])["is_grayscale_issue"]["LA"]  # read as gray
+    assert {p: p.read_bytes() for p in files} == before
+    record("input", "LA, palette, transparent GIF, 16-bit, 1-bit, RGBA, CMYK files at the image checks",
+           "scored on a decoded copy; the files untouched", cases=7)  # fmt: skip
