@@ -112,6 +112,7 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
     from pipeline.config import load_params
     from pipeline.device import pick_device
     from pipeline.ensemble import predict_proba
+    from pipeline.kfold import kfold_pred_probs
     from pipeline.model import build_model
 
     params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
@@ -120,7 +121,7 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
     for n in sizes:
         images, labels = generate(n, seed=1)
         start = time.perf_counter()
-        probs, embeddings, _ = clean.kfold_pred_probs(images, labels, 10, params, classes)
+        probs, embeddings, _ = kfold_pred_probs(images, labels, 10, params, classes)
         kfold = time.perf_counter() - start
         start = time.perf_counter()
         clean.find_issues(labels, probs, filter_by=params.clean.filter_by)

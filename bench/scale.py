@@ -18,7 +18,7 @@ slopes (seconds and MiB per 100k images) and each stage's extrapolation to 1M, 1
 Then, on one more generated set, each at 1 and then 2 processes under torchrun (CPU), side by
 side in this run, every process with the threads OMP_NUM_THREADS gives it (set it: unset, one
 process takes every core and two take half each):
-  kfold    clean.kfold_pred_probs with the committed clean recipe at one budget (5 folds, 12
+  kfold    pipeline.kfold.kfold_pred_probs with the committed clean recipe at one budget (5 folds, 12
            epochs, at least 150 steps each) over --kfold-images images: clean.nproc 1, then 2
   predict  ensemble.predict_packed with members and embeddings, as the pseudolabel stage calls
            it, by a 3-member ensemble (train.top_k) over --predict-images packed images:
@@ -85,7 +85,7 @@ fit(model, Samples(images, labels), None, params.train, seed=0, device=torch.dev
 
 KFOLD = """
 import json, sys, time, numpy as np
-from pipeline.clean import kfold_pred_probs
+from pipeline.kfold import kfold_pred_probs
 from pipeline.config import load_params
 from pipeline.io import read_array, read_json, read_table
 ingest, nproc, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -184,7 +184,7 @@ JobArg = Annotated[Path, typer.Argument(help="job folder the launching process w
 @app.command("kfold-part", hidden=True)
 def kfold_part(job: JobArg) -> None:
     """One process's folds of the clean stage's K-fold (clean.nproc > 1), under torchrun."""
-    from pipeline.clean import kfold_part as part
+    from pipeline.kfold import kfold_part as part
 
     part(job)
 

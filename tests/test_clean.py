@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 from sklearn.datasets import load_digits
 
-from pipeline import clean, ingest, inputs, quality
+from pipeline import clean, ingest, inputs, kfold, quality
 from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
@@ -323,7 +323,7 @@ def test_the_k_fold_keeps_the_budget_that_agrees_best_with_the_given_labels(tmp_
     images, labels = _digit_set()
     classes = ["0", "1", "2"]
     params = load_params(write_params(tmp_path, {"clean": {"min_steps": [120, 0, 5]}}))
-    probs, embeddings, tried = clean.kfold_pred_probs(images, labels, 3, params, classes)
+    probs, embeddings, tried = kfold.kfold_pred_probs(images, labels, 3, params, classes)
     # 5 steps train a fold exactly as 0 do (its 8 epochs make more): run once, smallest first
     assert [t["min_steps"] for t in tried] == [0, 120]
     best = max(tried, key=lambda t: (t["accuracy"], -t["log_loss"]))
@@ -331,8 +331,8 @@ def test_the_k_fold_keeps_the_budget_that_agrees_best_with_the_given_labels(tmp_
     assert best["min_steps"] == 120  # 16 steps leave these folds underfit: not the first tried
     for t in tried:  # the scores are those of the run's own out-of-fold predictions
         one = load_params(write_params(tmp_path, {"clean": {"min_steps": t["min_steps"]}}))
-        alone, alone_embeddings, _ = clean.kfold_pred_probs(images, labels, 3, one, classes)
-        assert clean.budget_scores(labels, alone) == {k: t[k] for k in ("accuracy", "log_loss")}
+        alone, alone_embeddings, _ = kfold.kfold_pred_probs(images, labels, 3, one, classes)
+        assert kfold.budget_scores(labels, alone) == {k: t[k] for k in ("accuracy", "log_loss")}
         if t["chosen"]:  # and what the stage goes on with is the chosen run, bit for bit
             assert np.array_equal(alone, probs)
             assert np.array_equal(alone_embeddings, embeddings)
@@ -340,10 +340,10 @@ def test_the_k_fold_keeps_the_budget_that_agrees_best_with_the_given_labels(tmp_
 
 def test_a_budget_wins_on_agreement_then_log_loss_and_a_tie_keeps_the_one_tried_first():
     low = {"accuracy": 0.70, "log_loss": 1.2}
-    assert clean.better({"accuracy": 0.71, "log_loss": 1.5}, low)
-    assert clean.better({"accuracy": 0.70, "log_loss": 1.1}, low)
-    assert not clean.better(dict(low), low)
-    assert not clean.better({"accuracy": 0.69, "log_loss": 0.1}, low)
+    assert kfold.better({"accuracy": 0.71, "log_loss": 1.5}, low)
+    assert kfold.better({"accuracy": 0.70, "log_loss": 1.1}, low)
+    assert not kfold.better(dict(low), low)
+    assert not kfold.better({"accuracy": 0.69, "log_loss": 0.1}, low)
 
 
 def test_image_checks_score_every_mode_ingest_accepts_and_leave_the_files_alone(tmp_path, record):
