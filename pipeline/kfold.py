@@ -11,6 +11,7 @@ torchrun (`kfold_part`, the hidden `kfold-part` command).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,14 +72,22 @@ def kfold_pred_probs(
             f"fewer than clean.folds ({folds}): lower clean.folds or add images to that class"
         )
     splits = fold_splits(labels, params)
+    budgets = distinct_budgets(params, [len(train_idx) for train_idx, _ in splits])
+    nproc = usable(min(params.clean.nproc, folds))
     tried, best = [], None
-    for min_steps in distinct_budgets(params, [len(train_idx) for train_idx, _ in splits]):
-        pred_probs, embeddings = one_kfold(
-            images, labels, n_classes, splits, params, classes, min_steps, beside
-        )
-        tried.append({"min_steps": min_steps, **budget_scores(labels, pred_probs)})
-        if best is None or better(tried[-1], best[0]):
-            best = (tried[-1], pred_probs, embeddings)
+    with contextlib.ExitStack() as stack:
+        job = None
+        if nproc > 1:  # the processes' inputs, written once for every budget
+            job = stack.enter_context(job_folder(beside))
+            np.save(job / "images.npy", images)
+            np.save(job / "labels.npy", labels)
+        for min_steps in budgets:
+            pred_probs, embeddings = one_kfold(
+                images, labels, n_classes, splits, params, classes, min_steps, job, nproc
+            )
+            tried.append({"min_steps": min_steps, **budget_scores(labels, pred_probs)})
+            if best is None or better(tried[-1], best[0]):
+                best = (tried[-1], pred_probs, embeddings)
     chosen, pred_probs, embeddings = best
     for score in tried:
         score["chosen"] = score is chosen
@@ -133,26 +142,24 @@ def one_kfold(
     params: Params,
     classes: list[str],
     min_steps: int,
-    beside: Path | None,
+    job: Path | None,
+    nproc: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The K-fold at one budget: (pred_probs (N, K), embeddings (N, D)).
 
-    With clean.nproc > 1 the folds run in that many processes under torchrun (fold f in process
-    f mod nproc: kfold_part), each seeded and trained as here, so on a CPU the numbers are the
-    same bit for bit (given the same threads per process). Their job folder goes beside `beside`.
+    With a job folder (clean.nproc > 1; images.npy and labels.npy in it) the folds run in
+    `nproc` processes under torchrun (fold f in process f mod nproc: kfold_part), each seeded
+    and trained as here, so on a CPU the numbers are the same bit for bit (given the same
+    threads per process).
     """
     folds = params.clean.folds
-    nproc = usable(min(params.clean.nproc, folds))
-    if nproc > 1:
-        with job_folder(beside) as job:
-            np.save(job / "images.npy", images)
-            np.save(job / "labels.npy", labels)
-            write_json(
-                job / "job.json",
-                {"params": to_dict(params), "classes": classes, "min_steps": min_steps},
-            )
-            spread(nproc, "kfold-part", job, "the clean stage's K-fold")
-            results = [read_npz(job / f"fold-{fold:03d}.npz") for fold in range(folds)]
+    if job is not None:
+        write_json(
+            job / "job.json",
+            {"params": to_dict(params), "classes": classes, "min_steps": min_steps},
+        )
+        spread(nproc, "kfold-part", job, "the clean stage's K-fold")
+        results = [read_npz(job / f"fold-{fold:03d}.npz") for fold in range(folds)]
     else:
         folds_run = fold_predictions(
             images, labels, splits, range(folds), params, classes, min_steps

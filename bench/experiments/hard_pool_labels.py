@@ -55,6 +55,7 @@ human = read_table(work / "clean" / "train.csv")
 human_images = np.asarray(Rows(read_array(work / "ingest" / "images"), human["row"].astype(int)))
 probs, pool_emb = teacher.predict(pool, embeddings=True)
 _, human_emb = teacher.predict(human_images, embeddings=True)
+teacher_says = classes[probs[left].argmax(1)]
 
 
 def right(predicted: np.ndarray) -> float:
@@ -68,19 +69,20 @@ out = {
     "pool_images": len(table),
     "left_out": int(left.sum()),
     "set_accuracy": round(float((table["label"].to_numpy(str) == true)[accepted].mean()), 4),
-    "teacher": right(classes[probs[left].argmax(1)]),
+    "teacher": right(teacher_says),
     "shift TTA": right(
         classes[np.mean([teacher.predict(s) for s in shifted(pool[left])], 0).argmax(1)]
     ),
 }
 for k in (5, 10, 20):
     knn = KNeighborsClassifier(k, weights="distance").fit(known, known_y)
-    out[f"kNN {k}"] = right(knn.predict(unit(pool_emb[left])))
+    knn_says = knn.predict(unit(pool_emb[left]))
+    out[f"kNN {k}"] = right(knn_says)
     if k == 10:
-        agree = knn.predict(unit(pool_emb[left])) == classes[probs[left].argmax(1)]
+        agree = knn_says == teacher_says
         out["kNN 10 and teacher agree, share"] = round(float(agree.mean()), 4)
         out["kNN 10 and teacher agree, right"] = round(
-            float((classes[probs[left].argmax(1)] == true[left])[agree].mean()), 4
+            float((teacher_says == true[left])[agree].mean()), 4
         )
 graph = np.concatenate([known, unit(pool_emb[left])])
 index = {name: i for i, name in enumerate(classes)}
