@@ -530,7 +530,7 @@ def run(
         raise PipelineError(
             "the validation split is empty: raise clean.val_fraction or clean.val_min_per_class"
         )
-    cleaned = kept[["id", "path", "row", "label", "given_label", "decision"]]
+    cleaned = kept[["id", "path", "row", "label", "given_label", "decision", "reason"]]
 
     metrics = clean_metrics(labels, pred_probs, decided, types, classes, unmatched)
     metrics["policy_applied"] = policy

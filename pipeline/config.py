@@ -234,6 +234,10 @@ class TrainConfig:
     monitor: str = choice("val_loss", "val_acc")  # what early stopping and top-k rank by
     patience: int = num(6, 1)  # epochs without improvement before stopping
     top_k: int = num(3, 1, 100)  # checkpoints averaged into the round's prediction
+    # Rounds r001 on: a model of the pseudo-labels alone checks the human training rows; a row
+    # whose label it gives at most this calibrated probability (and another class at least half)
+    # is trained on as that class (pipeline/crosscheck.py). 0 = off
+    crosscheck: float = num(0.01, 0.0, 0.5)
     num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
     compile: bool = False  # torch.compile the model for training
     nproc: int = num(1, 1, 64)  # processes under torchrun (one per GPU; gloo on CPU)

@@ -291,7 +291,7 @@ def fit(
                 record.update(evaluate([model], val, device))
             x = to_input(torch.from_numpy(np.ascontiguousarray(probe)), device)
             record["activations"] = activation_stats(model, x, bins)
-        record = _from_lead(record, shard)
+        record = from_lead(record, shard)
         history.append(record)
         bar.set_postfix(
             {k: f"{record[k]:.3f}" for k in ("train_loss", "val_loss", "val_acc") if k in record}
@@ -307,11 +307,11 @@ def fit(
     return FitResult(history, kept, diagnose(history, cfg))
 
 
-def _from_lead(record: dict, shard: Shard) -> dict:
-    """The first process's record, on every process."""
+def from_lead(value, shard: Shard):
+    """The first process's `value` (anything picklable), on every process."""
     if shard.world == 1:
-        return record
-    box = [record]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

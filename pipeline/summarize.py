@@ -45,6 +45,7 @@ def collect_rounds(reports: Path) -> pd.DataFrame:
                 "round": folder.name,
                 "train_human": train.get("train_size_human", np.nan),
                 "train_pseudo": train.get("train_size_pseudo", np.nan),
+                "human_relabeled": train.get("crosscheck_relabeled", np.nan),
                 "val_accuracy": train.get("ensemble_val_acc", np.nan),
                 "test_accuracy": evaluation["accuracy"],
                 "macro_f1": evaluation["macro_f1"],
@@ -177,6 +178,9 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
                 report.esc(r.round),
                 _n(r.train_human),
                 _n(r.train_pseudo),
+                link(reports / r.round / "train" / "crosschecked.csv", _n(r.human_relabeled))
+                if r.human_relabeled > 0
+                else _n(r.human_relabeled),
                 f"{r.val_accuracy:.3f}",
                 f"{r.test_accuracy:.3f}",
                 f"{r.macro_f1:.3f}",
@@ -199,7 +203,9 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
         "<h1>Dataset improvement rounds</h1>"
         "<p class='muted'>Round r000 trains on the cleaned human labels. Each later round adds a "
         "pool: the round before it re-scores every pool so far, and the round trains on the human "
-        "labels plus the images that model is confident about. Every round is tested on the same "
+        "labels plus the images that model is confident about. A model of those pseudo-labels "
+        "alone, which never saw a human label, first checks the human labels: one it finds next "
+        "to impossible is trained on as the class it gives. Every round is tested on the same "
         "held-out test split.</p>"
         + (f"<p class='warn'>{report.esc(advice)}</p>" if advice else "")
         + f"<p><img class='plot' alt='rounds plot' src='{report.file_uri(folder / 'rounds.png')}'></p>"
@@ -208,6 +214,7 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
                 "round",
                 "human",
                 "pseudo",
+                "human rows relabeled by a model of the pseudo-labels alone",
                 "val acc",
                 "test acc",
                 "macro-F1",

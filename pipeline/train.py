@@ -7,6 +7,8 @@ Reads   the cleaned training table and the validation table (clean stage) + pack
 Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at prediction,
                                               and the temperature fitted on validation
         <report>/diagnostics.json, diagnostics.png, warnings.json, config.json, per_class.csv
+        <report>/crosschecked.csv              human rows relabeled by a model of the pseudo-labels
+                                               alone (pipeline/crosscheck.py; rounds r001 on)
         <live>/                                dvclive metrics and per-epoch plots
 Params  base, train
 
@@ -28,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import report
+from pipeline import crosscheck, report
 from pipeline.calibration import (
     apply_temperature,
     expected_calibration_error,
@@ -68,15 +70,20 @@ def load_training_samples(
     pseudo_dir: Path | None,
     augment_dir: Path | None,
     unlabeled: bool = True,
+    relabel: pd.DataFrame | None = None,
 ) -> tuple[Samples, Samples, pd.DataFrame, np.ndarray]:
-    """Cleaned human rows, offline copies and accepted pseudo-labels; the scored validation rows;
-    with `unlabeled`, the images the pseudo-label set leaves out (a person's rejects
-    excluded), else none.
+    """Cleaned human rows, offline copies and accepted pseudo-labels, in that order; the scored
+    validation rows; with `unlabeled`, the images the pseudo-label set leaves out (a person's
+    rejects excluded), else none. `relabel` (id, label) overrides human rows' labels, and their
+    offline copies follow.
 
     Returns (train, val, counts, unlabeled): counts per class of human and pseudo-labeled
     training rows, and the unlabeled images (N, H, W, C) for consistency training.
     """
     table, val_table = read_table(table_path), read_table(val_path)
+    if relabel is not None and len(relabel):
+        new = table["id"].map(dict(zip(relabel["id"], relabel["label"])))
+        table = table.assign(label=new.fillna(table["label"]))
     images = read_array(images_path)
     for path, t in ((table_path, table), (val_path, val_table)):
         unknown = sorted(set(t["label"]) - set(classes))
@@ -95,6 +102,7 @@ def load_training_samples(
     if augment_dir is not None and (augment_dir / "offline" / "table.csv").is_file():
         offline = read_table(augment_dir / "offline" / "table.csv")
         offline = offline[offline["source_id"].isin(table["id"])]  # copies of training rows only
+        offline = offline.assign(label=offline["source_id"].map(table.set_index("id")["label"]))
         if len(offline):
             parts_x.append(
                 read_array(augment_dir / "offline" / "images.npy")[
@@ -140,17 +148,20 @@ def run(
 ) -> dict:
     cfg, base = params.train, params.base
     classes = read_json(classes_path)
-    train, val, per_class, unlabeled = load_training_samples(
-        table_path,
-        val_path,
-        images_path,
-        classes,
-        pseudo_dir,
-        augment_dir,
-        unlabeled=cfg.unlabeled_weight > 0,
-    )
-    counts = {k: int(v) for k, v in per_class.sum().items()}
-    counts |= {"val": len(val), "unlabeled": len(unlabeled)}
+
+    def load(relabel=None):
+        return load_training_samples(
+            table_path,
+            val_path,
+            images_path,
+            classes,
+            pseudo_dir,
+            augment_dir,
+            unlabeled=cfg.unlabeled_weight > 0,
+            relabel=relabel,
+        )
+
+    train, val, per_class, unlabeled = load()
     device = pick_device()
     saved = read_json(augment_dir / "params.json")["augment"]  # the policy the augment stage saved
     policy = parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment")
@@ -161,22 +172,49 @@ def run(
         device,
         transforms_dir=augment_dir / "transforms",
     )
-    torch.manual_seed(base.seed)
-    model = build_model(cfg.model, base.channels, len(classes))
-    config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
-    fingerprint = fingerprint_of(config, train.images, train.labels, val.labels, unlabeled)
-    log.info(
-        "train: %d human + %d offline + %d pseudo images, %d unlabeled, %d validation, "
-        "device %s, %s augmentation",
-        counts["human"],
-        counts["offline"],
-        counts["pseudo"],
-        counts["unlabeled"],
-        counts["val"],
-        device,
-        "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
-    )
     with distributed(device) as shard:
+        relabeled, check = pd.DataFrame(columns=crosscheck.COLUMNS), {}
+        n_human, n_pseudo = int(per_class["human"].sum()), int(per_class["pseudo"].sum())
+        if cfg.crosscheck > 0 and n_pseudo:
+            relabeled, check = crosscheck.crosscheck(
+                read_table(table_path),
+                train.images[:n_human],
+                Samples(train.images[-n_pseudo:], train.labels[-n_pseudo:]),
+                val,
+                classes,
+                cfg,
+                base,
+                device=device,
+                augmentation=augmentation,
+                state_dir=state_dir / "crosscheck",
+                fingerprint=fingerprint_of(
+                    to_dict(cfg), train.images[-n_pseudo:], train.labels[-n_pseudo:], val.labels
+                ),
+            )
+            if len(relabeled):
+                train, val, per_class, unlabeled = load(relabeled)
+        counts = {k: int(v) for k, v in per_class.sum().items()}
+        counts |= {"val": len(val), "unlabeled": len(unlabeled)}
+        config = {
+            "base": to_dict(base),
+            "train": to_dict(cfg),
+            "classes": classes,
+            "counts": counts,
+        }
+        fingerprint = fingerprint_of(config, train.images, train.labels, val.labels, unlabeled)
+        log.info(
+            "train: %d human + %d offline + %d pseudo images, %d unlabeled, %d validation, "
+            "device %s, %s augmentation",
+            counts["human"],
+            counts["offline"],
+            counts["pseudo"],
+            counts["unlabeled"],
+            counts["val"],
+            device,
+            "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
+        )
+        torch.manual_seed(base.seed)
+        model = build_model(cfg.model, base.channels, len(classes))
         feed = (
             UnlabeledFeed(unlabeled, policy, base, cfg, device, shard) if len(unlabeled) else None
         )
@@ -227,11 +265,12 @@ def run(
         "val_ece_after": expected_calibration_error(val.labels, calibrated)[0],
         "train_size": len(train),
         **{f"train_size_{k}": v for k, v in counts.items()},
+        "crosscheck_relabeled": len(relabeled),
     }
     if "unlabeled_confident" in result.history[-1]:  # share of unlabeled views that counted
         summary["unlabeled_confident"] = result.history[-1]["unlabeled_confident"]
     write_live(live_dir, result.history, summary)
-    write_report(report_dir, result, config, summary, per_class)
+    write_report(report_dir, result, config, summary, per_class, relabeled, check)
     shutil.rmtree(state_dir, ignore_errors=True)
     for warning in result.warnings:
         log.warning("warning: %s", warning)
@@ -279,9 +318,16 @@ def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:
 
 
 def write_report(
-    report_dir: Path, result: FitResult, config: dict, summary: dict, per_class: pd.DataFrame
+    report_dir: Path,
+    result: FitResult,
+    config: dict,
+    summary: dict,
+    per_class: pd.DataFrame,
+    relabeled: pd.DataFrame,
+    check: dict,
 ) -> None:
     with atomic_dir(report_dir) as tmp:
+        write_table(tmp / "crosschecked.csv", relabeled)
         write_json(tmp / "config.json", config)
         shares = per_class.assign(
             pseudo_per_human=per_class["pseudo"] / per_class["human"].clip(lower=1)
@@ -289,7 +335,12 @@ def write_report(
         write_table(tmp / "per_class.csv", shares.rename_axis("class").reset_index())
         write_json(
             tmp / "diagnostics.json",
-            {"history": result.history, "kept": result.kept, "summary": summary},
+            {
+                "history": result.history,
+                "kept": result.kept,
+                "summary": summary,
+                "crosscheck": check,
+            },
         )
         write_json(tmp / "warnings.json", result.warnings)
         plot_diagnostics(tmp / "diagnostics.png", result.history)
