@@ -236,8 +236,9 @@ class TrainConfig:
     top_k: int = num(3, 1, 100)  # checkpoints averaged into the round's prediction
     # Rounds r001 on: a model of the pseudo-labels alone checks the human training rows; a row
     # whose label it gives at most this calibrated probability (and another class at least half)
-    # is trained on as that class (pipeline/crosscheck.py). 0 = off
-    crosscheck: float = num(0.01, 0.0, 0.5)
+    # is trained on as that class (pipeline/crosscheck.py). 0 = off, the default: validation
+    # fell with it on colour photos and the demo (bench/RESULTS.md)
+    crosscheck: float = num(0.0, 0.0, 0.5)
     num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
     compile: bool = False  # torch.compile the model for training
     nproc: int = num(1, 1, 64)  # processes under torchrun (one per GPU; gloo on CPU)
