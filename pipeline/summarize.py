@@ -163,6 +163,7 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
         href = os.path.relpath(target, out_dir).replace(os.sep, "/")
         return f"<a href='{report.esc(href)}'>{report.esc(text)}</a>"
 
+    crosschecked = bool(table["human_relabeled"].notna().any())  # a column only where it ran
     rows = []
     for r in table.itertuples():
         links = " &middot; ".join(
@@ -173,14 +174,21 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
                 ("pseudolabel", "report.html"),
             )
         )
+        relabeled = (
+            [
+                link(reports / r.round / "train" / "crosschecked.csv", _n(r.human_relabeled))
+                if r.human_relabeled > 0
+                else _n(r.human_relabeled)
+            ]
+            if crosschecked
+            else []
+        )
         rows.append(
             [
                 report.esc(r.round),
                 _n(r.train_human),
                 _n(r.train_pseudo),
-                link(reports / r.round / "train" / "crosschecked.csv", _n(r.human_relabeled))
-                if r.human_relabeled > 0
-                else _n(r.human_relabeled),
+                *relabeled,
                 f"{r.val_accuracy:.3f}",
                 f"{r.test_accuracy:.3f}",
                 f"{r.macro_f1:.3f}",
@@ -203,10 +211,15 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
         "<h1>Dataset improvement rounds</h1>"
         "<p class='muted'>Round r000 trains on the cleaned human labels. Each later round adds a "
         "pool: the round before it re-scores every pool so far, and the round trains on the human "
-        "labels plus the images that model is confident about. A model of those pseudo-labels "
-        "alone, which never saw a human label, first checks the human labels: one it finds next "
-        "to impossible is trained on as the class it gives. Every round is tested on the same "
-        "held-out test split.</p>"
+        "labels plus the images that model is confident about. "
+        + (
+            "A model of those pseudo-labels alone, which never saw a human label, first checks "
+            "the human labels: one it finds next to impossible is trained on as the class it "
+            "gives (train.crosscheck). "
+            if crosschecked
+            else ""
+        )
+        + "Every round is tested on the same held-out test split.</p>"
         + (f"<p class='warn'>{report.esc(advice)}</p>" if advice else "")
         + f"<p><img class='plot' alt='rounds plot' src='{report.file_uri(folder / 'rounds.png')}'></p>"
         + report.table(
@@ -214,7 +227,7 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
                 "round",
                 "human",
                 "pseudo",
-                "human rows relabeled by a model of the pseudo-labels alone",
+                *(["human rows relabeled by a model of the pseudo-labels alone"] * crosschecked),
                 "val acc",
                 "test acc",
                 "macro-F1",

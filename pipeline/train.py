@@ -265,8 +265,9 @@ def run(
         "val_ece_after": expected_calibration_error(val.labels, calibrated)[0],
         "train_size": len(train),
         **{f"train_size_{k}": v for k, v in counts.items()},
-        "crosscheck_relabeled": len(relabeled),
     }
+    if check:  # the crosscheck ran (or said why it was skipped): on, with a pseudo-label set
+        summary["crosscheck_relabeled"] = len(relabeled)
     if "unlabeled_confident" in result.history[-1]:  # share of unlabeled views that counted
         summary["unlabeled_confident"] = result.history[-1]["unlabeled_confident"]
     write_live(live_dir, result.history, summary)

@@ -45,3 +45,7 @@ def test_the_page_counts_and_links_each_rounds_crosschecked_human_rows(tmp_path)
     html = render(table, [], reports, tmp_path, tmp_path, tmp_path, tmp_path / "summary")
     assert "human rows relabeled by a model of the pseudo-labels alone" in html
     assert "href='reports/r001/train/crosschecked.csv'>2</a>" in html
+    # with the crosscheck off in every round the page has no such column
+    off = table.assign(human_relabeled=np.nan)
+    html = render(off, [], reports, tmp_path, tmp_path, tmp_path, tmp_path / "summary")
+    assert "pseudo-labels alone" not in html and "crosschecked.csv" not in html
