@@ -217,11 +217,14 @@ class TrainConfig:
     # which blends pairs of images and their labels; both keep a model from memorizing a label.
     label_smoothing: float = num(0.0, 0.0, 0.5)
     mixup: float = num(0.4, 0.0, 10.0)  # Beta(a, a) mixing weights; 0 = off
-    # FixMatch on the pool images the pseudo-label set leaves out (pipeline/consistency.py):
-    # the weight of its loss (0 = off), the confidence its targets need, and unlabeled images
-    # per labeled image in a step.
+    # Consistency training on the pool images the pseudo-label set leaves out
+    # (pipeline/consistency.py): the weight of its loss (0 = off), the method, FixMatch's
+    # confidence for a target, VAT's perturbation (RMS per pixel, share of the pixel range), and
+    # unlabeled images per labeled image in a step.
     unlabeled_weight: float = num(0.0, 0.0, 100.0)
+    unlabeled_method: str = choice("fixmatch", "vat")
     unlabeled_threshold: float = prob(0.95)
+    vat_eps: float = num(0.05, 0.0, 1.0, open_lo=True)
     unlabeled_ratio: int = num(1, 1, 16)
     batch_size: int = num(64, 1, 65536)
     epochs: int = num(20, 1, 10000)

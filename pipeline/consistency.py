@@ -1,12 +1,17 @@
-"""Consistency training on the pool images the pseudo-label set leaves out (FixMatch).
+"""Consistency training on the pool images the pseudo-label set leaves out (FixMatch or VAT).
 
 The pseudo-label set admits the images the previous round's model is sure of; the rest, the
 hardest 13-16% of the pools in the low-label benchmark (bench/experiments/gap.py), would teach
-the most and were never trained on. FixMatch (Sohn et al. 2020) uses them without trusting a
-label: every step, the model in training predicts a weakly augmented view of each unlabeled
-image; where it is confident (>= train.unlabeled_threshold), that prediction is the target of a
-strongly augmented view of the same image. The loss (pipeline/loop.py, `consistency_loss`),
-weighted by train.unlabeled_weight, is added to the labeled loss.
+the most and were never trained on. Two methods use them without trusting a label; the loss
+(pipeline/loop.py), weighted by train.unlabeled_weight, is added to the labeled loss.
+
+  fixmatch  (Sohn et al. 2020) every step, the model in training predicts a weakly augmented
+            view of each unlabeled image; where it is confident (>= train.unlabeled_threshold),
+            that prediction is the target of a strongly augmented view of the same image.
+  vat       virtual adversarial training (Miyato et al. 2018): the model's prediction of the
+            weak view is the target of the same view moved a small step (train.vat_eps, RMS per
+            pixel) in the direction that changes the prediction most. No confidence is needed:
+            every image counts, so the model is made smooth where the pool images lie.
 
 Views are made by the batched augmentation (pipeline/gpu_augment.py) where the batch lives:
   weak    the augment policy as the labeled images see it
@@ -80,7 +85,8 @@ def cutout(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 class UnlabeledFeed:
     """(weak, strong) views of `ratio` x the per-process batch of unlabeled images per step,
-    in seeded shuffled passes over the set (restarted as often as an epoch needs)."""
+    in seeded shuffled passes over the set (restarted as often as an epoch needs). VAT makes its
+    own second view: its strong view is None."""
 
     def __init__(
         self,
@@ -94,6 +100,7 @@ class UnlabeledFeed:
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.weak, self.strong = unlabeled_policies(aug, base)
         self.batch_size = max(1, cfg.unlabeled_ratio * cfg.batch_size // shard.world)
+        self.make_strong = cfg.unlabeled_method == "fixmatch"
         self.device, self.shard = device, shard
 
     def __len__(self) -> int:
@@ -111,9 +118,11 @@ class UnlabeledFeed:
             idx, order = order[: self.batch_size], order[self.batch_size :]
             batch = self.images[idx].to(self.device, non_blocking=True)
             labels = torch.zeros(len(idx), dtype=torch.long, device=self.device)
-            weak = self.weak(batch, labels, generator)
-            strong = cutout(self.strong(batch, labels, generator), generator)
-            yield _as_input(weak), _as_input(strong)
+            weak = _as_input(self.weak(batch, labels, generator))
+            if not self.make_strong:
+                yield weak, None
+                continue
+            yield weak, _as_input(cutout(self.strong(batch, labels, generator), generator))
 
 
 def _as_input(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ validates, diagnoses and writes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -36,6 +37,8 @@ from pipeline.model import ResNet
 from pipeline.transforms import reseed
 
 log = logging.getLogger(__name__)
+
+VAT_XI = 1e-3  # the power iteration's probe step, RMS per pixel (share of the pixel range)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -99,6 +102,65 @@ def consistency_loss(
     return (per_image * mask).mean(), mask.mean()
 
 
+def virtual_adversary(
+    model: nn.Module, x: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAT's view and target: (x moved by `eps` RMS per pixel in the direction that changes the
+    model's prediction most, the model's probabilities for x), both without gradients.
+
+    One power iteration (Miyato et al. 2018): the gradient of KL(p(x) || p(x + probe)) at a small
+    random probe approximates the dominant eigenvector of that divergence's curvature. Dropout is
+    off for both passes, so the divergence measures the input's move and not a new dropout mask;
+    the probe's pass leaves batch norm's running averages alone. `eps` is a share of the pixel
+    range; the model's inputs span [-1, 1], twice that range."""
+    per_pixel = 2 * math.sqrt(x[0].numel())  # an RMS of 1 per pixel, as an L2 norm
+    with _dropout_off(model):
+        with torch.no_grad():
+            target = F.softmax(model(x).float(), dim=1)
+        probe = (VAT_XI * per_pixel * _unit(torch.randn_like(x))).requires_grad_()
+        with _running_stats_frozen(model):
+            moved = F.log_softmax(model(x + probe).float(), dim=1)
+        (direction,) = torch.autograd.grad(F.kl_div(moved, target, reduction="batchmean"), probe)
+    return (x + eps * per_pixel * _unit(direction)).detach(), target
+
+
+def vat_loss(adversarial_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || the model's prediction of the adversarial view), mean over images."""
+    return F.kl_div(F.log_softmax(adversarial_logits.float(), dim=1), target, reduction="batchmean")
+
+
+def _unit(d: torch.Tensor) -> torch.Tensor:
+    """Each image's tensor scaled to L2 norm 1."""
+    norms = d.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return d / norms.view(-1, *([1] * (d.dim() - 1)))
+
+
+@contextlib.contextmanager
+def _dropout_off(model: nn.Module):
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in dropouts:
+            m.train()
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(model: nn.Module):
+    """Batch norm still normalizes by the batch's statistics, but its averages do not move."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Batches,
@@ -112,8 +174,8 @@ def train_one_epoch(
     """One pass over `batches`; returns loss, accuracy, mean gradient norm, update ratios.
 
     `net` runs the forward pass when it differs from `model` (DistributedDataParallel or
-    torch.compile around it). With `unlabeled` (weak and strong views of pool images, one pair
-    per step), FixMatch's consistency loss is added (pipeline/consistency.py). Figures stay on
+    torch.compile around it). With `unlabeled` (views of pool images, one pair per step), the
+    consistency loss of cfg.unlabeled_method is added (pipeline/consistency.py). Figures stay on
     the device until the epoch ends: no step waits for the GPU. Under torchrun, loss and
     accuracy are summed over every process.
     """
@@ -131,11 +193,14 @@ def train_one_epoch(
             share = mix.sample().item()
             partner = torch.randperm(len(y)).to(device)
             x = share * x + (1 - share) * x[partner]
+        if unlabeled is not None:
+            weak, strong = next(unlabeled)
+            if cfg.unlabeled_method == "vat":  # its second view and target, outside autocast
+                strong, target = virtual_adversary(model, weak, cfg.vat_eps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             if unlabeled is None:
                 logits = net(x)
-            else:  # labeled and strong views in one pass: batch norm sees both alike (the
-                weak, strong = next(unlabeled)  # weak view's target: a no-grad pass of its own)
+            else:  # labeled and second views in one pass: batch norm sees both alike
                 logits, strong_logits = net(torch.cat([x, strong])).split([len(x), len(strong)])
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if mix is not None:
@@ -144,11 +209,14 @@ def train_one_epoch(
                 )
             objective = loss
             if unlabeled is not None:
-                unlabeled_loss, confident = consistency_loss(
-                    model, strong_logits, weak, cfg.unlabeled_threshold
-                )
+                if cfg.unlabeled_method == "vat":  # every image counts
+                    unlabeled_loss, confident = vat_loss(strong_logits, target), torch.ones(())
+                else:  # FixMatch: the weak view's target, a no-grad pass of its own
+                    unlabeled_loss, confident = consistency_loss(
+                        model, strong_logits, weak, cfg.unlabeled_threshold
+                    )
                 objective = objective + cfg.unlabeled_weight * unlabeled_loss
-                consistency += torch.stack([unlabeled_loss.detach(), confident])
+                consistency += torch.stack([unlabeled_loss.detach(), confident.to(device)])
         if cfg.l1 > 0:
             objective = objective + cfg.l1 * l1_penalty(model)
         optimizer.zero_grad(set_to_none=True)

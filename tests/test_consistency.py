@@ -1,10 +1,12 @@
-"""FixMatch's consistency training on the pool images the pseudo-label set leaves out."""
+"""Consistency training (FixMatch, VAT) on the pool images the pseudo-label set leaves out."""
 
+import copy
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 from pipeline import loop, train
@@ -99,6 +101,46 @@ def test_the_loss_counts_only_confident_targets_and_pulls_the_strong_view_to_the
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_vat_moves_each_view_by_eps_where_the_prediction_changes_most(fast_params):
+    images, labels = digits()
+    cfg = replace(fast_params.train, mixup=0.0, min_steps=200, unlabeled_method="vat")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 1, 10)
+    device = torch.device("cpu")
+    loop.fit(model, Samples(images[:300], labels[:300]), None, cfg, seed=0, device=device)
+    feed = UnlabeledFeed(images[300:], fast_params.augment, fast_params.base, cfg, device, Shard())
+    weak, strong = next(feed.epoch(0))
+    assert strong is None  # VAT makes its own second view
+    model.train()
+    once = copy.deepcopy(model)
+    with torch.no_grad():
+        once(weak)  # batch norm's averages after one plain pass over the views
+    adversarial, target = loop.virtual_adversary(model, weak, 0.05)
+
+    rms = (adversarial - weak).flatten(1).pow(2).mean(1).sqrt()
+    assert torch.allclose(rms, torch.full_like(rms, 2 * 0.05), rtol=1e-4)  # inputs span [-1, 1]
+    assert torch.allclose(target.sum(1), torch.ones(len(weak)))
+    for name, average in model.state_dict().items():  # the probe's pass left them alone
+        if "running" in name:
+            assert torch.equal(average, once.state_dict()[name]), name
+    assert model.dropout.training  # switched back on
+
+    model.eval()
+    with torch.no_grad():
+        clean = F.log_softmax(model(weak), 1)
+        noise = torch.randn_like(weak)
+        noise *= (2 * 0.05 / noise.flatten(1).pow(2).mean(1).sqrt()).view(-1, 1, 1, 1)
+
+        def divergence(x):
+            return F.kl_div(F.log_softmax(model(x), 1), clean, log_target=True, reduction="none")
+
+        towards = divergence(adversarial).sum(1)
+        random = divergence(weak + noise).sum(1)
+    assert towards.mean() > 5 * random.mean()  # the found direction, not just any move
+    loss = loop.vat_loss(model(adversarial), target.detach())
+    assert loss.item() > 0
+
+
 def test_pool_images_outside_the_set_are_the_unlabeled_ones_a_persons_rejects_excluded(
     ingested, project
 ):
@@ -164,3 +206,12 @@ def test_the_train_stage_feeds_the_left_out_pool_images_to_the_consistency_loss(
     assert off["train_size_unlabeled"] == 0 and "unlabeled_confident" not in off
     off_history = read_json(project / "artifacts/reports/off/train/diagnostics.json")["history"]
     assert [h["val_loss"] for h in off_history] != [h["val_loss"] for h in history]
+
+    params = load_params(project / "params.yaml", {"train.unlabeled_method": "vat"})
+    vat = train.run(
+        **_stage_args(project, ingested, "vat") | {"pseudo_dir": pseudo, "params": params}
+    )
+    assert vat["train_size_unlabeled"] == 30 and vat["unlabeled_confident"] == 1  # all count
+    vat_history = read_json(project / "artifacts/reports/vat/train/diagnostics.json")["history"]
+    assert all(h["unlabeled_loss"] > 0 for h in vat_history)
+    assert [h["val_loss"] for h in vat_history] != [h["val_loss"] for h in history]
