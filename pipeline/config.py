@@ -219,8 +219,8 @@ class TrainConfig:
     mixup: float = num(0.4, 0.0, 10.0)  # Beta(a, a) mixing weights; 0 = off
     # Consistency training on the pool images the pseudo-label set leaves out
     # (pipeline/consistency.py): the weight of its loss (0 = off), the method, FixMatch's
-    # confidence for a target, VAT's perturbation (RMS per pixel, share of the pixel range), and
-    # unlabeled images per labeled image in a step.
+    # confidence for a target, VAT's perturbation (RMS per pixel value, as a share of the pixel
+    # range), and unlabeled images per labeled image in a step.
     unlabeled_weight: float = num(0.0, 0.0, 100.0)
     unlabeled_method: str = choice("fixmatch", "vat")
     unlabeled_threshold: float = prob(0.95)

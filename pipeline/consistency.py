@@ -10,12 +10,13 @@ the most and were never trained on. Two methods use them without trusting a labe
             that prediction is the target of a strongly augmented view of the same image.
   vat       virtual adversarial training (Miyato et al. 2018): the model's prediction of the
             weak view is the target of the same view moved a small step (train.vat_eps, RMS per
-            pixel) in the direction that changes the prediction most. No confidence is needed:
+            pixel value) in the direction that changes the prediction most. No confidence is needed:
             every image counts, so the model is made smooth where the pool images lie.
 
 Views are made by the batched augmentation (pipeline/gpu_augment.py) where the batch lives:
   weak    the augment policy as the labeled images see it
-  strong  the same transforms, each on more often and twice as far, plus a grey cutout square
+  strong  (FixMatch only) the same transforms, each on more often and twice as far, plus a grey
+          cutout square; VAT's second view is the weak one moved (pipeline/loop.py)
 A class's `augment.exclude` cannot be honoured on an image whose class is unknown, so a
 transform any class excludes is off for every unlabeled view.
 """

@@ -105,15 +105,17 @@ def consistency_loss(
 def virtual_adversary(
     model: nn.Module, x: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAT's view and target: (x moved by `eps` RMS per pixel in the direction that changes the
+    """VAT's view and target: (x moved by `eps` RMS per value in the direction that changes the
     model's prediction most, the model's probabilities for x), both without gradients.
 
     One power iteration (Miyato et al. 2018): the gradient of KL(p(x) || p(x + probe)) at a small
     random probe approximates the dominant eigenvector of that divergence's curvature. Dropout is
-    off for both passes, so the divergence measures the input's move and not a new dropout mask;
-    the probe's pass leaves batch norm's running averages alone. `eps` is a share of the pixel
-    range; the model's inputs span [-1, 1], twice that range."""
-    per_pixel = 2 * math.sqrt(x[0].numel())  # an RMS of 1 per pixel, as an L2 norm
+    off for both passes, so the divergence measures the input's move and not a new dropout mask.
+    The target's pass updates batch norm's running averages, as FixMatch's weak pass does; the
+    probe's pass leaves them alone. `eps` is a share of the pixel range per channel value; the
+    model's inputs span [-1, 1], twice that range. The view itself is trained on in the labeled
+    batch's pass (train_one_epoch), where dropout is on and batch norm sees both alike."""
+    per_pixel = 2 * math.sqrt(x[0].numel())  # an RMS of 1 per channel value, as an L2 norm
     with _dropout_off(model):
         with torch.no_grad():
             target = F.softmax(model(x).float(), dim=1)
@@ -169,7 +171,7 @@ def train_one_epoch(
     device: torch.device,
     *,
     net: nn.Module | None = None,
-    unlabeled: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    unlabeled: Iterator[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> dict:
     """One pass over `batches`; returns loss, accuracy, mean gradient norm, update ratios.
 
@@ -210,13 +212,16 @@ def train_one_epoch(
             objective = loss
             if unlabeled is not None:
                 if cfg.unlabeled_method == "vat":  # every image counts
-                    unlabeled_loss, confident = vat_loss(strong_logits, target), torch.ones(())
+                    unlabeled_loss, confident = (
+                        vat_loss(strong_logits, target),
+                        torch.ones((), device=device),
+                    )
                 else:  # FixMatch: the weak view's target, a no-grad pass of its own
                     unlabeled_loss, confident = consistency_loss(
                         model, strong_logits, weak, cfg.unlabeled_threshold
                     )
                 objective = objective + cfg.unlabeled_weight * unlabeled_loss
-                consistency += torch.stack([unlabeled_loss.detach(), confident.to(device)])
+                consistency += torch.stack([unlabeled_loss.detach(), confident])
         if cfg.l1 > 0:
             objective = objective + cfg.l1 * l1_penalty(model)
         optimizer.zero_grad(set_to_none=True)
@@ -292,7 +297,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train for cfg.epochs (or `epochs`), early-stopping on `val`; keeps the top-k in state_dir.
-    With `unlabeled` (and cfg.unlabeled_weight > 0), every step adds FixMatch's consistency loss
+    With `unlabeled` (and cfg.unlabeled_weight > 0), every step adds a consistency loss
     on a batch of its images.
 
     With state_dir, every epoch saves a resumable state there; a later call with the same

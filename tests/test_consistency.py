@@ -141,6 +141,34 @@ def test_vat_moves_each_view_by_eps_where_the_prediction_changes_most(fast_param
     assert loss.item() > 0
 
 
+def test_the_vat_loss_is_trained_on(fast_params):
+    """Same seeds, same views: only the weight of VAT's loss differs, so the weights after
+    training differ only if the loss reaches the optimizer."""
+    images, labels = digits()
+    device = torch.device("cpu")
+
+    def trained(weight: float) -> dict:
+        cfg = replace(
+            fast_params.train,
+            min_steps=20,
+            epochs=1,
+            unlabeled_method="vat",
+            unlabeled_weight=weight,
+        )
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 1, 10)
+        feed = UnlabeledFeed(
+            images[300:], fast_params.augment, fast_params.base, cfg, device, Shard()
+        )
+        samples = Samples(images[:300], labels[:300])
+        loop.fit(model, samples, None, cfg, seed=0, device=device, unlabeled=feed)
+        return model.state_dict()
+
+    once, again, heavier = trained(1.0), trained(1.0), trained(30.0)
+    assert all(torch.equal(once[k], again[k]) for k in once)  # deterministic
+    assert not all(torch.equal(once[k], heavier[k]) for k in once)
+
+
 def test_pool_images_outside_the_set_are_the_unlabeled_ones_a_persons_rejects_excluded(
     ingested, project
 ):
