@@ -76,9 +76,11 @@ def test_unlabeled_views_are_seeded_sharded_and_in_the_models_input_range(fast_p
     assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 20
 
 
-def test_the_loss_counts_only_confident_targets_and_pulls_the_strong_view_to_them(fast_params):
+def trained_and_views(fast_params, method: str):
+    """A model trained for 200 steps on 300 digits, in training mode, and the first (weak,
+    strong) views of the other digits as `method` draws them."""
     images, labels = digits()
-    cfg = replace(fast_params.train, mixup=0.0, min_steps=200)
+    cfg = replace(fast_params.train, mixup=0.0, min_steps=200, unlabeled_method=method)
     torch.manual_seed(0)
     model = build_model(cfg.model, 1, 10)
     device = torch.device("cpu")
@@ -86,6 +88,11 @@ def test_the_loss_counts_only_confident_targets_and_pulls_the_strong_view_to_the
     feed = UnlabeledFeed(images[300:], fast_params.augment, fast_params.base, cfg, device, Shard())
     weak, strong = next(feed.epoch(0))
     model.train()
+    return model, weak, strong
+
+
+def test_the_loss_counts_only_confident_targets_and_pulls_the_strong_view_to_them(fast_params):
+    model, weak, strong = trained_and_views(fast_params, "fixmatch")
     loss, share = loop.consistency_loss(model, model(strong), weak, 1.01)
     assert loss.item() == 0 and share.item() == 0  # nothing is that confident: nothing counts
 
@@ -102,16 +109,8 @@ def test_the_loss_counts_only_confident_targets_and_pulls_the_strong_view_to_the
 
 
 def test_vat_moves_each_view_by_eps_where_the_prediction_changes_most(fast_params):
-    images, labels = digits()
-    cfg = replace(fast_params.train, mixup=0.0, min_steps=200, unlabeled_method="vat")
-    torch.manual_seed(0)
-    model = build_model(cfg.model, 1, 10)
-    device = torch.device("cpu")
-    loop.fit(model, Samples(images[:300], labels[:300]), None, cfg, seed=0, device=device)
-    feed = UnlabeledFeed(images[300:], fast_params.augment, fast_params.base, cfg, device, Shard())
-    weak, strong = next(feed.epoch(0))
+    model, weak, strong = trained_and_views(fast_params, "vat")
     assert strong is None  # VAT makes its own second view
-    model.train()
     once = copy.deepcopy(model)
     with torch.no_grad():
         once(weak)  # batch norm's averages after one plain pass over the views
