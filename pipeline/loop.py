@@ -38,7 +38,7 @@ from pipeline.transforms import reseed
 
 log = logging.getLogger(__name__)
 
-VAT_XI = 1e-3  # the power iteration's probe step, RMS per pixel (share of the pixel range)
+VAT_XI = 1e-3  # the power iteration's probe, RMS per value as a share of the pixel range
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
