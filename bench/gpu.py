@@ -102,6 +102,39 @@ def model_only_train(cfg, images, labels, device, epochs: int) -> float:
     return len(labels) * epochs / (time.perf_counter() - start)
 
 
+def same_as_cpu(params, images: np.ndarray, device: torch.device) -> float:
+    """Largest pixel difference (of 1) between the gpu backend's images on `device` and on the
+    CPU, for the same per-sample draws: the device path runs every transform the policy can draw
+    without reading the draws back, the CPU path skips the ones no sample drew."""
+    aug = dataclasses.replace(
+        params.augment,
+        **{
+            name: dataclasses.replace(getattr(params.augment, name), p=0.5)
+            for name in ("crop", "rotate", "shear", "brightness_contrast", "noise")
+        },
+    )
+    augment = BatchAugment(aug, params.base, CLASSES)
+    x = torch.from_numpy(images[:512]).permute(0, 3, 1, 2).float().div(255)
+    draws = augment.sample(
+        torch.zeros(len(x), dtype=torch.long), torch.Generator().manual_seed(0), x.device
+    )
+    moved = dataclasses.replace(
+        draws,
+        **{
+            f.name: getattr(draws, f.name).to(device)
+            for f in dataclasses.fields(draws)
+            if f.name != "on"
+        },
+        on={name: mask.to(device) for name, mask in draws.on.items()},
+    )
+    # noise is drawn from the device's own generator: compare without it
+    moved.on["noise"] = torch.zeros_like(moved.on["noise"])
+    draws.on["noise"] = torch.zeros_like(draws.on["noise"])
+    on_cpu = augment.apply(x, draws, torch.Generator().manual_seed(1))
+    on_device = augment.apply(x.to(device), moved, torch.Generator(device).manual_seed(1))
+    return float((on_device.cpu() - on_cpu).abs().max())
+
+
 def stage_train(cfg, samples, device, epochs: int, augmentation) -> float:
     """Images/s of loop.fit, timed over `epochs` after a warm-up epoch."""
     torch.manual_seed(0)
@@ -178,6 +211,10 @@ def main() -> None:
     batch_augment = BatchAugment(params.augment, params.base, CLASSES)
     policies = transforms.build_policies(params.augment, params.base, CLASSES)
 
+    difference = same_as_cpu(params, images, device)
+    print(
+        f"  gpu backend on {device.type} vs CPU, same draws: max pixel difference {difference:.2g}"
+    )
     rows = {
         "model-only loop (resident tensors)": model_only_train(
             cfg, images, labels, device, args.epochs
@@ -226,6 +263,7 @@ def main() -> None:
         "train_ratio_to_model_only": {k: v / ceiling for k, v in rows.items()},
         "inference_images_per_s": infer,
         "inference_ratio": infer["stage inference (predict_proba)"] / base,
+        "augment_max_difference_vs_cpu": difference,
         "seconds": elapsed,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -174,7 +174,10 @@ class TensorFeed:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             images = images.to(device) if images.nbytes < free // 4 else images.pin_memory()
-        self.images, self.labels = images, torch.from_numpy(np.asarray(samples.labels))
+        # Labels and each epoch's order live where they are indexed: a copy from pageable host
+        # memory at every step would make the host wait for the GPU's queue to drain.
+        self.images = images
+        self.labels = torch.from_numpy(np.asarray(samples.labels)).to(device)
         self.augment, self.device, self.shard = augment, device, shard
         self.batch_size = per_rank_batch(cfg.batch_size, shard)
 
@@ -182,12 +185,13 @@ class TensorFeed:
         order = epoch_order(len(self.labels), seed, self.shard)
         generator = torch.Generator(self.device).manual_seed(seed)
         count = math.ceil(len(order) / self.batch_size)
+        on_images, on_device = order.to(self.images.device), order.to(self.device)
 
         def batches():
             for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                images = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
-                labels = self.labels[idx].to(self.device, non_blocking=True)
+                rows = slice(start, start + self.batch_size)
+                images = self.images[on_images[rows]].to(self.device, non_blocking=True)
+                labels = self.labels[on_device[rows]]
                 x = self.augment(images, labels, generator).mul_(2).sub_(1)
                 yield x.contiguous(memory_format=torch.channels_last), labels
 

@@ -128,21 +128,39 @@ class BatchAugment:
             return x
         return self.apply(x, self.sample(labels, generator, x.device), generator)
 
-    def apply(self, x: torch.Tensor, p: BatchParams, generator: torch.Generator) -> torch.Tensor:
-        """The transforms of `p` on float images (N, C, H, W) in [0, 1]."""
-        if any(p.on[name].any() for name in GEOMETRIC):
+    def apply(
+        self,
+        x: torch.Tensor,
+        p: BatchParams,
+        generator: torch.Generator,
+        by_policy: bool | None = None,
+    ) -> torch.Tensor:
+        """The transforms of `p` on float images (N, C, H, W) in [0, 1].
+
+        On a CPU a transform no sample of the batch drew is skipped. On a GPU, reading that
+        back would make the host wait for the stream at every step: there (or `by_policy`) the
+        policy decides, and a transform with p > 0 runs, as the identity where a sample did
+        not draw it. Both give the same images.
+        """
+        by_policy = x.is_cuda if by_policy is None else by_policy
+        if by_policy:
+            runs = {name: name in self.active for name in transform_names()}
+        else:
+            runs = {name: bool(p.on[name].any()) for name in transform_names()}
+        if any(runs[name] for name in GEOMETRIC):
             grid = F.affine_grid(sampling_matrices(p)[:, :2], list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if p.on["hsv"].any() and x.shape[1] == 3:
+        if runs["hsv"] and x.shape[1] == 3:
             x = torch.where(_rows(p.on["hsv"]), shift_hsv(x, p.hsv), x)
-        if p.on["brightness_contrast"].any():
+        if runs["brightness_contrast"]:
             jittered = (x * _rows(p.alpha) + _rows(p.beta)).clamp_(0, 1)
             x = torch.where(_rows(p.on["brightness_contrast"]), jittered, x)
-        if p.on["noise"].any():
+        if runs["noise"]:
             noise = torch.randn(x.shape, generator=generator, device=x.device) * _rows(p.noise_std)
             x = torch.where(_rows(p.on["noise"]), (x + noise).clamp_(0, 1), x)
-        if p.on["blur"].any():
-            x = box_blur(x, torch.where(p.on["blur"], p.blur, torch.ones_like(p.blur)))
+        if runs["blur"]:
+            sizes = range(3, 2 * self._blur_sizes + 2, 2) if by_policy else None
+            x = box_blur(x, torch.where(p.on["blur"], p.blur, torch.ones_like(p.blur)), sizes)
         return x
 
 
@@ -179,7 +197,7 @@ def sampling_matrices(p: BatchParams) -> torch.Tensor:
     return (
         where(p.on["crop"], crop)
         @ where(p.on["rotate"], unrotate)
-        @ where(p.on["shear"], torch.linalg.inv(shear))
+        @ where(p.on["shear"], torch.linalg.inv_ex(shear).inverse)  # inv() checks: a GPU wait
         @ flip
     )
 
@@ -208,8 +226,17 @@ def shift_hsv(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * weight
 
 
-def box_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Mean filter with a per-sample odd kernel size (1 = untouched), reflected borders."""
+def box_blur(x: torch.Tensor, kernel: torch.Tensor, sizes=None) -> torch.Tensor:
+    """Mean filter with a per-sample odd kernel size (1 = untouched), reflected borders.
+
+    `sizes`: every size `kernel` may hold, when known; then each is applied to the whole batch
+    and selected per sample, without reading `kernel` back from the device."""
+    if sizes is not None:
+        out = x
+        for size in sizes:
+            padded = F.pad(x, [size // 2] * 4, mode="reflect")
+            out = torch.where(_rows(kernel == size), F.avg_pool2d(padded, size, stride=1), out)
+        return out
     out = x.clone()
     for size in kernel.unique().tolist():
         size = int(size)

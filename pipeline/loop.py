@@ -193,7 +193,7 @@ def train_one_epoch(
     for step, (x, y) in enumerate(batches):
         if mix is not None:  # blend each image and its label with another of the batch
             share = mix.sample().item()
-            partner = torch.randperm(len(y)).to(device)
+            partner = torch.randperm(len(y), device=device)  # no host copy: no wait
             x = share * x + (1 - share) * x[partner]
         if unlabeled is not None:
             weak, strong = next(unlabeled)

@@ -197,3 +197,36 @@ def test_same_seed_same_batch_and_nothing_to_do_is_the_identity():
     assert torch.equal(
         idle(images, labels, torch.Generator()) * 255, images.permute(0, 3, 1, 2).float()
     )
+
+
+@pytest.mark.parametrize("draw", [0.5, 0.0])
+def test_the_gpu_path_that_never_reads_back_gives_the_same_images(draw):
+    """On CUDA, apply runs every transform the policy can draw (the identity where a sample did
+    not draw it) instead of reading the per-sample draws back; it must change nothing."""
+    policy = {
+        "crop": {"p": 0.5, "scale": [0.6, 1.0]},
+        "rotate": {"p": 0.5, "limit": 20.0},
+        "shear": {"p": 0.5, "limit": 10.0},
+        "hflip": {"p": 0.5},
+        "hsv": {"p": 0.5},
+        "brightness_contrast": {"p": 0.5},
+        "noise": {"p": 0.5},
+        "blur": {"p": 0.5, "limit": 5},
+    }
+    augment = BatchAugment(
+        parse(AugmentConfig, policy, "augment"), BaseConfig(image_size=SIZE, channels=3), ["a"]
+    )
+    x = torch.from_numpy(ramps(64)).permute(0, 3, 1, 2).float() / 255
+    params = augment.sample(
+        torch.zeros(64, dtype=torch.long), torch.Generator().manual_seed(3), x.device
+    )
+    params.on = {name: on & (torch.rand(64) < draw * 2) for name, on in params.on.items()}
+    if draw == 0.0:
+        assert not any(on.any() for on in params.on.values())  # no sample drew anything
+    outputs = [
+        augment.apply(x, params, torch.Generator().manual_seed(4), by_policy=by_policy)
+        for by_policy in (False, True)
+    ]
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-5
+    if draw == 0.0:
+        assert (outputs[1] - x).abs().max() < 1e-5

@@ -55,6 +55,8 @@ from pipeline.gpu_augment import BatchAugment  # noqa: E402
 from pipeline.loop import fit  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
+ARMS = ("r000_scratch", "r000_simclr", "last_scratch", "last_simclr")
+
 
 def pack(work: Path, out: Path, regime: str, seed: int) -> None:
     import pandas as pd
@@ -114,8 +116,18 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
-def pretrain(images, cfg: TrainConfig, aug: AugmentConfig, base: BaseConfig, n_classes: int,
-             device, *, steps: int, batch: int, seed: int) -> tuple[nn.Module, list[float]]:
+def pretrain(
+    images,
+    cfg: TrainConfig,
+    aug: AugmentConfig,
+    base: BaseConfig,
+    n_classes: int,
+    device,
+    *,
+    steps: int,
+    batch: int,
+    seed: int,
+) -> tuple[nn.Module, list[float]]:
     torch.manual_seed(seed)
     model = build_model(cfg.model, base.channels, n_classes).to(
         device, memory_format=torch.channels_last
@@ -197,11 +209,19 @@ def knn_labels(reference, labels, queries, n_classes: int, k: int = 10) -> np.nd
     votes = np.zeros((len(queries), n_classes))
     for column in range(k):
         idx = nearest[:, column]
-        np.add.at(votes, (np.arange(len(queries)), labels[idx]), similarity[np.arange(len(queries)), idx])
+        np.add.at(
+            votes, (np.arange(len(queries)), labels[idx]), similarity[np.arange(len(queries)), idx]
+        )
     return votes.argmax(1)
 
 
-def run_one(path: Path, ssl_steps: int, ssl_batch: int, min_steps: int | None = None) -> dict:
+def run_one(
+    path: Path,
+    ssl_steps: int,
+    ssl_batch: int,
+    min_steps: int | None = None,
+    arms_wanted: tuple[str, ...] = ARMS,
+) -> dict:
     data = np.load(path)
     meta = json.loads(str(data["meta"]))
     base = parse(BaseConfig, meta["base"], "base")
@@ -220,44 +240,70 @@ def run_one(path: Path, ssl_steps: int, ssl_batch: int, min_steps: int | None = 
         np.concatenate([train.labels, data["pool_labels"][accepted]]),
     )
     unlabeled = np.concatenate([images[data["train_rows"]], val.images, pool])
-    result = {"regime": meta["regime"], "seed": seed, "last_round": meta["last_round"],
-              "device": str(device), "sizes": {"train": len(train), "val": len(val),
-              "pool": len(pool), "left_out": int((~accepted).sum()), "pretrain": len(unlabeled)}}
+    result = {
+        "regime": meta["regime"],
+        "seed": seed,
+        "last_round": meta["last_round"],
+        "device": str(device),
+        "sizes": {
+            "train": len(train),
+            "val": len(val),
+            "pool": len(pool),
+            "left_out": int((~accepted).sum()),
+            "pretrain": len(unlabeled),
+        },
+    }
     started = time.perf_counter()
-    encoder, losses = pretrain(unlabeled, cfg, aug, base, len(classes), device,
-                               steps=ssl_steps, batch=ssl_batch, seed=seed)
-    result["pretrain"] = {"steps": ssl_steps, "batch": ssl_batch,
-                          "seconds": round(time.perf_counter() - started, 1),
-                          "loss_first_last": [round(losses[0], 3), round(float(np.mean(losses[-50:])), 3)]}
+    encoder, losses = pretrain(
+        unlabeled, cfg, aug, base, len(classes), device, steps=ssl_steps, batch=ssl_batch, seed=seed
+    )
+    result["pretrain"] = {
+        "steps": ssl_steps,
+        "batch": ssl_batch,
+        "seconds": round(time.perf_counter() - started, 1),
+        "loss_first_last": [round(losses[0], 3), round(float(np.mean(losses[-50:])), 3)],
+    }
     print(f"{meta['regime']} {seed} pretrain: {result['pretrain']}", file=sys.stderr, flush=True)
     truth, left_out = data["pool_truth"], ~accepted
-    arms = {}
+    arms, scratch_models = {}, None
     for name, samples in (("r000", train), ("last", with_pseudo)):
         for init_name, init in (("scratch", None), ("simclr", encoder)):
+            if f"{name}_{init_name}" not in arms_wanted:
+                continue
             started = time.perf_counter()
             figures, models = train_round(samples, val, cfg, aug, base, classes, device, seed, init)
             test = predict_proba(models, test_images, device).argmax(1)
             figures["test"] = float((test == test_labels).mean())
             figures["seconds"] = round(time.perf_counter() - started, 1)
             arms[f"{name}_{init_name}"] = figures
-            print(f"{meta['regime']} {seed} {name}_{init_name}: {figures}", file=sys.stderr, flush=True)
+            print(
+                f"{meta['regime']} {seed} {name}_{init_name}: {figures}",
+                file=sys.stderr,
+                flush=True,
+            )
             if (name, init_name) == ("r000", "scratch"):
                 scratch_models = models
     result["arms"] = arms
     knn = {}
     for space, models in (("simclr", [encoder.to(device)]), ("r000_scratch", scratch_models)):
+        if models is None:
+            continue
         reference = embed(models, train.images, device)
         guess = knn_labels(reference, train.labels, embed(models, pool, device), len(classes))
-        knn[space] = {"pool": float((guess == truth).mean()),
-                      "left_out": float((guess[left_out] == truth[left_out]).mean())
-                      if left_out.any() else None}
+        knn[space] = {
+            "pool": float((guess == truth).mean()),
+            "left_out": float((guess[left_out] == truth[left_out]).mean())
+            if left_out.any()
+            else None,
+        }
     result["knn10"] = knn
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack")
     p.add_argument("work", type=Path)
@@ -269,6 +315,7 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--ssl-steps", type=int, default=2000)
     r.add_argument("--ssl-batch", type=int, default=256)
+    r.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     r.add_argument("--min-steps", type=int, default=None, help="override train.min_steps (smoke)")
     args = parser.parse_args()
     if args.command == "pack":
@@ -276,7 +323,9 @@ def main() -> None:
         return
     results = []
     for path in args.packed:
-        results.append(run_one(path, args.ssl_steps, args.ssl_batch, args.min_steps))
+        results.append(
+            run_one(path, args.ssl_steps, args.ssl_batch, args.min_steps, tuple(args.arms))
+        )
         print(json.dumps(results[-1]), flush=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
 
