@@ -123,7 +123,7 @@ def photo_child(data: Path, out: Path, mode: str, image_size: int, channels: int
         ROOT / "params.yaml", {"base.image_size": image_size, "base.channels": channels}
     )
     options = PHOTO_MODES[mode][0]
-    candidates, _ = inputs.scan_folder(data, "labeled", by_class=True)
+    candidates, _ = inputs.scan_folder(data, "labeled", by_class=True, split="train")
     workers = inputs.decode_workers(len(candidates)) if options in (None, {}) else 1
     before = _cpu_seconds()
     start = time.perf_counter()

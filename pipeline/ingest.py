@@ -187,11 +187,11 @@ def run(data_dir: Path, out_dir: Path, params: Params, truth_path: Path | None =
             f"no labeled data: expected {data_dir / 'labeled'}/<class>/<image> "
             f"(or run `python -m pipeline demo-data`)"
         )
-    candidates, quarantine = scan_folder(data_dir, "labeled", by_class=True)
+    candidates, quarantine = scan_folder(data_dir, "labeled", by_class=True, split="train")
     splits = ["train"] * len(candidates)
     test_candidates, test_quarantine = [], []
     if (data_dir / "test").is_dir():  # absent or empty: a held-out share of labeled below
-        test_candidates, test_quarantine = scan_folder(data_dir, "test", by_class=True)
+        test_candidates, test_quarantine = scan_folder(data_dir, "test", by_class=True, split="test")
     has_test = bool(test_candidates)
     candidates += test_candidates
     splits += ["test"] * len(test_candidates)

@@ -50,8 +50,16 @@ class Candidate:
     label: str  # "" for unlabeled pools
 
 
-def scan_folder(data_dir: Path, sub: str, *, by_class: bool) -> tuple[list[Candidate], list[dict]]:
-    """Candidates under data/<sub>; with by_class, the first folder level is the label."""
+def scan_folder(
+    data_dir: Path, sub: str, *, by_class: bool, split: str
+) -> tuple[list[Candidate], list[dict]]:
+    """Candidates under data/<sub>; with by_class, the first folder level is the label. The
+    quarantine rows name `split`, as the rows of the files that fail to decode do."""
+    candidates, quarantine = _scan(data_dir, sub, by_class)
+    return candidates, [{**row, "split": split} for row in quarantine]
+
+
+def _scan(data_dir: Path, sub: str, by_class: bool) -> tuple[list[Candidate], list[dict]]:
     root = data_dir / sub
     candidates: list[Candidate] = []
     quarantine: list[dict] = []

@@ -289,7 +289,7 @@ def decode_pool(
     eligible; neither is the second copy of an image within the pool, nor a near copy of a
     test or labeled image (ingest's signatures and cutoff: re-encoded, resized, cropped).
     """
-    candidates, quarantine = scan_folder(data_dir, f"unlabeled/{pool}", by_class=False)
+    candidates, quarantine = scan_folder(data_dir, f"unlabeled/{pool}", by_class=False, split="pool")
     table, rejected = pack(
         candidates,
         data_dir,

@@ -85,6 +85,8 @@ def test_quarantines_every_bad_case_with_a_reason(bad_corpus, project, record):
     for path, reason in EXPECTED.items():
         assert path in reasons, f"{path} not quarantined"
         assert reason in reasons[path], f"{path}: {reasons[path]!r}"
+    # one split name for the labeled files, whichever check refused them
+    assert set(quarantine.loc[quarantine["path"].str.startswith("labeled/"), "split"]) == {"train"}
     manifest = pd.read_csv(project / "out" / "manifest.csv", keep_default_na=False)
     accepted = set(manifest["path"])
     for name in (

@@ -133,7 +133,7 @@ def mixed_folder(project):
 
 
 def test_parallel_pack_gives_the_inline_table_arrays_and_quarantine(mixed_folder, project):
-    candidates, _ = inputs.scan_folder(mixed_folder, "labeled", by_class=True)
+    candidates, _ = inputs.scan_folder(mixed_folder, "labeled", by_class=True, split="train")
     # A file gone between the scan and the decode: its read fails in the worker. First, beside
     # one/empty.jpg: 73 files on 2 workers make tasks of 2, and that task decodes nothing.
     candidates.insert(0, inputs.Candidate("labeled/zero/vanished.png", "zero"))

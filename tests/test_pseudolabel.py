@@ -97,6 +97,7 @@ def test_never_pseudo_labels_test_images_or_copies_of_labeled_images(round0, pro
     for i, source in enumerate(test_images + labeled_images):
         (pool / f"copy_{i}.png").write_bytes(source.read_bytes())
     (pool / "broken.png").write_bytes(b"not a png")
+    (pool / ".hidden.png").write_bytes(labeled_images[0].read_bytes())
     before = tree_hash(data)
     metrics = _run(project, round0, "mixed")
     quarantine = pd.read_csv(project / "r000" / "report" / "quarantine.csv")
@@ -104,6 +105,8 @@ def test_never_pseudo_labels_test_images_or_copies_of_labeled_images(round0, pro
     assert sum("test image" in r for r in reasons.values()) == 5
     assert sum("labeled image" in r for r in reasons.values()) == 5
     assert "not an image" in reasons["unlabeled/mixed/broken.png"]
+    assert reasons["unlabeled/mixed/.hidden.png"] == "hidden or system file"
+    assert set(quarantine["split"]) == {"pool"}  # whichever check refused the file
     assert metrics["candidates"] == 0 and metrics["accepted"] == 0
     assert tree_hash(data) == before
     record(
