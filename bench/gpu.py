@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pipeline import device as device_mod  # noqa: E402
 from pipeline import ensemble, feed, loop, transforms  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
+from pipeline.config import AugmentConfig, load_params, parse  # noqa: E402
 from pipeline.gpu_augment import BatchAugment  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 
@@ -104,35 +104,37 @@ def model_only_train(cfg, images, labels, device, epochs: int) -> float:
 
 def same_as_cpu(params, images: np.ndarray, device: torch.device) -> float:
     """Largest pixel difference (of 1) between the gpu backend's images on `device` and on the
-    CPU, for the same per-sample draws: the device path runs every transform the policy can draw
-    without reading the draws back, the CPU path skips the ones no sample drew."""
-    aug = dataclasses.replace(
-        params.augment,
-        **{
-            name: dataclasses.replace(getattr(params.augment, name), p=0.5)
-            for name in ("crop", "rotate", "shear", "brightness_contrast", "noise")
-        },
-    )
-    augment = BatchAugment(aug, params.base, CLASSES)
-    x = torch.from_numpy(images[:512]).permute(0, 3, 1, 2).float().div(255)
-    draws = augment.sample(
-        torch.zeros(len(x), dtype=torch.long), torch.Generator().manual_seed(0), x.device
-    )
-    moved = dataclasses.replace(
-        draws,
-        **{
-            f.name: getattr(draws, f.name).to(device)
-            for f in dataclasses.fields(draws)
-            if f.name != "on"
-        },
-        on={name: mask.to(device) for name, mask in draws.on.items()},
-    )
-    # noise is drawn from the device's own generator: compare without it
-    moved.on["noise"] = torch.zeros_like(moved.on["noise"])
-    draws.on["noise"] = torch.zeros_like(draws.on["noise"])
-    on_cpu = augment.apply(x, draws, torch.Generator().manual_seed(1))
-    on_device = augment.apply(x.to(device), moved, torch.Generator(device).manual_seed(1))
-    return float((on_device.cpu() - on_cpu).abs().max())
+    CPU, for the same per-sample draws of every transform (blur up to 5 px; HSV on a colour
+    version of the images). On a GPU the policy decides what runs and nothing is read back; on
+    the CPU a transform no sample drew is skipped."""
+    every = {name: {"p": 0.5} for name in ("crop", "rotate", "shear", "hflip", "vflip")}
+    every |= {name: {"p": 0.5} for name in ("hsv", "brightness_contrast", "noise")}
+    every["blur"] = {"p": 0.5, "limit": 5}
+    aug = parse(AugmentConfig, every, "augment")
+    grey = images[:512]
+    colour = np.concatenate([grey, grey // 2, 255 - grey], axis=-1)
+    worst = 0.0
+    for batch in (grey, colour):
+        base = dataclasses.replace(params.base, channels=batch.shape[-1])
+        augment = BatchAugment(aug, base, CLASSES)
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255)
+        draws = augment.sample(
+            torch.zeros(len(x), dtype=torch.long), torch.Generator().manual_seed(0), x.device
+        )
+        draws.on["noise"] = torch.zeros_like(draws.on["noise"])  # each device has its own RNG
+        moved = dataclasses.replace(
+            draws,
+            **{
+                f.name: getattr(draws, f.name).to(device)
+                for f in dataclasses.fields(draws)
+                if f.name != "on"
+            },
+            on={name: mask.to(device) for name, mask in draws.on.items()},
+        )
+        on_cpu = augment.apply(x, draws, torch.Generator().manual_seed(1))
+        on_device = augment.apply(x.to(device), moved, torch.Generator(device).manual_seed(1))
+        worst = max(worst, float((on_device.cpu() - on_cpu).abs().max()))
+    return worst
 
 
 def stage_train(cfg, samples, device, epochs: int, augmentation) -> float:

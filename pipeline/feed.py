@@ -185,13 +185,13 @@ class TensorFeed:
         order = epoch_order(len(self.labels), seed, self.shard)
         generator = torch.Generator(self.device).manual_seed(seed)
         count = math.ceil(len(order) / self.batch_size)
-        on_images, on_device = order.to(self.images.device), order.to(self.device)
+        image_order, label_order = order.to(self.images.device), order.to(self.device)
 
         def batches():
             for start in range(0, len(order), self.batch_size):
                 rows = slice(start, start + self.batch_size)
-                images = self.images[on_images[rows]].to(self.device, non_blocking=True)
-                labels = self.labels[on_device[rows]]
+                images = self.images[image_order[rows]].to(self.device, non_blocking=True)
+                labels = self.labels[label_order[rows]]
                 x = self.augment(images, labels, generator).mul_(2).sub_(1)
                 yield x.contiguous(memory_format=torch.channels_last), labels
 

@@ -18,6 +18,7 @@ with aspect ratio `ratio` (log-uniform), resized back to the full image.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +58,7 @@ class BatchAugment:
             for name in transform_names()
         }
         self.active = [name for name in transform_names() if getattr(aug, name).p > 0]
-        self._blur_sizes = ((aug.blur.limit | 1) - 3) // 2 + 1  # odd kernels 3, 5, ..., limit
+        self.blur_kernels = tuple(range(3, (aug.blur.limit | 1) + 1, 2))  # odd: 3, 5, ..., limit
 
     def sample(
         self, labels: torch.Tensor, generator: torch.Generator, device: torch.device
@@ -73,6 +74,7 @@ class BatchAugment:
         for name in transform_names():
             draw = torch.rand(n, generator=generator, device=device) < getattr(self.aug, name).p
             on[name] = draw & ~self.excluded[name][labels]
+        kernels = len(self.blur_kernels)
         return BatchParams(
             on=on,
             crop=self._crop_boxes(uniform),
@@ -94,7 +96,7 @@ class BatchAugment:
                 -self.aug.brightness_contrast.brightness, self.aug.brightness_contrast.brightness
             ),
             noise_std=uniform(*self.aug.noise.std),
-            blur=3 + 2 * torch.floor(uniform(0, self._blur_sizes)).clamp_max(self._blur_sizes - 1),
+            blur=3 + 2 * torch.floor(uniform(0, kernels)).clamp_max(kernels - 1),
         )
 
     def _crop_boxes(self, uniform) -> torch.Tensor:
@@ -133,14 +135,17 @@ class BatchAugment:
         x: torch.Tensor,
         p: BatchParams,
         generator: torch.Generator,
+        *,
         by_policy: bool | None = None,
     ) -> torch.Tensor:
         """The transforms of `p` on float images (N, C, H, W) in [0, 1].
 
         On a CPU a transform no sample of the batch drew is skipped. On a GPU, reading that
-        back would make the host wait for the stream at every step: there (or `by_policy`) the
-        policy decides, and a transform with p > 0 runs, as the identity where a sample did
-        not draw it. Both give the same images.
+        back would make the host wait for the stream at every step: there (or with `by_policy`)
+        the policy decides, and a transform with p > 0 runs, as the identity where a sample did
+        not draw it. For `p` drawn by `sample` both give the same images, up to float rounding;
+        on that path a transform the policy cannot draw (p = 0, a blur kernel over the limit)
+        does not run whatever `p` says.
         """
         by_policy = x.is_cuda if by_policy is None else by_policy
         if by_policy:
@@ -159,7 +164,7 @@ class BatchAugment:
             noise = torch.randn(x.shape, generator=generator, device=x.device) * _rows(p.noise_std)
             x = torch.where(_rows(p.on["noise"]), (x + noise).clamp_(0, 1), x)
         if runs["blur"]:
-            sizes = range(3, 2 * self._blur_sizes + 2, 2) if by_policy else None
+            sizes = self.blur_kernels if by_policy else None
             x = box_blur(x, torch.where(p.on["blur"], p.blur, torch.ones_like(p.blur)), sizes)
         return x
 
@@ -226,7 +231,9 @@ def shift_hsv(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * weight
 
 
-def box_blur(x: torch.Tensor, kernel: torch.Tensor, sizes=None) -> torch.Tensor:
+def box_blur(
+    x: torch.Tensor, kernel: torch.Tensor, sizes: Sequence[int] | None = None
+) -> torch.Tensor:
     """Mean filter with a per-sample odd kernel size (1 = untouched), reflected borders.
 
     `sizes`: every size `kernel` may hold, when known; then each is applied to the whole batch

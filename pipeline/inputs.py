@@ -55,37 +55,32 @@ def scan_folder(
 ) -> tuple[list[Candidate], list[dict]]:
     """Candidates under data/<sub>; with by_class, the first folder level is the label. The
     quarantine rows name `split`, as the rows of the files that fail to decode do."""
-    candidates, quarantine = _scan(data_dir, sub, by_class)
-    return candidates, [{**row, "split": split} for row in quarantine]
-
-
-def _scan(data_dir: Path, sub: str, by_class: bool) -> tuple[list[Candidate], list[dict]]:
     root = data_dir / sub
     candidates: list[Candidate] = []
     quarantine: list[dict] = []
     if by_class and (root / MANIFEST_NAME).is_file():
-        return read_csv_manifest(data_dir, root / MANIFEST_NAME, sub)
+        return read_csv_manifest(data_dir, root / MANIFEST_NAME, split)
     if by_class:
         for entry in sorted(root.iterdir()):
             rel = _rel(data_dir, entry)
             if entry.is_dir() and not entry.is_symlink() and not _is_hidden(entry.name):
-                files, rejected = _walk(data_dir, entry, sub)
+                files, rejected = _walk(data_dir, entry, split)
                 quarantine += rejected
                 candidates += [Candidate(path, entry.name) for path in files]
                 if not files:
                     quarantine.append(
-                        quarantine_row(rel, sub, "empty class folder (no usable images)")
+                        quarantine_row(rel, split, "empty class folder (no usable images)")
                     )
             else:
-                quarantine.append(quarantine_row(rel, sub, _why_not_class_folder(entry)))
+                quarantine.append(quarantine_row(rel, split, _why_not_class_folder(entry)))
     else:
-        files, quarantine = _walk(data_dir, root, sub)
+        files, quarantine = _walk(data_dir, root, split)
         candidates = [Candidate(path, "") for path in files]
     return candidates, quarantine
 
 
 def read_csv_manifest(
-    data_dir: Path, csv_path: Path, sub: str
+    data_dir: Path, csv_path: Path, split: str
 ) -> tuple[list[Candidate], list[dict]]:
     """Rows of a `path,label` CSV whose paths stay inside data/; the rest are quarantined."""
     try:
@@ -105,13 +100,13 @@ def read_csv_manifest(
         path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         where = f"{_rel(data_dir, csv_path)}:{line}"
         if not path or not label:
-            quarantine.append(quarantine_row(where, sub, "row without a path or a label"))
+            quarantine.append(quarantine_row(where, split, "row without a path or a label"))
             continue
         target, reason = confine(data_dir, path)
         if reason:
-            quarantine.append(quarantine_row(path, sub, f"{reason} ({where})"))
+            quarantine.append(quarantine_row(path, split, f"{reason} ({where})"))
         elif not target.is_file():
-            quarantine.append(quarantine_row(path, sub, f"listed in {where} but no such file"))
+            quarantine.append(quarantine_row(path, split, f"listed in {where} but no such file"))
         else:
             candidates.append(Candidate(_rel(data_dir, target), label))
     return candidates, quarantine
@@ -130,7 +125,7 @@ def confine(data_dir: Path, user_path: str) -> tuple[Path, str]:
     return target, ""
 
 
-def _walk(data_dir: Path, root: Path, sub: str) -> tuple[list[str], list[dict]]:
+def _walk(data_dir: Path, root: Path, split: str) -> tuple[list[str], list[dict]]:
     """Image files under root, any depth; every other entry gets a quarantine reason."""
     files, quarantine = [], []
     resolved_data = data_dir.resolve()
@@ -139,7 +134,7 @@ def _walk(data_dir: Path, root: Path, sub: str) -> tuple[list[str], list[dict]]:
         for name in sorted(dirnames):
             if _is_hidden(name) or (here / name).is_symlink():
                 why = "hidden folder" if _is_hidden(name) else "symlinked folder (not followed)"
-                quarantine.append(quarantine_row(_rel(data_dir, here / name), sub, why))
+                quarantine.append(quarantine_row(_rel(data_dir, here / name), split, why))
         dirnames[:] = sorted(
             d for d in dirnames if not _is_hidden(d) and not (here / d).is_symlink()
         )
@@ -158,7 +153,7 @@ def _walk(data_dir: Path, root: Path, sub: str) -> tuple[list[str], list[dict]]:
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 reason = f"unsupported extension {path.suffix or '(none)'!r}"
             if reason:
-                quarantine.append(quarantine_row(rel, sub, reason))
+                quarantine.append(quarantine_row(rel, split, reason))
             else:
                 files.append(rel)
     return files, quarantine

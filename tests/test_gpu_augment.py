@@ -199,11 +199,12 @@ def test_same_seed_same_batch_and_nothing_to_do_is_the_identity():
     )
 
 
-@pytest.mark.parametrize("drawn", [True, False])
-def test_the_gpu_path_that_never_reads_back_gives_the_same_images(drawn):
+@pytest.mark.parametrize("case", ["drawn", "nothing drawn", "a class that excludes all", "grey"])
+def test_the_gpu_path_that_never_reads_back_gives_the_same_images(case):
     """On CUDA, apply runs every transform the policy can draw (the identity where a sample did
-    not draw it) instead of reading the per-sample draws back; it must change nothing, also in
-    a batch where no sample drew anything."""
+    not draw it) instead of reading the per-sample draws back; it must change nothing: not when
+    no sample drew anything, nor for a class every transform spares, nor on grey images (where
+    HSV does not apply)."""
     policy = {
         "crop": {"p": 0.5, "scale": [0.6, 1.0]},
         "rotate": {"p": 0.5, "limit": 20.0},
@@ -213,18 +214,21 @@ def test_the_gpu_path_that_never_reads_back_gives_the_same_images(drawn):
         "brightness_contrast": {"p": 0.5},
         "noise": {"p": 0.5},
         "blur": {"p": 0.5, "limit": 5},
+        "exclude": {"b": list(transform_names())},
     }
+    channels = 1 if case == "grey" else 3
     augment = BatchAugment(
-        parse(AugmentConfig, policy, "augment"), BaseConfig(image_size=SIZE, channels=3), ["a"]
+        parse(AugmentConfig, policy, "augment"),
+        BaseConfig(image_size=SIZE, channels=channels),
+        ["a", "b"],
     )
-    x = torch.from_numpy(ramps(64)).permute(0, 3, 1, 2).float() / 255
-    params = augment.sample(
-        torch.zeros(64, dtype=torch.long), torch.Generator().manual_seed(3), x.device
-    )
-    if drawn:
-        assert all(params.on[name].any() and not params.on[name].all() for name in policy)
-    else:
+    x = torch.from_numpy(ramps(64)[..., :channels]).permute(0, 3, 1, 2).float() / 255
+    labels = torch.full((64,), int(case == "a class that excludes all"))
+    params = augment.sample(labels, torch.Generator().manual_seed(3), x.device)
+    if case == "nothing drawn":
         params.on = {name: torch.zeros_like(on) for name, on in params.on.items()}
+    drawn = case in ("drawn", "grey")
+    assert all(params.on[name].any() == drawn for name in transform_names() if name != "vflip")
     outputs = [
         augment.apply(x, params, torch.Generator().manual_seed(4), by_policy=by_policy)
         for by_policy in (False, True)
