@@ -239,7 +239,7 @@ def run_one(
         np.concatenate([train.images, pool[accepted]]),
         np.concatenate([train.labels, data["pool_labels"][accepted]]),
     )
-    unlabeled = np.concatenate([images[data["train_rows"]], val.images, pool])
+    unlabeled = np.concatenate([train.images, val.images, pool])
     result = {
         "regime": meta["regime"],
         "seed": seed,
