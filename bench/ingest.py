@@ -208,7 +208,7 @@ def child(data: Path, out: Path) -> None:
     from pipeline import ingest
     from pipeline.config import load_params
 
-    params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
+    params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1})
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     metrics = ingest.run(data, out, params)

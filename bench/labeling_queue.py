@@ -53,7 +53,7 @@ def one_seed(seed: int, answers: int, overrides: dict) -> dict:
         outcome.prepare("low-label", work, params)
         train_csv, val_csv = work / "clean" / "train.csv", work / "clean" / "val.csv"
         r000 = work / "r000" / "pseudo"
-        pseudolabel.init_pseudo(r000, params.base)
+        pseudolabel.init_pseudo(r000, work / "ingest" / "images")
         outcome.train_and_test(work, "r000", train_csv, val_csv, params, None)
         r001, _ = outcome.pseudo_round(work, "r001", "pool_001", "r000", r000, params)
         first = outcome.train_and_test(work, "r001", train_csv, val_csv, params, r001)

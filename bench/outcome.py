@@ -190,7 +190,7 @@ def pipeline_rounds(work: Path, params) -> tuple[list[dict], Path]:
     then per pool the previous round's model labels every pool so far and the round trains on
     that set. Returns (each round's figures, the last round's pseudo-label set)."""
     pseudo_in = work / "r000" / "pseudo"
-    pseudolabel.init_pseudo(pseudo_in, params.base)
+    pseudolabel.init_pseudo(pseudo_in, work / "ingest" / "images")
     train_csv, val_csv = work / "clean" / "train.csv", work / "clean" / "val.csv"
     rounds = [train_and_test(work, "r000", train_csv, val_csv, params, None)]
     pools = sorted(p.name for p in (work / "data" / "unlabeled").iterdir())

@@ -79,7 +79,7 @@ def script(name: str, *args: str, results: Path) -> list:
 def bench_stages(data_dir: Path, work: Path) -> dict:
     """Each stage's command on the generated set, with a short recipe: time and peak RSS."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["base"]["image_size"] = 28
+    params["base"].update(image_size=28, channels=1)
     params["clean"].update(folds=2, epochs=1, min_steps=0)
     params["train"].update(epochs=1, min_steps=0)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -115,7 +115,7 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
     from pipeline.kfold import kfold_pred_probs
     from pipeline.model import build_model
 
-    params = load_params(ROOT / "params.yaml", {"base.image_size": 28})
+    params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1})
     classes = [str(i) for i in range(10)]
     rows = []
     for n in sizes:

@@ -144,7 +144,7 @@ def spread_rows(kfold_images: int, predict_images: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["base"]["image_size"] = 28
+        params["base"].update(image_size=28, channels=1)
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
         generate(tmp / "data", max(kfold_images, predict_images))
         python = sys.executable
@@ -207,7 +207,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             params = yaml.safe_load((ROOT / "params.yaml").read_text())
-            params["base"]["image_size"] = 28
+            params["base"].update(image_size=28, channels=1)
             (tmp / "params.yaml").write_text(yaml.safe_dump(params))
             generate(tmp / "data", n)
             python = sys.executable

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report
-from pipeline.config import Params, to_dict
+from pipeline.config import Params, to_dict, with_image_shape
 from pipeline.io import (
     atomic_dir,
     read_array,
@@ -81,6 +81,7 @@ def run(
 ) -> dict:
     table = read_table(table_path)
     images = read_array(images_path)
+    params = with_image_shape(params, images.shape)
     classes = read_json(classes_path)
     aug = params.augment
     rng = np.random.default_rng(params.base.seed)

@@ -49,7 +49,7 @@ from cleanlab.rank import get_label_quality_scores
 from sklearn.neighbors import NearestNeighbors
 
 from pipeline import report
-from pipeline.config import Params, to_dict
+from pipeline.config import Params, to_dict, with_image_shape
 from pipeline.device import pick_device
 from pipeline.ensemble import predict_proba
 from pipeline.errors import PipelineError
@@ -400,6 +400,7 @@ def run(
     manifest = read_table(ingest_dir / "manifest.csv")
     classes = read_json(ingest_dir / "classes.json")
     images = read_array(ingest_dir / "images")
+    params = with_image_shape(params, images.shape)
     table = manifest[manifest["split"] == "train"].reset_index(drop=True)
     if len(classes) < 2:
         raise PipelineError(f"cleaning needs at least 2 classes; {ingest_dir} has {len(classes)}")

@@ -221,12 +221,12 @@ def show_errors(
 @app.command("init-pseudo")
 def init_pseudo(
     out: OutOpt = Path("artifacts/rounds/r000/pseudo"),
-    params: ParamsOpt = Path("params.yaml"),
+    ingest_dir: IngestOpt = Path("artifacts/ingest"),
 ) -> None:
     """Write the empty pseudo-label set: round r000's, where the first pool round starts."""
     from pipeline.pseudolabel import init_pseudo as stage
 
-    stage(out, load_params(params).base)
+    stage(out, ingest_dir / "images")
 
 
 @app.command()

@@ -37,6 +37,15 @@ def budgets(default: tuple, lo: float | None = None, hi: float | None = None):
     return field(default=default, metadata={"range": (lo, hi, False), "one_or_more": True})
 
 
+def num_or_auto(default: int | str, lo: int, hi: int):
+    """A number in [lo, hi], or "auto": ingest chooses it from the images (pipeline.image_stats)
+    and every later stage reads what it chose from the packed images (`with_image_shape`)."""
+    return field(default=default, metadata={"range": (lo, hi, False), "auto": True})
+
+
+AUTO = "auto"
+
+
 def prob(default: float):
     return num(default, 0.0, 1.0)
 
@@ -57,8 +66,9 @@ def pair(default: tuple, lo: float | None = None, hi: float | None = None):
 @dataclass(frozen=True)
 class BaseConfig:
     seed: int = num(0, 0)
-    image_size: int = num(16, 4, 1024)  # px; every image becomes image_size x image_size
-    channels: int = num(1, 1, 3)  # 1 = grayscale, 3 = RGB
+    # "auto" until ingest resolves it: the stages read these through `with_image_shape`
+    image_size: int = num_or_auto(AUTO, 4, 1024)  # px; every image becomes this x this
+    channels: int = num_or_auto(AUTO, 1, 3)  # 1 = grayscale, 3 = RGB
     resize: str = choice("pad", "stretch")  # pad: keep aspect ratio, letterbox with black
 
 
@@ -359,11 +369,27 @@ class Params:
                     f"round follows r000 or an earlier round (previous: {entry.previous!r}); "
                     f"`python -m pipeline add-pool` writes these entries"
                 )
-        if self.augment.hsv.p > 0 and self.base.channels != 3:
+        if self.augment.hsv.p > 0 and self.base.channels == 1:
             raise PipelineError(
-                f"augment.hsv.p: HSV shifts need colour images; set base.channels: 3 "
-                f"(it is {self.base.channels}) or augment.hsv.p: 0"
+                "augment.hsv.p: HSV shifts need colour images, and base.channels is 1 (set by "
+                "you, or by `auto` for grayscale images); set augment.hsv.p: 0, or "
+                "base.channels: 3 to train grayscale images in RGB"
             )
+
+
+def with_image_shape(params: Params, shape: tuple[int, ...]) -> Params:
+    """`params` with base.image_size and base.channels those of the images ingest packed
+    (N, size, size, channels): what an `auto` became. An explicit value that disagrees means
+    ingest ran with other params; this says so rather than train on the wrong shape."""
+    packed = {"image_size": int(shape[1]), "channels": int(shape[3])}
+    for key, value in packed.items():
+        given = getattr(params.base, key)
+        if given not in (AUTO, value):
+            raise PipelineError(
+                f"base.{key} is {given}, but ingest packed the images at {value}: "
+                f"rerun ingest (`dvc repro`)"
+            )
+    return dataclasses.replace(params, base=dataclasses.replace(params.base, **packed))
 
 
 def is_plain_name(name: str) -> bool:
@@ -467,9 +493,12 @@ def _check_scalar(hint: Any, value: Any, where: str, meta: typing.Mapping[str, A
         if not isinstance(value, bool):
             raise PipelineError(f"{where}: expected true or false, got {_describe(value)}")
         return value
+    if meta.get("auto") and value == AUTO:
+        return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise PipelineError(f"{where}: expected an integer, got {_describe(value)}")
+            expected = "an integer or auto" if meta.get("auto") else "an integer"
+            raise PipelineError(f"{where}: expected {expected}, got {_describe(value)}")
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise PipelineError(f"{where}: expected a number, got {_describe(value)}")

@@ -32,7 +32,7 @@ from sklearn.metrics import (
 
 from pipeline import report
 from pipeline.calibration import apply_temperature, expected_calibration_error
-from pipeline.config import Params, to_dict
+from pipeline.config import Params, to_dict, with_image_shape
 from pipeline.ensemble import load_ensemble, predict_packed
 from pipeline.errors import PipelineError
 from pipeline.images import thumbnail
@@ -188,6 +188,7 @@ def run(
     round_name: str,
     data_dir: Path = Path("data"),
 ) -> dict:
+    params = with_image_shape(params, read_array(ingest_dir / "images").shape)
     ensemble = load_ensemble(model_dir)
     classes = read_json(ingest_dir / "classes.json")
     if classes != ensemble.classes:

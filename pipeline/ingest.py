@@ -12,6 +12,7 @@ Writes  <out>/manifest.csv   one row per usable image: id, path, sha256, label, 
         <out>/signatures.npy (N, 256) float16 look of each image (images.signature), manifest order
         <out>/leakage.csv    path, split, copy_of, copy_split, distance, kind, action: every image
                              set aside as a copy of a test image, exact or near, with its pair
+        <out>/params.json    the params used, `auto` image size and channels resolved (and why)
         <out>/metrics.json
 Params  base, ingest
 
@@ -21,6 +22,7 @@ stage of their round with the same functions, so adding a pool does not rerun th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from collections import Counter
@@ -29,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Params, to_dict
+from pipeline.config import AUTO, Params, to_dict
 from pipeline.errors import PipelineError
+from pipeline.image_stats import fitting_shape, inspect
 from pipeline.inputs import (
     LEAKAGE_COLUMNS,
     QUARANTINE_COLUMNS,
@@ -191,12 +194,15 @@ def run(data_dir: Path, out_dir: Path, params: Params, truth_path: Path | None =
     splits = ["train"] * len(candidates)
     test_candidates, test_quarantine = [], []
     if (data_dir / "test").is_dir():  # absent or empty: a held-out share of labeled below
-        test_candidates, test_quarantine = scan_folder(data_dir, "test", by_class=True, split="test")
+        test_candidates, test_quarantine = scan_folder(
+            data_dir, "test", by_class=True, split="test"
+        )
     has_test = bool(test_candidates)
     candidates += test_candidates
     splits += ["test"] * len(test_candidates)
     quarantine += test_quarantine
 
+    params, chosen = resolve_shape(params, [data_dir / c.path for c in candidates])
     scratch = out_dir / ".images.unfiltered"
     shard_mib = params.ingest.shard_mib
     table, rejected = pack(
@@ -266,7 +272,8 @@ def run(data_dir: Path, out_dir: Path, params: Params, truth_path: Path | None =
     write_table(out_dir / "quarantine.csv", quarantine_table)
     write_json(out_dir / "classes.json", classes)
     write_json(
-        out_dir / "params.json", {"base": to_dict(params.base), "ingest": to_dict(params.ingest)}
+        out_dir / "params.json",
+        {"base": to_dict(params.base), "ingest": to_dict(params.ingest), "auto": chosen},
     )
     write_json(out_dir / "metrics.json", metrics)
     log.info(
@@ -278,6 +285,20 @@ def run(data_dir: Path, out_dir: Path, params: Params, truth_path: Path | None =
         out_dir / "quarantine.csv",
     )
     return metrics
+
+
+def resolve_shape(params: Params, files: list[Path]) -> tuple[Params, dict]:
+    """params with `auto` image size and channels chosen from the labeled and test files;
+    also {key: {"value", "why"}} for each key chosen."""
+    wanted = [key for key in ("image_size", "channels") if getattr(params.base, key) == AUTO]
+    if not wanted:
+        return params, {}
+    shape = fitting_shape(inspect(files, params.ingest.max_image_pixels))
+    chosen = {key: {"value": shape[key], "why": shape["why"][key]} for key in wanted}
+    for key, choice in chosen.items():
+        log.info("ingest: base.%s auto -> %s (%s)", key, choice["value"], choice["why"])
+    resolved = dataclasses.replace(params.base, **{k: c["value"] for k, c in chosen.items()})
+    return dataclasses.replace(params, base=resolved), chosen
 
 
 def summarize(

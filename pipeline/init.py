@@ -23,16 +23,13 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-from PIL import Image
-
 from pipeline.config import is_plain_name, load_params
 from pipeline.errors import PipelineError
+from pipeline.image_stats import fitting_shape, inspect
 from pipeline.images import IMAGE_EXTENSIONS, SYSTEM_FILES
 from pipeline.inputs import read_csv_rows
 from pipeline.io import dvc_add, edit_yaml
@@ -51,10 +48,7 @@ DATASET = (  # what data/ holds of one dataset; --force moves all of it aside
     "test_audit.csv",
     "added_labels.csv",
 )
-SIZE_RANGE = (16, 32)  # px; larger trains slowly on a CPU (raise base.image_size on a GPU)
-COLOUR_SAMPLE = 200  # images decoded to decide base.channels
 TINY_SIDE = 24  # px: below, CleanVision's low-information threshold would flag nearly every image
-COLOUR_SPREAD = 8.0  # mean |R-G|, |G-B| above this (0-255) makes an image colourful
 
 
 @dataclass
@@ -218,60 +212,15 @@ def check(found: Source) -> None:
 # Inspecting the images and choosing params
 
 
-def inspect(files: list[Path], max_pixels: int) -> dict:
-    """Header figures over every file, colour over a seeded sample."""
-    short, formats, unreadable, too_large = [], Counter(), [], []
-    for path in files:
-        try:
-            with warnings.catch_warnings(), Image.open(path) as image:
-                warnings.simplefilter("ignore")
-                width, height = image.size
-                formats[image.format or path.suffix.lower()] += 1
-        except Exception as exc:  # noqa: BLE001 - any decoder failure means ingest quarantines it
-            unreadable.append(f"{path}: {type(exc).__name__}")
-            continue
-        if width * height > max_pixels:
-            too_large.append(f"{path}: {width}x{height} px")
-        short.append(min(width, height))
-    rng = np.random.default_rng(0)
-    sample = rng.permutation(len(files))[:COLOUR_SAMPLE]
-    colourful = [is_colourful(files[i]) for i in sample]
-    colourful = [c for c in colourful if c is not None]
-    return {
-        "short_side": {
-            "min": int(min(short, default=0)),
-            "median": float(np.median(short)) if short else 0.0,
-            "max": int(max(short, default=0)),
-        },
-        "formats": dict(formats.most_common()),
-        "unreadable": unreadable,
-        "too_large": too_large,
-        "colour_share": float(np.mean(colourful)) if colourful else 0.0,
-    }
-
-
-def is_colourful(path: Path) -> bool | None:
-    try:
-        with warnings.catch_warnings(), Image.open(path) as image:
-            warnings.simplefilter("ignore")
-            image.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale
-            pixels = np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.float32)
-    except Exception:  # noqa: BLE001 - reported by inspect() / quarantined by ingest
-        return None
-    spread = np.abs(pixels[..., 0] - pixels[..., 1]) + np.abs(pixels[..., 1] - pixels[..., 2])
-    return bool(spread.mean() / 2 > COLOUR_SPREAD)
-
-
 def choose_params(stats: dict) -> dict:
     """base.image_size, base.channels, augment.hsv.p, clean.quality.low_information and the
     reason for each."""
-    median = stats["short_side"]["median"]
-    size = int(np.clip(8 * round(median / 8), *SIZE_RANGE))
-    colour = stats["colour_share"] >= 0.1
-    tiny = median < TINY_SIDE
+    shape = fitting_shape(stats)
+    colour = shape["channels"] == 3
+    tiny = stats["short_side"]["median"] < TINY_SIDE
     return {
-        "base.image_size": size,
-        "base.channels": 3 if colour else 1,
+        "base.image_size": shape["image_size"],
+        "base.channels": shape["channels"],
         "augment.hsv.p": 0.5 if colour else 0.0,
         "clean.quality.low_information": 0.15 if tiny else 0.3,
         "why": {
@@ -280,9 +229,8 @@ def choose_params(stats: dict) -> dict:
                 if tiny
                 else "CleanVision's own threshold, which suits images of this size"
             ),
-            "base.image_size": f"median short side {median:.0f} px, rounded to a multiple of 8 "
-            f"within {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px (larger trains slowly on a CPU)",
-            "base.channels": f"{stats['colour_share']:.0%} of a sample of images are in colour",
+            "base.image_size": shape["why"]["image_size"],
+            "base.channels": shape["why"]["channels"],
             "augment.hsv.p": "HSV shifts for colour images" if colour else "grayscale: no HSV",
         },
     }

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import report
-from pipeline.config import Params
+from pipeline.config import Params, with_image_shape
 from pipeline.device import pick_device
 from pipeline.feed import (
     Augmentation,
@@ -116,6 +116,7 @@ def run(
     if "split" in table:
         table = table[table["split"] == "train"]
     images = read_array(ingest_dir / "images")
+    params = with_image_shape(params, images.shape)
     samples = Samples(
         np.ascontiguousarray(images[table["row"].astype(int).to_numpy()]),
         table["label"].map(classes.index).to_numpy(np.int64),

@@ -36,7 +36,7 @@ import pandas as pd
 
 from pipeline import report
 from pipeline.config import DROPPED_POOL as DROPPED
-from pipeline.config import BaseConfig, Params, PseudolabelConfig, to_dict
+from pipeline.config import Params, PseudolabelConfig, to_dict, with_image_shape
 from pipeline.ensemble import load_ensemble, predict_packed
 from pipeline.errors import PipelineError
 from pipeline.images import thumbnail
@@ -266,11 +266,12 @@ def dropped_rows(issues_path: Path, manifest: pd.DataFrame, seen: set[str]) -> p
 # 2) The stages
 
 
-def init_pseudo(out_dir: Path, base: BaseConfig) -> None:
-    """The empty pseudo-label set: round r000 trains on human labels only."""
+def init_pseudo(out_dir: Path, ingest_images: Path) -> None:
+    """The empty pseudo-label set, shaped like ingest's images: round r000 trains on human
+    labels only."""
     with atomic_dir(out_dir) as tmp:
         write_table(tmp / "table.csv", pd.DataFrame(columns=PSEUDO_COLUMNS))
-        ShardWriter(tmp / "images", (base.image_size, base.image_size, base.channels)).close()
+        ShardWriter(tmp / "images", read_array(ingest_images).shape[1:]).close()
         write_json(tmp / "pools.json", [])
 
 
@@ -289,7 +290,9 @@ def decode_pool(
     eligible; neither is the second copy of an image within the pool, nor a near copy of a
     test or labeled image (ingest's signatures and cutoff: re-encoded, resized, cropped).
     """
-    candidates, quarantine = scan_folder(data_dir, f"unlabeled/{pool}", by_class=False, split="pool")
+    candidates, quarantine = scan_folder(
+        data_dir, f"unlabeled/{pool}", by_class=False, split="pool"
+    )
     table, rejected = pack(
         candidates,
         data_dir,
@@ -379,6 +382,7 @@ def run(
     """Round `round_name`'s pseudo-label set and report; returns its metrics. With clean_dir
     (the clean stage's folder, as `dvc repro` passes it) and pseudolabel.dropped, the labeled
     images clean dropped are scored too; without it, the pools alone."""
+    params = with_image_shape(params, read_array(ingest_dir / "images").shape)
     cfg = params.pseudolabel
     pool_dir = data_dir / "unlabeled" / pool
     if not pool_dir.is_dir():

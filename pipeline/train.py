@@ -37,7 +37,7 @@ from pipeline.calibration import (
     fit_temperature,
     nll,
 )
-from pipeline.config import AugmentConfig, Params, parse, to_dict
+from pipeline.config import AugmentConfig, Params, parse, to_dict, with_image_shape
 from pipeline.consistency import UnlabeledFeed
 from pipeline.device import pick_device
 from pipeline.ensemble import load_ensemble
@@ -146,6 +146,7 @@ def run(
     state_dir: Path,
     params: Params,
 ) -> dict:
+    params = with_image_shape(params, read_array(images_path).shape)
     cfg, base = params.train, params.base
     classes = read_json(classes_path)
 

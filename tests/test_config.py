@@ -35,7 +35,12 @@ def test_project_params_load():
         ({"augment": {"crop": {"scale": [1.0, 0.5]}}}, "augment.crop.scale: expected [low, high]"),
         ({"augment": {"twirl": {"p": 0.5}}}, "unknown key 'augment.twirl'"),
         ({"augment": {"exclude": {"6": ["spin"]}}}, "augment.exclude.6: unknown transform 'spin'"),
-        ({"augment": {"hsv": {"p": 0.5}}}, "augment.hsv.p: HSV shifts need colour images"),
+        (
+            {"base": {"channels": 1}, "augment": {"hsv": {"p": 0.5}}},
+            "augment.hsv.p: HSV shifts need colour images",
+        ),
+        ({"base": {"image_size": "large"}}, "base.image_size: expected an integer or auto"),
+        ({"base": {"channels": 2.0}}, "base.channels: expected an integer or auto"),
         ({"pseudolabel": {"balance": "yes"}}, "pseudolabel.balance: expected true or false"),
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
         ({"clean": {"min_steps": []}}, "clean.min_steps: expected at least one value"),

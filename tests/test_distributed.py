@@ -101,7 +101,7 @@ def round0(tmp_path_factory):
         Image.fromarray(image).save(data / "unlabeled" / "noise" / f"n{i:04d}.png")
     ingest.run(data, root / "ingest", params)
     augment_and_train(root, root / "ingest", train_table(root / "ingest"), params)
-    pseudolabel.init_pseudo(root / "init", params.base)
+    pseudolabel.init_pseudo(root / "init", root / "ingest" / "images")
     return root
 
 

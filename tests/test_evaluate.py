@@ -96,7 +96,7 @@ def hostile_report(tmp_path_factory):
     metrics = evaluate.run(
         root / "model", ingest_dir, root / "train", reports / "evaluate", params, "r000", data
     )
-    pseudolabel.init_pseudo(root / "init", params.base)
+    pseudolabel.init_pseudo(root / "init", ingest_dir / "images")
     pseudolabel.run(
         round_name="r000",
         pool="pool_001",

@@ -69,7 +69,7 @@ def round0(ingested, project):
     params = load_params(write_params(project, {"train": {"epochs": 15}}))
     table = train_table(ingested)
     augment_and_train(project, ingested, table, params)
-    pseudolabel.init_pseudo(project / "init", params.base)
+    pseudolabel.init_pseudo(project / "init", ingested / "images")
     return params
 
 

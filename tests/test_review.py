@@ -53,7 +53,7 @@ def workspace(tmp_path_factory):
     model = augment_and_train(
         art / "rounds" / "r000", art / "ingest", train_table(art / "ingest"), params
     )
-    pseudolabel.init_pseudo(art / "rounds" / "r000" / "pseudo", params.base)
+    pseudolabel.init_pseudo(art / "rounds" / "r000" / "pseudo", art / "ingest" / "images")
     pseudolabel.run(
         round_name="r001",
         pool="pool_001",

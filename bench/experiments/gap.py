@@ -72,7 +72,7 @@ def one_seed(seed: int) -> dict:
             "r000 all rows, true labels": test_of("true_all", true_all),
         }
         pseudo_in = work / "r000" / "pseudo"
-        pseudolabel.init_pseudo(pseudo_in, params.base)
+        pseudolabel.init_pseudo(pseudo_in, work / "ingest" / "images")
         pools = sorted(p.name for p in (data / "unlabeled").iterdir())
         for index, pool in enumerate(pools, start=1):
             name, previous = f"r{index:03d}", f"r{index - 1:03d}"
