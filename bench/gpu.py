@@ -206,7 +206,9 @@ def main() -> None:
     started = time.perf_counter()
 
     # epochs are fixed here: min_steps would stretch a small run
-    params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1, "train.min_steps": 0})
+    params = load_params(
+        ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1, "train.min_steps": 0}
+    )
     cfg = dataclasses.replace(params.train, batch_size=args.batch_size, num_workers=0)
     images, labels = generate(args.images)
     samples = feed.Samples(images, labels)

@@ -89,7 +89,9 @@ def main() -> None:
     args = parser.parse_args()
 
     # epochs are fixed here: min_steps would stretch a small run
-    params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1, "train.min_steps": 0})
+    params = load_params(
+        ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1, "train.min_steps": 0}
+    )
     device = device_mod.pick_device()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 28, 28, 1), dtype=np.uint8)

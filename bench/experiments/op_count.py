@@ -41,7 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
-    params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1, "train.min_steps": 0})
+    params = load_params(
+        ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1, "train.min_steps": 0}
+    )
     cfg = dataclasses.replace(params.train, batch_size=args.batch_size, num_workers=0)
     steps = 10
     images, labels = generate(args.batch_size * steps)
