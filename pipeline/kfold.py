@@ -21,7 +21,7 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
-from pipeline.config import Params, TrainConfig, parse, to_dict
+from pipeline.config import Params, TrainConfig, parse, to_dict, with_image_shape
 from pipeline.device import pick_device
 from pipeline.ensemble import predict_proba
 from pipeline.errors import PipelineError
@@ -64,6 +64,7 @@ def kfold_pred_probs(
     whose out-of-fold predictions agree best with the given labels (`better`): held-out rows
     are never trained on, so this is a cross-validated choice, made before any label is judged.
     """
+    params = with_image_shape(params, images.shape)
     folds = params.clean.folds
     counts = np.bincount(labels, minlength=n_classes)
     if counts.min() < folds:
