@@ -47,6 +47,7 @@ def lr_range_test(
     augmentation: Augmentation = None,
 ) -> pd.DataFrame:
     """Loss per step while the learning rate ramps from start to end: columns lr, loss, smoothed."""
+    params = with_image_shape(params, samples.images.shape)
     device = pick_device()
     torch.manual_seed(params.base.seed)
     model = build_model(params.train.model, params.base.channels, n_classes).to(device)
