@@ -178,7 +178,7 @@ def bench_file_passes(sizes: list[int]) -> list[dict]:
             inputs.nearest(looks[n // 5 :], looks[n // 5 :], exclude_self=True)
             near = time.perf_counter() - start
             start = time.perf_counter()
-            quality.image_issues(paths, params.clean.quality, params.base.channels)
+            quality.image_issues(paths, params.clean.quality, 1)  # grayscale PNGs
             checks = time.perf_counter() - start
         rows.append({"images": n, "near_copy_seconds": near, "cleanvision_seconds": checks})
         print(f"  {n} files: near copies {near:.2f} s, CleanVision {checks:.2f} s", flush=True)

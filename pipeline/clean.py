@@ -286,8 +286,9 @@ def guarded_policy(
         f"{max_noise_rate}) and agree with only {accuracy:.0%} of the given labels (majority class: "
         f"{chance:.0%}); that usually means the models are too weak to judge the labels, not that "
         f"the labels are that bad. Nothing was dropped or relabeled (clean.policy {policy!r} "
-        f"applied as 'flag'); review artifacts/clean/report.html, and check base.image_size, "
-        f"base.channels and train.model before trusting the flags."
+        f"applied as 'flag'); review artifacts/clean/report.html, and check the image size and "
+        f"channels ingest used (artifacts/ingest/params.json) and train.model before trusting "
+        f"the flags."
     )
 
 

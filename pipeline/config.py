@@ -369,11 +369,11 @@ class Params:
                     f"round follows r000 or an earlier round (previous: {entry.previous!r}); "
                     f"`python -m pipeline add-pool` writes these entries"
                 )
-        if self.augment.hsv.p > 0 and self.base.channels == 1:
+        if self.augment.hsv.p > 0 and self.base.channels not in (AUTO, 3):
             raise PipelineError(
-                "augment.hsv.p: HSV shifts need colour images, and base.channels is 1 (set by "
-                "you, or by `auto` for grayscale images); set augment.hsv.p: 0, or "
-                "base.channels: 3 to train grayscale images in RGB"
+                f"augment.hsv.p: HSV shifts need colour images, and base.channels is "
+                f"{self.base.channels} (set by you, or by `auto` for grayscale images); set "
+                f"augment.hsv.p: 0, or base.channels: 3 to train grayscale images in RGB"
             )
 
 
@@ -382,11 +382,12 @@ def with_image_shape(params: Params, shape: tuple[int, ...]) -> Params:
     (N, size, size, channels): what an `auto` became. An explicit value that disagrees means
     ingest ran with other params; this says so rather than train on the wrong shape."""
     packed = {"image_size": int(shape[1]), "channels": int(shape[3])}
+    as_packed = {"image_size": f"at {shape[1]} px", "channels": f"with {shape[3]} channels"}
     for key, value in packed.items():
         given = getattr(params.base, key)
         if given not in (AUTO, value):
             raise PipelineError(
-                f"base.{key} is {given}, but ingest packed the images at {value}: "
+                f"base.{key} is {given}, but ingest packed the images {as_packed[key]}: "
                 f"rerun ingest (`dvc repro`)"
             )
     return dataclasses.replace(params, base=dataclasses.replace(params.base, **packed))

@@ -25,6 +25,7 @@ COLOUR_SHARE = 0.1  # this share of colourful images makes a colour dataset
 def inspect(files: list[Path], max_pixels: int) -> dict:
     """Header figures over every file, colour over a seeded sample."""
     short, formats, unreadable, too_large = [], Counter(), [], []
+    readable = []  # what the colour sample may decode: read, and within the pixel limit
     for path in files:
         try:
             with warnings.catch_warnings(), Image.open(path) as image:
@@ -36,10 +37,12 @@ def inspect(files: list[Path], max_pixels: int) -> dict:
             continue
         if width * height > max_pixels:
             too_large.append(f"{path}: {width}x{height} px")
+        else:
+            readable.append(path)
         short.append(min(width, height))
     rng = np.random.default_rng(0)
-    sample = rng.permutation(len(files))[:COLOUR_SAMPLE]
-    colourful = [is_colourful(files[i]) for i in sample]
+    sample = rng.permutation(len(readable))[:COLOUR_SAMPLE]
+    colourful = [is_colourful(readable[i]) for i in sample]
     colourful = [c for c in colourful if c is not None]
     return {
         "short_side": {
@@ -70,15 +73,15 @@ def fitting_shape(stats: dict) -> dict:
     """base.image_size and base.channels for images with these `inspect` figures, each with
     the reason in plain words."""
     median = stats["short_side"]["median"]
-    size = int(np.clip(SIZE_STEP * round(median / SIZE_STEP), *SIZE_RANGE))
+    size = int(np.clip(SIZE_STEP * int(median / SIZE_STEP + 0.5), *SIZE_RANGE))
     colour = stats["colour_share"] >= COLOUR_SHARE
     return {
         "image_size": size,
         "channels": 3 if colour else 1,
         "why": {
             "image_size": f"median short side {median:.0f} px, rounded to a multiple of "
-            f"{SIZE_STEP} within {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px (larger trains slowly on a "
-            f"CPU)",
+            f"{SIZE_STEP} (halves up) within {SIZE_RANGE[0]}-{SIZE_RANGE[1]} px (larger trains "
+            f"slowly on a CPU)",
             "channels": f"{stats['colour_share']:.0%} of a sample of images are in colour",
         },
     }

@@ -20,7 +20,8 @@ bar) leaves the set. With pseudolabel.dropped, a labeled image the clean stage d
 models' word (not a person's) is scored with the pools: cleaning doubted its label, not the
 image. The `curriculum` policy admits a growing top share of each predicted class (Curriculum
 Labeling, Cascante-Bandera et al. 2021), so no class floods the training set.
-Also `init_pseudo`, which writes the empty set of round r000 (human labels only).
+Also `init_pseudo`, which writes the empty set of round r000 (human labels only), shaped like
+ingest's images.
 """
 
 from __future__ import annotations

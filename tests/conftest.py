@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_digits, load_sample_images
 
 from pipeline.config import load_params
 
@@ -86,6 +86,38 @@ def write_digits(
                 Image.fromarray(np.clip(digits.images[i] * 16, 0, 255).astype(np.uint8)).save(path)
                 truth[rel] = names[digit]
     return truth
+
+
+# Regions of the two colour photographs scikit-learn ships (china.jpg, flower.jpg), as
+# (photo, top, bottom, left, right) fractions: crops of one region form a class.
+REGIONS = {
+    "roof": (0, 0.0, 0.35, 0.0, 1.0),
+    "garden": (0, 0.6, 1.0, 0.0, 1.0),
+    "petals": (1, 0.2, 0.8, 0.25, 0.75),
+    "leaves": (1, 0.0, 0.3, 0.0, 0.4),
+}
+
+
+def write_photos(folder, per_class, *, seed=0, flat=False, split=""):
+    """Random crops of real colour photos, 40-120 px, as JPEG and PNG; returns the paths."""
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name, (index, top, bottom, left, right) in REGIONS.items():
+        photo = photos[index]
+        h, w = photo.shape[:2]
+        y0, y1, x0, x1 = int(top * h), int(bottom * h), int(left * w), int(right * w)
+        for i in range(per_class):
+            side = int(rng.integers(40, min(y1 - y0, x1 - x0, 120)))
+            y, x = rng.integers(y0, y1 - side), rng.integers(x0, x1 - side)
+            crop = Image.fromarray(photo[y : y + side, x : x + side])
+            crop = crop.resize((side, int(side * rng.uniform(0.8, 1.2))))
+            target = folder / (f"{name}_{i}" if flat else f"{name}/{split}{i}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            suffix = ".png" if i % 3 == 0 else ".jpg"
+            crop.save(target.with_suffix(suffix))
+            paths.append(target.with_suffix(suffix))
+    return paths
 
 
 def write_truth(data_dir: Path, truth: dict[str, str]) -> None:

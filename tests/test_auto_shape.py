@@ -9,10 +9,10 @@ import pytest
 from pipeline import ingest
 from pipeline.config import load_params, with_image_shape
 from pipeline.errors import PipelineError
+from pipeline.image_stats import fitting_shape
 from pipeline.io import read_array, read_json
 
-from .conftest import augment_and_train, train_table, write_digits, write_params
-from .test_init import write_photos
+from .conftest import augment_and_train, train_table, write_digits, write_params, write_photos
 
 AUTO = {"base": {"image_size": "auto", "channels": "auto"}}
 
@@ -20,6 +20,25 @@ AUTO = {"base": {"image_size": "auto", "channels": "auto"}}
 def packed_digest(ingest_dir):
     images = read_array(ingest_dir / "images")
     return images.shape, hashlib.sha256(images[:].tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("median", "colour_share", "expected"),
+    [
+        (8, 0.0, (16, 1)),  # the demo's digits: never under 16 px
+        (18, 0.05, (20, 1)),  # halves round up, to a multiple of 4
+        (22, 0.1, (24, 3)),  # a tenth of the sample in colour makes a colour set
+        (28, 0.0, (28, 1)),  # MNIST's 28 px stay 28
+        (67, 0.97, (32, 3)),  # photos: never over 32 px on a CPU
+        (0, 0.0, (16, 1)),  # nothing readable: ingest then says there is no class to train
+    ],
+)
+def test_the_size_is_the_median_short_side_and_colour_a_tenth_of_the_sample(
+    median, colour_share, expected
+):
+    chosen = fitting_shape({"short_side": {"median": median}, "colour_share": colour_share})
+    assert (chosen["image_size"], chosen["channels"]) == expected
+    assert f"{median} px" in chosen["why"]["image_size"]
 
 
 def test_committed_params_leave_size_and_channels_to_ingest():
@@ -39,8 +58,7 @@ def test_colour_photos_train_in_colour_at_a_size_from_their_sides(tmp_path):
     assert images.shape[1:] == (32, 32, 3)
     chosen = read_json(tmp_path / "ingest" / "params.json")
     assert (chosen["base"]["image_size"], chosen["base"]["channels"]) == (32, 3)
-    assert "in colour" in chosen["auto"]["channels"]["why"]
-    assert "median short side" in chosen["auto"]["image_size"]["why"]
+    assert {k: v["value"] for k, v in chosen["auto"].items()} == {"image_size": 32, "channels": 3}
     # a later stage takes the shape ingest chose: the model sees three channels
     model = augment_and_train(
         tmp_path, tmp_path / "ingest", train_table(tmp_path / "ingest"), params
@@ -75,7 +93,9 @@ def test_hsv_shifts_on_images_auto_finds_grayscale_is_one_clear_error(tmp_path):
 def test_an_explicit_size_ingest_did_not_pack_is_refused_with_what_to_do(tmp_path):
     params = load_params(write_params(tmp_path, {"base": {"image_size": 8, "channels": 1}}))
     assert with_image_shape(params, (5, 8, 8, 1)).base == params.base
-    with pytest.raises(PipelineError, match=r"base.image_size is 8, .* packed the images at 16"):
+    with pytest.raises(PipelineError, match=r"base.image_size is 8, .* packed the images at 16 px"):
         with_image_shape(params, (5, 16, 16, 1))
+    with pytest.raises(PipelineError, match=r"base.channels is 1, .* with 3 channels"):
+        with_image_shape(params, (5, 8, 8, 3))
     resolved = with_image_shape(load_params(write_params(tmp_path, AUTO)), (5, 24, 24, 3))
     assert (resolved.base.image_size, resolved.base.channels) == (24, 3)

@@ -39,6 +39,10 @@ def test_project_params_load():
             {"base": {"channels": 1}, "augment": {"hsv": {"p": 0.5}}},
             "augment.hsv.p: HSV shifts need colour images",
         ),
+        (
+            {"base": {"channels": 2}, "augment": {"hsv": {"p": 0.5}}},
+            "base.channels is 2",
+        ),
         ({"base": {"image_size": "large"}}, "base.image_size: expected an integer or auto"),
         ({"base": {"channels": 2.0}}, "base.channels: expected an integer or auto"),
         ({"pseudolabel": {"balance": "yes"}}, "pseudolabel.balance: expected true or false"),

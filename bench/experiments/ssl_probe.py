@@ -62,11 +62,13 @@ def pack(work: Path, out: Path, regime: str, seed: int) -> None:
     import pandas as pd
     from outcome import regime_params
 
+    from pipeline.config import with_image_shape
     from pipeline.io import read_array, read_json, read_table
 
     params = regime_params(regime, seed, {"train.min_steps": 3000})
     classes = read_json(work / "ingest" / "classes.json")
     images = np.asarray(read_array(work / "ingest" / "images"))
+    params = with_image_shape(params, images.shape)
     manifest = read_table(work / "ingest" / "manifest.csv")
     train, val = read_table(work / "clean" / "train.csv"), read_table(work / "clean" / "val.csv")
     val = val[val["scored"] == "True"]
