@@ -3,11 +3,11 @@ work folder is kept, so a variant's validation figures can be read back from it.
 
 Prints one JSON line: per round the test accuracy (reported only), the ensemble's validation
 accuracy and calibrated loss (what choices are made on), and for pool rounds the share of pool
-images in the set, the set's accuracy and how many of the labeled images clean dropped joined.
+images in the set and the set's accuracy.
 
     OMP_NUM_THREADS=1 python bench/experiments/rounds.py SEED REGIME WORK [key=value ...]
     # one thread: the recorded figures (other thread counts round differently)
-    # e.g. 0 low-label /tmp/rounds/base pseudolabel.dropped=false; 5-10 min a seed on 2 cores
+    # e.g. 0 low-label WORK train.model.width=32
 """
 
 import json
@@ -42,7 +42,6 @@ def main(seed: int, regime: str, work: Path, overrides: dict) -> dict:
         "val_loss",
         "pseudo_share",
         "pseudo_accuracy",
-        "dropped_rejoined",
         "epochs",
     )
     return {
