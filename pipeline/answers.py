@@ -25,10 +25,13 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from pipeline.config import IngestConfig
 from pipeline.errors import PipelineError
-from pipeline.images import IMAGE_EXTENSIONS, Rejected, decode
+from pipeline.images import IMAGE_EXTENSIONS, Rejected, decode, max_file_bytes, too_large
 from pipeline.inputs import SIGNATURES, copies_of, read_csv_rows
+from pipeline.intake import all_or_nothing
 from pipeline.io import atomic_path, dvc_add, read_array, read_json, read_table, write_table
+from pipeline.names import file_name_problem, printable
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,14 @@ def add_labels(
     *,
     data_dir: Path = Path("data"),
     ingest_dir: Path = Path("artifacts/ingest"),
+    max_pixels: int | None = None,
     register: bool = True,
 ) -> dict:
+    """Copy the answered pool images into the labeled set; all or nothing: an error or Ctrl-C
+    at any copy leaves data/ as it was. Copies a kill left behind (not yet in
+    added_labels.csv) are taken over by the rerun. max_pixels: ingest.max_image_pixels."""
     data_dir = Path(data_dir)
+    max_pixels = max_pixels or IngestConfig().max_image_pixels
     rows = read_answers(Path(answers))
     labeled = data_dir / "labeled"
     if (labeled / "labels.csv").is_file():
@@ -54,29 +62,42 @@ def add_labels(
     old_log = read_table(log_path) if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
     if list(old_log.columns) != LOG_COLUMNS:
         raise PipelineError(f"{log_path} needs the columns {','.join(LOG_COLUMNS)}")
+    recorded = set(old_log["path"])
     classes = {p.name for p in labeled.iterdir() if p.is_dir()} if labeled.is_dir() else set()
     test_hashes = _hashes(data_dir / "test")
-    test_look = TestLook(Path(ingest_dir))
+    test_look = TestLook(Path(ingest_dir), max_pixels)
     labeled_hashes = _hashes(labeled)
     plan, seen = [], {}
     for line, rel, label in rows:
         where = f"{Path(answers).name}:{line}"
+        if file_name_problem(rel):
+            raise PipelineError(f"{where}: {printable(rel)}: {file_name_problem(rel)}")
         pure = PurePosixPath(rel.replace("\\", "/"))
         parts = pure.parts
         if pure.is_absolute() or ".." in parts or len(parts) < 3 or parts[0] != "unlabeled":
             raise PipelineError(f"{where}: {rel!r} is not a pool image (unlabeled/<pool>/...)")
         source = data_dir / pure
-        if not source.is_file() or source.suffix.lower() not in IMAGE_EXTENSIONS:
+        if (
+            source.is_symlink()
+            or not source.is_file()
+            or source.suffix.lower() not in IMAGE_EXTENSIONS
+        ):
             raise PipelineError(f"{where}: {rel} is not an image file in data/")
         if label not in classes:
             raise PipelineError(
                 f"{where}: unknown class {label!r} (classes: {', '.join(sorted(classes))})"
             )
+        size = source.stat().st_size
+        if size > max_file_bytes(max_pixels):  # never read a file no accepted image can fill
+            raise PipelineError(f"{where}: {rel}: {too_large(size, max_pixels)}")
         data = source.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
+        target = labeled / label / "added" / Path(*parts[1:])
+        target_rel = target.relative_to(data_dir).as_posix()
+        leftover = target_rel not in recorded and labeled_hashes.get(digest) == target_rel
         if digest in test_hashes:
             raise PipelineError(f"{where}: {rel} is a copy of test image {test_hashes[digest]}")
-        if digest in labeled_hashes:
+        if digest in labeled_hashes and not leftover:
             raise PipelineError(f"{where}: {rel} is already labeled as {labeled_hashes[digest]}")
         if digest in seen:
             raise PipelineError(f"{where}: {rel} is the same image as line {seen[digest]}")
@@ -84,26 +105,23 @@ def add_labels(
         near = test_look.copy_of(data)
         if near:
             raise PipelineError(f"{where}: {rel} is a near copy of test image {near}")
-        target = labeled / label / "added" / Path(*parts[1:])
-        if target.exists():
+        if target.exists() and not leftover:
             raise PipelineError(f"{where}: {target} exists already (answered before?)")
         plan.append((source, target, label))
 
     if not plan:
         raise PipelineError(f"{answers} holds no answered row (path,label with a label)")
-    written: list[Path] = []
-    try:
+    touched = [log_path, data_dir / "labeled.dvc", data_dir / ".gitignore"]
+    with all_or_nothing(touched) as changes:
         for source, target, _ in plan:
+            changes.makedirs(target.parent)
+            if not target.exists():  # a leftover of a killed run is already this file
+                changes.created(target)
             with atomic_path(target) as tmp:
-                shutil.copy2(source, tmp)
-            written.append(target)
-    except (OSError, PipelineError) as exc:
-        for path in written:  # nothing half-written: the answers join all together or not at all
-            path.unlink(missing_ok=True)
-        raise PipelineError(f"cannot copy into {labeled}: {exc}") from None
-    record(log_path, old_log, plan, data_dir)
-    if register:
-        dvc_add(data_dir, ["labeled"])
+                shutil.copy2(source, tmp, follow_symlinks=False)
+        record(log_path, old_log, plan, data_dir)
+        if register:
+            dvc_add(data_dir, ["labeled"])
     log.info("add-labels: %d images joined data/labeled/ (see data/added_labels.csv)", len(plan))
     return {"added": len(plan), "classes": sorted({label for _, _, label in plan})}
 
@@ -112,8 +130,9 @@ class TestLook:
     """Near copies of the test split as ingest saw it (its signatures and cutoff); finds none
     before ingest has run."""
 
-    def __init__(self, ingest_dir: Path):
+    def __init__(self, ingest_dir: Path, max_pixels: int):
         self.paths, self.looks, self.cutoff = [], None, 0.0
+        self.max_pixels = max_pixels
         if (ingest_dir / SIGNATURES).is_file() and (ingest_dir / "metrics.json").is_file():
             manifest = read_table(ingest_dir / "manifest.csv")
             rows = (manifest["split"] == "test").to_numpy()
@@ -126,7 +145,9 @@ class TestLook:
         if self.looks is None or not len(self.paths) or self.cutoff <= 0:
             return ""
         try:
-            look = decode(data, image_size=8, channels=3, resize="pad", max_pixels=10**9).signature
+            look = decode(
+                data, image_size=8, channels=3, resize="pad", max_pixels=self.max_pixels
+            ).signature
         except Rejected:
             return ""  # unreadable: ingest quarantines it with the reason
         partner, _ = copies_of(look[None], self.looks, self.cutoff)

@@ -356,11 +356,15 @@ def init(
 def add_labels(
     answers: Annotated[Path, typer.Argument(help="path,label CSV, e.g. a filled-in to_label.csv")],
     data_dir: DataOpt = Path("data"),
+    params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Copy answered pool images into data/labeled/<label>/added/<pool>/ and `dvc add` them."""
     from pipeline.answers import add_labels as stage
 
-    result = stage(answers, data_dir=data_dir, ingest_dir=Path("artifacts/ingest"))
+    max_pixels = load_params(params).ingest.max_image_pixels
+    result = stage(
+        answers, data_dir=data_dir, ingest_dir=Path("artifacts/ingest"), max_pixels=max_pixels
+    )
     typer.echo(f"added {result['added']} labeled images; `dvc repro` reruns from ingest")
     return result
 
@@ -445,16 +449,15 @@ def tune(
     killed run resumes; refine, report, apply the best."""
     from pipeline import tune as stage
     from pipeline import tune_space
-    from pipeline.config import is_plain_name
     from pipeline.io import read_json, write_json
+    from pipeline.names import check_name
 
     # 1) which study: the one named, the last one used, or a new one
     state_path, storage = out / "state.json", out / "study.db"
     points = None  # the grid sampler's points, enqueued when its study starts
     last = read_json(state_path)["study"] if state_path.is_file() else None
     name = study or (last if not param or refine else None) or "tune"
-    if not is_plain_name(name):
-        raise PipelineError(f"--study {name!r}: letters, digits, '-' and '_' only")
+    check_name(name, "--study")
     if sampler is not None and sampler not in stage.SAMPLERS:
         raise PipelineError(f"--sampler {sampler!r}: one of {', '.join(stage.SAMPLERS)}")
     if apply or report or refine or not param:
@@ -599,10 +602,10 @@ def main() -> None:
         raise SystemExit(130) from None
     except (typer.Exit, SystemExit) as exc:
         raise SystemExit(getattr(exc, "exit_code", getattr(exc, "code", 0))) from None
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # A usage error (unknown option, missing argument): click's own message. typer 0.29
+        # raises its vendored copy of click's classes, so they are known by name, not import.
+        if any(cls.__name__ == "ClickException" for cls in type(exc).__mro__):
             exc.show()
             raise SystemExit(exc.exit_code) from None
         raise

@@ -19,6 +19,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from pipeline.errors import PipelineError
+from pipeline.names import check_name, check_round_key
 
 
 def read_yaml(path: Path) -> Any:
@@ -357,11 +358,8 @@ class Params:
 
     def __post_init__(self) -> None:
         for name, entry in self.rounds.items():
-            if not is_plain_name(entry.pool):
-                raise PipelineError(
-                    f"rounds.{name}.pool: {entry.pool!r} must name a folder directly under "
-                    f"data/unlabeled/ (no '/', no leading '.')"
-                )
+            check_round_key(name, "rounds")
+            check_name(entry.pool, f"rounds.{name}.pool", "rename the folder under data/unlabeled/")
             known = entry.previous == "r000" or entry.previous in self.rounds
             if name == "r000" or not known or entry.previous >= name:
                 raise PipelineError(
@@ -391,11 +389,6 @@ def with_image_shape(params: Params, shape: tuple[int, ...]) -> Params:
                 f"rerun ingest (`dvc repro`)"
             )
     return dataclasses.replace(params, base=dataclasses.replace(params.base, **packed))
-
-
-def is_plain_name(name: str) -> bool:
-    """A folder name directly under data/unlabeled/: no separator, not hidden, not `..`."""
-    return bool(name) and not name.startswith(".") and "/" not in name and "\\" not in name
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `init` writes the choice into params.yaml; `ingest` makes it when params.yaml says
 `base.image_size: auto` or `base.channels: auto` (the committed default), so a user who swaps
 their own photos into data/ without running `init` still trains in colour at a sensible size.
-Only headers are read for the sizes, and a seeded sample is decoded small for colour.
+Only headers are read for the sizes, and a seeded sample is decoded small for colour. Files
+are opened as ingest opens them (images.open_image: DECODE_FORMATS only, so no Ghostscript).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from pipeline.images import Rejected, open_image
+from pipeline.names import printable
 
 SIZE_RANGE = (16, 32)  # px; larger trains slowly on a CPU (raise base.image_size on a GPU)
 SIZE_STEP = 4  # px: the model halves the resolution twice
@@ -28,15 +31,16 @@ def inspect(files: list[Path], max_pixels: int) -> dict:
     readable = []  # what the colour sample may decode: read, and within the pixel limit
     for path in files:
         try:
-            with warnings.catch_warnings(), Image.open(path) as image:
+            with warnings.catch_warnings(), open_image(path) as image:
                 warnings.simplefilter("ignore")
                 width, height = image.size
                 formats[image.format or path.suffix.lower()] += 1
         except Exception as exc:  # noqa: BLE001 - any decoder failure means ingest quarantines it
-            unreadable.append(f"{path}: {type(exc).__name__}")
+            why = str(exc) if isinstance(exc, Rejected) else type(exc).__name__
+            unreadable.append(f"{printable(str(path))}: {why}")
             continue
         if width * height > max_pixels:
-            too_large.append(f"{path}: {width}x{height} px")
+            too_large.append(f"{printable(str(path))}: {width}x{height} px")
         else:
             readable.append(path)
         short.append(min(width, height))
@@ -59,7 +63,7 @@ def inspect(files: list[Path], max_pixels: int) -> dict:
 
 def is_colourful(path: Path) -> bool | None:
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:
+        with warnings.catch_warnings(), open_image(path) as image:
             warnings.simplefilter("ignore")
             image.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale
             pixels = np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.float32)

@@ -13,12 +13,17 @@ draft mode), never below what the resize and the signature need with a margin (D
 SIGNATURE_DRAFT): a 12-MP photo costs about 9x less CPU, and the packed pixels move by under a
 grey level on average (tests/test_ingest_speed.py). The manifest's width and height stay the
 file's own; the decompression-bomb check reads them before any draft.
+
+Files are untrusted: Pillow only ever opens them with the plugins of DECODE_FORMATS (it picks a
+format from the bytes, not the name, and some plugins run external programs: EPS starts
+Ghostscript), and any failure, whatever its kind, becomes a quarantine reason (Rejected).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,14 @@ from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, UnidentifiedImageErr
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
+# The only Pillow plugins that may read a user's file (every Image.open passes formats=): the
+# formats of IMAGE_EXTENSIONS, none of which starts an external program.
+DECODE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+# Most bytes a file of DECODE_FORMATS stores per pixel uncompressed (16-bit RGBA in PNG or
+# TIFF), and room for headers, metadata and an embedded preview: see max_file_bytes. (Only a
+# many-page TIFF or a long animation can be larger and fine; ingest uses the first frame.)
+BYTES_PER_PIXEL = 8
+HEADER_BYTES = 2**20
 
 
 class Rejected(Exception):
@@ -68,6 +81,58 @@ def signature(image: Image.Image, box: Box | None = None) -> np.ndarray:
     return np.concatenate([shape, rgb.reshape(-1, 3).mean(0), [contrast]]).astype(np.float32)
 
 
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file worth reading for an image of at most max_pixels: stored uncompressed
+    at BYTES_PER_PIXEL, plus HEADER_BYTES. A larger file is refused before it is read."""
+    return max_pixels * BYTES_PER_PIXEL + HEADER_BYTES
+
+
+def open_image(source: Path | io.BytesIO) -> Image.Image:
+    """Image.open restricted to DECODE_FORMATS; a file of another format raises Rejected with
+    the reason (naming the format when its first bytes tell). Only the header is read.
+
+    Pillow's own pixel limit is off while it opens: every caller checks the size against its
+    own (ingest.max_image_pixels, THUMBNAIL_MAX_PIXELS) before it decodes, and reports it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        old_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(source, formats=DECODE_FORMATS)
+        except UnidentifiedImageError:
+            if isinstance(source, io.BytesIO):
+                prefix = source.getvalue()[:16]
+            else:
+                with open(source, "rb") as f:
+                    prefix = f.read(16)
+            raise Rejected(unaccepted(prefix)) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+
+
+def unaccepted(prefix: bytes) -> str:
+    """Why a file whose first bytes are `prefix` is not opened: the format they show, when
+    Pillow knows one outside DECODE_FORMATS, else that there is none it can identify.
+
+    Only the plugins' signature checks run (pure tests of the first 16 bytes, as Image.open
+    makes them); no plugin outside DECODE_FORMATS ever reads the file."""
+    accepted = f"(accepted: {', '.join(DECODE_FORMATS)})"
+    Image.init()  # registers every plugin's signature check
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            known = accept is not None and bool(accept(prefix[:16]))
+        except Exception:  # noqa: BLE001 - a check that fails on odd bytes tells nothing
+            known = False
+        if known and name not in DECODE_FORMATS:
+            return f"not an image ingest accepts: format {name} {accepted}"
+    return f"not an image: Pillow cannot identify the file format {accepted}"
+
+
+def one_line(text: object) -> str:
+    """text on one line (an exception's message can hold newlines)."""
+    return re.sub(r"\s+", " ", str(text)).strip()
+
+
 def decode(
     data: bytes,
     *,
@@ -79,9 +144,26 @@ def decode(
 ) -> Decoded:
     """Decode file bytes into a normalized array, or raise Rejected with the reason.
 
-    draft=False decodes a JPEG at full size (the old path, for comparison)."""
+    Any failure is a reason, whatever its kind (a decoder's own error, memory): one hostile
+    file must not stop an ingest. draft=False decodes a JPEG at full size (the old path, for
+    comparison)."""
+    try:
+        return _decode(data, image_size, channels, resize, max_pixels, draft)
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see above; MemoryError is an Exception too
+        message = one_line(exc)
+        kind = type(exc).__name__
+        raise Rejected(f"cannot decode: {kind}{': ' if message else ''}{message}") from None
+
+
+def _decode(
+    data: bytes, image_size: int, channels: int, resize: str, max_pixels: int, draft: bool
+) -> Decoded:
     if not data:
         raise Rejected("empty file (0 bytes)")
+    if len(data) > max_file_bytes(max_pixels):
+        raise Rejected(too_large(len(data), max_pixels))
     sha256 = hashlib.sha256(data).hexdigest()
     notes = []
     with warnings.catch_warnings():
@@ -90,7 +172,7 @@ def decode(
         old_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            image = Image.open(io.BytesIO(data))
+            image = open_image(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise Rejected(
@@ -111,12 +193,10 @@ def decode(
             image = ImageOps.exif_transpose(image)
         except Rejected:
             raise
-        except UnidentifiedImageError:
-            raise Rejected("not an image: Pillow cannot identify the file format") from None
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise Rejected(f"corrupt or truncated image: {exc}") from None
+            raise Rejected(f"corrupt or truncated image: {one_line(exc)}") from None
         except Image.DecompressionBombError as exc:  # pragma: no cover - limit disabled above
-            raise Rejected(f"decompression bomb: {exc}") from None
+            raise Rejected(f"decompression bomb: {one_line(exc)}") from None
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
     image, note = _normalize_mode(image, channels)
@@ -133,6 +213,15 @@ def decode(
     return Decoded(pixels, sha256, width, height, mode, "; ".join(notes), look)
 
 
+def too_large(size: int, max_pixels: int) -> str:
+    """The quarantine reason for a file of `size` bytes over max_file_bytes(max_pixels)."""
+    return (
+        f"file too large: {size:,} bytes is over the {max_file_bytes(max_pixels):,} bytes an "
+        f"image of ingest.max_image_pixels ({max_pixels:,}) can take ({BYTES_PER_PIXEL} bytes "
+        f"per pixel + {HEADER_BYTES // 2**20} MiB)"
+    )
+
+
 THUMBNAIL_MAX_PIXELS = 100_000_000  # reports never decode a larger file
 
 
@@ -143,7 +232,7 @@ def thumbnail(path: Path, max_side: int = 96) -> np.ndarray | None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 width, height = image.size
                 if not 0 < width * height <= THUMBNAIL_MAX_PIXELS:
                     return None

@@ -20,19 +20,33 @@ which moves it aside into data-before-init-<time>/, never deletes it.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
+import shlex
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from pipeline.config import is_plain_name, load_params
+from pipeline.config import load_params
 from pipeline.errors import PipelineError
 from pipeline.image_stats import fitting_shape, inspect
 from pipeline.images import IMAGE_EXTENSIONS, SYSTEM_FILES
 from pipeline.inputs import read_csv_rows
+from pipeline.intake import (
+    Changes,
+    all_or_nothing,
+    copy_file,
+    image_files,
+    refuse_overlap,
+    staging,
+)
 from pipeline.io import dvc_add, edit_yaml
+from pipeline.names import (
+    check_name,
+    class_name_problem,
+    file_name_problem,
+    name_problem,
+    printable,
+)
 from pipeline.pools import write_rounds
 
 log = logging.getLogger(__name__)
@@ -48,6 +62,7 @@ DATASET = (  # what data/ holds of one dataset; --force moves all of it aside
     "test_audit.csv",
     "added_labels.csv",
 )
+ASIDE_PREFIX = "data-before-init-"  # init --force moves the old dataset to <this><time>/
 TINY_SIDE = 24  # px: below, CleanVision's low-information threshold would flag nearly every image
 
 
@@ -74,6 +89,9 @@ def run(
 ) -> dict:
     """Copy the user's images into data_dir, write params from them; returns the summary."""
     source, data_dir = Path(source), Path(data_dir)
+    for folder in [source] + ([Path(test)] if test else []):
+        if folder.is_dir():
+            refuse_overlap(folder, data_dir)
     found = read_source(source)
     if test is not None:
         found.test = class_files(Path(test), found.skipped)
@@ -81,6 +99,8 @@ def run(
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             raise PipelineError(f"--pool {item!r}: expected NAME=DIR")
+        check_name(name, "--pool NAME")
+        refuse_overlap(Path(folder), data_dir)
         found.pools[name] = image_files(Path(folder), found.skipped)
     check(found)
     if not params_path.is_file():
@@ -89,13 +109,29 @@ def run(
     stats = inspect([p for p, _, _ in found.labeled + found.test], max_pixels)
     chosen = choose_params(stats)
 
-    moved = make_room(data_dir, force)
-    write_files(found, data_dir, link)
-    apply_params(params_path, chosen, list(found.pools))
-    if register:
-        tracked = ["labeled"] + (["test"] if found.test else [])
-        tracked += ["truth.csv"] if found.truth else []
-        dvc_add(data_dir, tracked + [f"unlabeled/{p}" for p in found.pools])
+    # Copy into a staging folder, then swap it in: until the swap, data/ is untouched, and
+    # every change after it (the old data moved aside, params.yaml, dvc add) is undone if the
+    # command stops early, Ctrl-C included.
+    tracked = ["labeled"] + (["test"] if found.test else [])
+    tracked += ["truth.csv"] if found.truth else []
+    tracked += [f"unlabeled/{p}" for p in found.pools]
+    touched = [params_path, *(data_dir / n for n in (".gitignore", "unlabeled/.gitignore"))]
+    touched += [data_dir / f"{p}.dvc" for p in tracked]
+    with staging(data_dir, "init") as stage, all_or_nothing(touched) as changes:
+        write_files(found, stage, link)
+        moved = make_room(data_dir, force, changes)
+        for name in [n for n in DATASET if (stage / n).exists()]:
+            if name != "unlabeled":
+                changes.move(stage / name, data_dir / name)
+                continue
+            if not (data_dir / name).is_dir():
+                (data_dir / name).mkdir()
+                changes.created(data_dir / name)
+            for pool in sorted((stage / name).iterdir()):
+                changes.move(pool, data_dir / name / pool.name)
+        apply_params(params_path, chosen, list(found.pools))
+        if register:
+            dvc_add(data_dir, tracked)
     summary = {
         "classes": dict(sorted(Counter(label for _, label, _ in found.labeled).items())),
         "test": len(found.test),
@@ -125,35 +161,76 @@ def read_source(source: Path) -> Source:
     found = Source()
     labeled = source / "labeled" if (source / "labeled").is_dir() else source
     found.labeled = class_files(labeled, found.skipped, skip=RESERVED)
-    if (source / "truth.csv").is_file():
-        found.truth = source / "truth.csv"
-    if (source / "test").is_dir():
+    truth = source / "truth.csv"
+    if truth.is_file() and not truth.is_symlink():
+        found.truth = truth
+    elif truth.is_symlink():
+        found.skipped.append(f"{truth}: symbolic link (links are never followed)")
+    if (source / "test").is_dir() and not (source / "test").is_symlink():
         found.test = class_files(source / "test", found.skipped)
-    if (source / "unlabeled").is_dir():
-        for folder in sorted(p for p in (source / "unlabeled").iterdir() if p.is_dir()):
-            found.pools[folder.name] = image_files(folder, found.skipped)
+    unlabeled = source / "unlabeled"
+    if unlabeled.is_dir() and not unlabeled.is_symlink():
+        for folder in sorted(unlabeled.iterdir()):
+            if not folder.is_dir() and not folder.is_symlink():
+                found.skipped.append(f"{printable(str(folder))}: not inside a pool folder")
+                continue
+            why = _why_not_folder(folder) or name_problem(folder.name)
+            if why:  # the fix is pasted into a shell: the folder's name is quoted for it
+                found.skipped.append(
+                    f"pool folder {printable(str(folder))}: {why}; "
+                    f"bring it in with --pool NAME={shlex.quote(printable(str(folder)))}"
+                )
+            else:
+                found.pools[folder.name] = image_files(folder, found.skipped)
     return found
 
 
+def _why_not_folder(entry: Path) -> str:
+    """Why entry cannot be a class or pool folder (before its name is checked), or ""."""
+    if entry.is_symlink():
+        return "symbolic link (links are never followed)"
+    if not entry.is_dir():
+        return "not inside a class folder"
+    return file_name_problem(entry.name) or ("hidden folder" if entry.name[0] == "." else "")
+
+
 def read_csv_source(path: Path) -> Source:
+    """The rows of a path,label[,split] CSV whose paths name image files inside its folder;
+    every other row is named in `skipped` with the reason."""
     root = path.parent.resolve()
     found = Source()
     for line, row in read_csv_rows(path):
         rel, label, split = row["path"], row["label"], row.get("split") or "train"
+        where = f"{path.name}:{line}"
         if not rel or not label:
-            found.skipped.append(f"{path.name}:{line}: no path or no label")
+            found.skipped.append(f"{where}: no path or no label")
             continue
-        pure = PurePosixPath(rel.replace("\\", "/"))
-        target = (root / pure).resolve()
-        if pure.is_absolute() or root not in target.parents:
-            raise PipelineError(f"{path.name}:{line}: {rel!r} escapes {root} (refused)")
         if split not in ("train", "test"):
-            raise PipelineError(f"{path.name}:{line}: split {split!r} must be train or test")
-        if not target.is_file() or target.suffix.lower() not in IMAGE_EXTENSIONS:
-            found.skipped.append(f"{rel}: no such image file")
+            raise PipelineError(f"{where}: split {split!r} must be train or test")
+        why = file_name_problem(rel)
+        if not why and class_name_problem(label):
+            why = f"label {label!r} is refused: {class_name_problem(label)}"
+        pure = PurePosixPath(rel.replace("\\", "/"))
+        if not why and (pure.is_absolute() or ".." in pure.parts):
+            why = "escapes the CSV's folder (refused)"
+        target = root / pure
+        if not why:
+            why = _why_not_file(target, root)
+        if why:
+            found.skipped.append(f"{where}: {printable(rel)}: {why}")
             continue
         (found.test if split == "test" else found.labeled).append((target, label, target.name))
     return found
+
+
+def _why_not_file(target: Path, root: Path) -> str:
+    """Why a CSV row's file cannot be brought in, or "": it must be an image file inside root
+    that no link leads to (a link inside the folder could still point at ~/.ssh)."""
+    if any(p.is_symlink() for p in [target, *target.parents] if root in p.parents):
+        return "symbolic link (links are never followed)"
+    if not target.is_file() or target.suffix.lower() not in IMAGE_EXTENSIONS:
+        return "no such image file"
+    return ""
 
 
 def class_files(
@@ -161,45 +238,39 @@ def class_files(
 ) -> list[tuple[Path, str, str]]:
     """(file, class, path inside the class folder) for every image under root/<class>/."""
     if not root.is_dir():
-        raise PipelineError(f"{root} is not a folder")
+        raise PipelineError(f"{printable(str(root))} is not a folder")
     out = []
     for entry in sorted(root.iterdir()):
-        if entry.name in skip and entry.is_dir():
+        if entry.name in skip and entry.is_dir() and not entry.is_symlink():
             continue
-        if entry.is_dir() and not entry.name.startswith("."):
+        if entry.name.lower() in SYSTEM_FILES | {"truth.csv"}:
+            continue
+        why = _why_not_folder(entry)
+        if not why and class_name_problem(entry.name):
+            why = f"not a class name: {class_name_problem(entry.name)}; rename the folder"
+        if why:
+            skipped.append(f"{printable(str(entry))}: {why}")
+        else:
             out += [(f, entry.name, inner) for f, inner in image_files(entry, skipped)]
-        elif entry.name.lower() not in SYSTEM_FILES | {"truth.csv"} and entry.name[0] != ".":
-            skipped.append(f"{entry}: not inside a class folder")
     return out
-
-
-def image_files(folder: Path, skipped: list[str]) -> list[tuple[Path, str]]:
-    """(file, its POSIX path inside folder) for every image file under folder, any depth."""
-    if not folder.is_dir():
-        raise PipelineError(f"{folder} is not a folder")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if name.startswith(".") or name.lower() in SYSTEM_FILES:
-                continue
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                files.append((path, path.relative_to(folder).as_posix()))
-            else:
-                skipped.append(f"{path}: not an image file")
-    return files
 
 
 def check(found: Source) -> None:
     classes = Counter(label for _, label, _ in found.labeled)
     if not classes:
-        raise PipelineError("no labeled image found: expected SRC/<class>/<image> or a CSV")
+        skipped = f" (skipped: {found.skipped[0]}" if found.skipped else ""
+        skipped += (
+            f" and {len(found.skipped) - 1} more)"
+            if len(found.skipped) > 1
+            else ")" * bool(skipped)
+        )
+        raise PipelineError(
+            f"no labeled image found: expected SRC/<class>/<image> or a CSV{skipped}"
+        )
     if len(classes) == 1:
         raise PipelineError(f"only one class ({next(iter(classes))!r}): a classifier needs two")
-    for name in [*classes, *(label for _, label, _ in found.test), *found.pools]:
-        if not is_plain_name(name):
-            raise PipelineError(f"{name!r} cannot be a folder name under data/ (no '/', no '.')")
+    for name in [*classes, *(label for _, label, _ in found.test)]:
+        check_name(name, "class", rule=class_name_problem)
     unknown = {label for _, label, _ in found.test} - set(classes)
     if unknown:
         raise PipelineError(f"test classes without labeled images: {', '.join(sorted(unknown))}")
@@ -251,8 +322,10 @@ def apply_params(params_path: Path, chosen: dict, pools: list[str]) -> None:
 # Writing data/
 
 
-def make_room(data_dir: Path, force: bool) -> Path | None:
-    """Refuse a data/ holding a dataset, or (force) move it aside; returns where it went."""
+def make_room(data_dir: Path, force: bool, changes: Changes) -> Path | None:
+    """Refuse a data/ holding a dataset, or (force) move it aside; returns where it went. The
+    set-aside folder ignores itself for git and DVC: a `git add -A` must not commit old
+    images."""
     # a fresh clone's data/ holds only a header-only overrides.csv: nothing to keep
     present = [n for n in DATASET if (data_dir / n).exists() and not _header_only(data_dir / n)]
     if not present:
@@ -262,15 +335,18 @@ def make_room(data_dir: Path, force: bool) -> Path | None:
             f"{data_dir} already holds a dataset ({', '.join(present)}); "
             f"--force moves it aside (nothing is deleted)"
         )
-    aside = data_dir.parent / f"data-before-init-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = data_dir.parent / f"{ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir()
+    changes.created(aside)
+    for ignore in (".gitignore", ".dvcignore"):
+        (aside / ignore).write_text("*\n")
     for name in DATASET:
         for path in (data_dir / name, data_dir / f"{name}.dvc"):
             if path.exists():
-                shutil.move(str(path), str(aside / path.name))
+                changes.move(path, aside / path.name)
     artifacts = data_dir.parent / "artifacts"  # models and reports of the old dataset
     if artifacts.is_dir():
-        shutil.move(str(artifacts), str(aside / "artifacts"))
+        changes.move(artifacts, aside / "artifacts")
     return aside
 
 
@@ -279,17 +355,16 @@ def _header_only(path: Path) -> bool:
 
 
 def write_files(found: Source, data_dir: Path, link: bool) -> None:
-    copy = os.link if link else shutil.copy2
     for split, rows in (("labeled", found.labeled), ("test", found.test)):
         used: set[Path] = set()
         for path, label, inner in rows:
-            _place(copy, path, _free(data_dir / split / label / inner, used))
+            copy_file(path, _free(data_dir / split / label / inner, used), link=link)
     for name, files in found.pools.items():
         used = set()
         for path, inner in files:
-            _place(copy, path, _free(data_dir / "unlabeled" / name / inner, used))
+            copy_file(path, _free(data_dir / "unlabeled" / name / inner, used), link=link)
     if found.truth:  # its paths name SRC's layout: they match data/'s for a labeled/ source
-        _place(shutil.copy2, found.truth, data_dir / "truth.csv")
+        copy_file(found.truth, data_dir / "truth.csv", link=False)
 
 
 def _free(target: Path, used: set[Path]) -> Path:
@@ -300,17 +375,6 @@ def _free(target: Path, used: set[Path]) -> Path:
         n += 1
     used.add(candidate)
     return candidate
-
-
-def _place(copy, source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        copy(source, target)
-    except OSError as exc:
-        hint = " (hard links need the same file system; drop --link)" if copy is os.link else ""
-        raise PipelineError(
-            f"cannot copy {source} to {target}: {exc.strerror or exc}{hint}"
-        ) from None
 
 
 def describe(summary: dict) -> str:

@@ -13,6 +13,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -32,8 +33,11 @@ from pipeline.images import (
     Decoded,
     Rejected,
     decode,
+    max_file_bytes,
+    too_large,
 )
 from pipeline.io import ShardWriter, atomic_dir
+from pipeline.names import CONTROL, class_name_problem, file_name_problem, printable
 
 # --------------------------------------------------------------------------------------------
 # 1) Scanning: which files are candidates, and why the others are not
@@ -61,18 +65,24 @@ def scan_folder(
     if by_class and (root / MANIFEST_NAME).is_file():
         return read_csv_manifest(data_dir, root / MANIFEST_NAME, split)
     if by_class:
-        for entry in sorted(root.iterdir()):
+        try:
+            entries = sorted(root.iterdir())
+        except OSError as exc:
+            raise PipelineError(f"cannot read {printable(str(root))}: {exc.strerror}") from None
+        for entry in entries:
             rel = _rel(data_dir, entry)
-            if entry.is_dir() and not entry.is_symlink() and not _is_hidden(entry.name):
-                files, rejected = _walk(data_dir, entry, split)
-                quarantine += rejected
-                candidates += [Candidate(path, entry.name) for path in files]
-                if not files:
-                    quarantine.append(
-                        quarantine_row(rel, split, "empty class folder (no usable images)")
-                    )
-            else:
-                quarantine.append(quarantine_row(rel, split, _why_not_class_folder(entry)))
+            why = _why_not_class_folder(entry)
+            if why:
+                quarantine.append(quarantine_row(rel, split, why))
+                continue
+            files, rejected = _walk(data_dir, entry, split)
+            quarantine += rejected
+            candidates += [Candidate(path, entry.name) for path in files]
+            # (an unreadable class folder has its own row)
+            if not files and printable(rel) not in {row["path"] for row in rejected}:
+                quarantine.append(
+                    quarantine_row(rel, split, "empty class folder (no usable images)")
+                )
     else:
         files, quarantine = _walk(data_dir, root, split)
         candidates = [Candidate(path, "") for path in files]
@@ -103,17 +113,24 @@ def read_csv_manifest(
             quarantine.append(quarantine_row(where, split, "row without a path or a label"))
             continue
         target, reason = confine(data_dir, path)
-        if reason:
-            quarantine.append(quarantine_row(path, split, f"{reason} ({where})"))
-        elif not target.is_file():
-            quarantine.append(quarantine_row(path, split, f"listed in {where} but no such file"))
-        else:
-            candidates.append(Candidate(_rel(data_dir, target), label))
+        if not reason and class_name_problem(label):
+            reason = f"label '{printable(label)}' is refused: {class_name_problem(label)}"
+        if not reason:
+            try:
+                if target.is_file():
+                    candidates.append(Candidate(_rel(data_dir, target), label))
+                    continue
+                reason = "no such file"
+            except OSError as exc:  # a name too long for the system, say
+                reason = f"unreadable path: {exc.strerror or exc}"
+        quarantine.append(quarantine_row(path, split, f"{reason} ({where})"))
     return candidates, quarantine
 
 
 def confine(data_dir: Path, user_path: str) -> tuple[Path, str]:
     """Resolve a user-given path inside data/; return (path, "") or (_, reason it is refused)."""
+    if CONTROL.search(user_path):  # a NUL would also stop every os call with ValueError
+        return data_dir, "path contains a control character"
     pure = PurePosixPath(user_path.replace("\\", "/"))
     if pure.is_absolute() or (len(user_path) > 1 and user_path[1] == ":"):
         return data_dir, "absolute path refused: paths must be relative to data/"
@@ -129,42 +146,70 @@ def _walk(data_dir: Path, root: Path, split: str) -> tuple[list[str], list[dict]
     """Image files under root, any depth; every other entry gets a quarantine reason."""
     files, quarantine = [], []
     resolved_data = data_dir.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+
+    def unreadable(error: OSError) -> None:  # os.walk would skip the folder without a word
+        where = _rel(data_dir, Path(error.filename))
+        quarantine.append(quarantine_row(where, split, f"unreadable folder: {error.strerror}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
         here = Path(dirpath)
+        kept = []
         for name in sorted(dirnames):
-            if _is_hidden(name) or (here / name).is_symlink():
-                why = "hidden folder" if _is_hidden(name) else "symlinked folder (not followed)"
+            why = "hidden folder" if _is_hidden(name) else _name_problem(name, "folder")
+            if not why and (here / name).is_symlink():
+                why = "symlinked folder (not followed)"
+            if why:
                 quarantine.append(quarantine_row(_rel(data_dir, here / name), split, why))
-        dirnames[:] = sorted(
-            d for d in dirnames if not _is_hidden(d) and not (here / d).is_symlink()
-        )
+            else:
+                kept.append(name)
+        dirnames[:] = kept  # os.walk goes only into these
         for name in sorted(filenames):
             path = here / name
-            rel = _rel(data_dir, path)
-            reason = ""
-            if _is_hidden(name) or name.lower() in SYSTEM_FILES:
-                reason = "hidden or system file"
-            elif path.is_symlink() and not _inside(path.resolve(), resolved_data):
-                reason = "symlink pointing outside data/ (refused)"
-            elif not path.exists():
-                reason = "unreadable: broken symlink"
-            elif not path.is_file():
-                reason = "not a regular file"
-            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                reason = f"unsupported extension {path.suffix or '(none)'!r}"
+            reason = _why_not_image_file(path, resolved_data)
             if reason:
-                quarantine.append(quarantine_row(rel, split, reason))
+                quarantine.append(quarantine_row(_rel(data_dir, path), split, reason))
             else:
-                files.append(rel)
+                files.append(_rel(data_dir, path))
     return files, quarantine
 
 
+def _why_not_image_file(path: Path, resolved_data: Path) -> str:
+    """Why a file under a split folder is not a candidate image; "" when it is one."""
+    if _is_hidden(path.name) or path.name.lower() in SYSTEM_FILES:
+        return "hidden or system file"
+    if problem := _name_problem(path.name, "file"):
+        return problem
+    if path.is_symlink() and not _inside(path.resolve(), resolved_data):
+        return "symlink pointing outside data/ (refused)"
+    if not path.exists():
+        return "unreadable: broken symlink"
+    if not path.is_file():
+        return "not a regular file"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"unsupported extension {path.suffix or '(none)'!r}"
+    return ""
+
+
 def _why_not_class_folder(entry: Path) -> str:
+    """Why an entry of a split folder is not read as a class folder; "" when it is one."""
     if _is_hidden(entry.name) or entry.name.lower() in SYSTEM_FILES:
         return "hidden or system file"
+    if problem := _name_problem(entry.name, "folder" if entry.is_dir() else "file"):
+        return problem
     if entry.is_symlink():
         return "symlink at class level (not followed)"
-    return "not inside a class folder"
+    if not entry.is_dir():
+        return "not inside a class folder"
+    if problem := class_name_problem(entry.name):
+        return f"not a class name: {problem} (rename the folder to use it)"
+    return ""
+
+
+def _name_problem(name: str, kind: str) -> str:
+    """Why a file or folder name cannot be used as it is ("" when it can): paths and labels
+    go into UTF-8 CSVs and one-line reports (names.file_name_problem)."""
+    problem = file_name_problem(name)
+    return f"{kind} {problem} (rename it to use it)" if problem else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +323,13 @@ def _decoding(paths: list[Path], options: dict, workers: int) -> Iterator[Iterat
 
         def results() -> Iterator[Decoded | str]:
             while queued:
-                done = queued.popleft().result()
+                try:
+                    done = queued.popleft().result()
+                except BrokenProcessPool:  # a worker killed (out of memory, say): one line
+                    raise PipelineError(
+                        "a decoding process died (out of memory?): free memory or lower "
+                        "ingest.max_image_pixels, then rerun"
+                    ) from None
                 queued.extend(
                     pool.submit(_decode_files, task, options) for task in islice(tasks, 1)
                 )
@@ -318,9 +369,17 @@ def _unpack(task: tuple) -> Iterator[Decoded | str]:
 
 
 def _decode_file(path: Path, options: dict) -> Decoded | str:
-    """The decoded image, or the reason it goes to quarantine."""
+    """The decoded image, or the reason it goes to quarantine. A file larger than any image
+    within max_pixels can be (images.max_file_bytes) is refused before it is read: up to
+    MAX_WORKERS processes read one file each at a time."""
+    limit = max_file_bytes(options["max_pixels"])
     try:
-        return decode(path.read_bytes(), **options)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                return too_large(size, options["max_pixels"])
+            data = f.read(limit + 1)  # a file that grew since is caught by decode's own check
+        return decode(data, **options)
     except Rejected as exc:
         return str(exc)
     except OSError as exc:
@@ -504,7 +563,9 @@ def leak(path, split, copy_of, copy_split, distance, kind, action="kept out of t
 
 
 def quarantine_row(path: str, split: str, reason: str) -> dict:
-    return {"path": path, "split": split, "reason": reason}
+    """One quarantine entry; the path and reason printable (a file's name can hold bytes that
+    are not UTF-8, or control characters)."""
+    return {"path": printable(path), "split": split, "reason": printable(reason)}
 
 
 def _rel(data_dir: Path, path: Path) -> str:

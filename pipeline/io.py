@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _mode_for(path, 0o666))  # mkstemp's 0600 would stick to the file
         os.replace(tmp, path)
     except OSError as exc:
         raise PipelineError(f"cannot write {path}: {exc.strerror or exc}") from None
@@ -54,6 +56,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise PipelineError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         yield tmp
+        os.chmod(tmp, _mode_for(path, 0o777))  # mkdtemp's 0700 would stick to the folder
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
@@ -64,6 +67,28 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise PipelineError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mode_for(path: Path, default: int) -> int:
+    """The permission bits a replaced file keeps: the old file's, else `default` less the
+    umask (what open() would have given a new file)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return default & ~_umask()
+
+
+def _umask() -> int:
+    # Linux shows the umask in /proc; elsewhere it is read by setting it (briefly).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> None:

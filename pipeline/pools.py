@@ -10,14 +10,14 @@ the new round's stages and `summarize`.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
-from pipeline.config import is_plain_name, read_yaml
+from pipeline.config import read_yaml
 from pipeline.errors import PipelineError
 from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.intake import all_or_nothing, copy_file, image_files, refuse_overlap, staging
 from pipeline.io import dvc_add, edit_yaml, stale_stages
+from pipeline.names import check_name, printable
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,14 @@ def add_pool(
     params_path: Path = Path("params.yaml"),
     register: bool = True,
 ) -> dict:
+    """Copy the image files of `source` into data/unlabeled/<name>/ and append its round; all
+    or nothing: an error or Ctrl-C at any point leaves data/ and params.yaml as they were."""
     source, data_dir = Path(source), Path(data_dir)
     if not source.is_dir():
-        raise PipelineError(f"{source} is not a folder")
+        raise PipelineError(f"{printable(str(source))} is not a folder")
+    if not params_path.is_file():
+        raise PipelineError(f"params file not found: {params_path}")
+    unlabeled = data_dir / "unlabeled"
     resolved = source.resolve()
     for forbidden in ("test", "labeled"):
         root = (data_dir / forbidden).resolve()
@@ -48,41 +53,39 @@ def add_pool(
             raise PipelineError(
                 f"{source} is inside data/{forbidden}/: those images are never pseudo-labeled"
             )
-    images = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    in_place = resolved.parent == unlabeled.resolve()
+    if not in_place:
+        refuse_overlap(source, data_dir)
+    skipped: list[str] = []
+    images = image_files(source, skipped)
     if not images:
         raise PipelineError(
-            f"{source} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            f"{printable(str(source))} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    links = [line for line in skipped if "symbolic link" in line]
+    if in_place and links:  # `dvc add` would follow them into the cache and the remote
+        raise PipelineError(
+            f"{source} holds links ({links[0]}"
+            + (f" and {len(links) - 1} more" if len(links) > 1 else "")
+            + "): remove them, or add the folder from outside data/ to copy its images only"
         )
 
-    if not params_path.is_file():
-        raise PipelineError(f"params file not found: {params_path}")
     rounds = (read_yaml(params_path) or {}).get("rounds") or {}
     pools_in_use = {str(r.get("pool")) for r in rounds.values()}
-    unlabeled = data_dir / "unlabeled"
-    in_place = resolved.parent == unlabeled.resolve()
+    fix = "choose one with --name NAME"
+    if in_place:
+        fix = f"rename the folder (e.g. mv {source} {unlabeled / 'pool_new'})"
     name = name or (source.name if in_place else _free_name(unlabeled, pools_in_use))
-    if not is_plain_name(name):
-        raise PipelineError(f"invalid pool name {name!r}: use letters, digits, '_' or '-'")
+    check_name(name, "pool name", fix)
     if name in pools_in_use:
         raise PipelineError(f"pool {name!r} already has a round; choose another --name")
     target = unlabeled / name
-    if not in_place:
-        if target.exists():
-            raise PipelineError(f"{target} already exists; choose another --name")
-        copy = os.link if link else shutil.copy2
-        try:
-            shutil.copytree(source, target, copy_function=copy, symlinks=False)
-        except OSError as exc:
-            shutil.rmtree(target, ignore_errors=True)
-            hint = " (hard links need the same file system; drop --link)" if link else ""
-            raise PipelineError(
-                f"cannot copy {source} to {target}: {exc.strerror or exc}{hint}"
-            ) from None
-    elif resolved != target.resolve():
+    if in_place and name != source.name:
         raise PipelineError(
             f"{source} is already in data/unlabeled/ under another name; use --name {source.name}"
         )
-
+    if not in_place and target.exists():
+        raise PipelineError(f"{target} already exists; choose another --name")
     round_name, previous = next_round(rounds)
 
     def append_round(doc) -> None:
@@ -90,9 +93,19 @@ def add_pool(
             doc["rounds"] = {}
         doc["rounds"][round_name] = {"pool": name, "previous": previous}
 
-    edit_yaml(params_path, append_round)
-    if register:
-        dvc_add(data_dir, [f"unlabeled/{name}"])
+    touched = [params_path, unlabeled / ".gitignore", unlabeled / f"{name}.dvc"]
+    with all_or_nothing(touched) as changes:
+        if not in_place:
+            with staging(data_dir, "add-pool") as stage:
+                for path, inner in images:
+                    copy_file(path, stage / "pool" / inner, link=link)
+                unlabeled.mkdir(parents=True, exist_ok=True)
+                changes.move(stage / "pool", target)
+        edit_yaml(params_path, append_round)
+        if register:
+            dvc_add(data_dir, [f"unlabeled/{name}"])
+    for line in skipped:
+        log.warning("add-pool: skipped %s", line)
     log.info(
         "add-pool: %d images in %s; round %s trains on the pseudo-labels of %s's model",
         len(images),
@@ -100,7 +113,13 @@ def add_pool(
         round_name,
         previous,
     )
-    return {"pool": name, "round": round_name, "images": len(images), "stale": stale_stages()}
+    return {
+        "pool": name,
+        "round": round_name,
+        "images": len(images),
+        "skipped": skipped,
+        "stale": stale_stages(),
+    }
 
 
 def _free_name(unlabeled: Path, in_use: set[str]) -> str:

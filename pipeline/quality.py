@@ -15,10 +15,9 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from pipeline.config import QualityConfig
-from pipeline.images import as_decoded
+from pipeline.images import Rejected, as_decoded, open_image
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +81,8 @@ def image_issues(paths: list[Path], cfg: QualityConfig, channels: int) -> pd.Dat
         wanted = cleanvision_params(cfg)
         with tempfile.TemporaryDirectory() as folder:
             checked = checkable(present, Path(folder))
+            present = [f for f, c in zip(present, checked) if c]  # refused files: not checked
+            checked = [c for c in checked if c]
             lab = Imagelab(filepaths=checked, verbose=False)
             try:
                 lab.find_issues(issue_types={n: wanted[n] for n in checks}, n_jobs=1, verbose=False)
@@ -103,18 +104,23 @@ def image_issues(paths: list[Path], cfg: QualityConfig, channels: int) -> pd.Dat
     return found[columns].reset_index(drop=True)
 
 
-def checkable(files: list[str], folder: Path) -> list[str]:
+def checkable(files: list[str], folder: Path) -> list[str | None]:
     """`files`, each image in a mode outside CLEANVISION_MODES replaced by a copy in `folder`, as
-    ingest decodes it at the file's own size. The originals are only read."""
+    ingest decodes it at the file's own size, and None for a file whose bytes are no longer a
+    format ingest accepts (CleanVision's own Pillow calls would open any). The originals are
+    only read."""
     out = []
     for index, file in enumerate(files):
         try:
-            with Image.open(file) as image:
+            with open_image(file) as image:  # only DECODE_FORMATS' plugins read it
                 if image.mode in CLEANVISION_MODES:
                     out.append(file)
                     continue
                 copy = folder / f"{index:06d}.png"
                 as_decoded(image).save(copy)
+        except Rejected:  # another format since ingest: never handed to CleanVision
+            out.append(None)
+            continue
         except OSError:  # unreadable since ingest: CleanVision meets it as it is
             out.append(file)
             continue

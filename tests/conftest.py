@@ -408,11 +408,40 @@ def record(request):
         line["tests"].add(test)
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the slow tests (whole `dvc repro` runs, kills, torchrun, the browser, "
+        "the DVC queue): what .ci/run runs",
+    )
+    parser.addoption(
+        "--write-record",
+        action="store_true",
+        help="write docs/reliability.md from what the fault and bad-input tests tried "
+        "(with --slow, on a run of the whole suite that passes)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --slow (or an explicit -m), the slow tests are left out: the default run is
+    the fast feedback loop."""
+    if config.getoption("--slow") or config.option.markexpr:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Write the record, but only from a run of the whole suite (no -k, -m or chosen files)."""
+    """Write the record when asked (--write-record), and only from a run of the whole suite
+    (--slow; no -k, -m or chosen files)."""
     config = session.config
     whole = (
-        config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        config.getoption("--write-record")
+        and config.getoption("--slow")
+        and config.args_source == pytest.Config.ArgsSource.TESTPATHS
         and not config.option.keyword
         and not config.option.markexpr
         and not getattr(config.option, "lf", False)
@@ -435,9 +464,10 @@ def render_record(lines: dict, tests_run: int) -> str:
     out = [
         "# Reliability record",
         "",
-        "Written by the test suite (`python -m pytest`, the whole suite) from what each fault and",
-        "bad-input test tried; do not edit by hand. A case counts once per example run, so fuzz",
-        f"tests add up every example hypothesis generated. Last written by a run of {tests_run} tests.",
+        "Written by the whole test suite (`python -m pytest --slow --write-record`) from what",
+        "each fault and bad-input test tried; do not edit by hand. A case counts once per example",
+        "run, so fuzz tests add up every example hypothesis generated. Last written by a run of",
+        f"{tests_run} tests.",
         "",
     ]
     for kind, title in KIND_TITLES.items():

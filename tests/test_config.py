@@ -135,12 +135,26 @@ def test_every_value_tune_queues_is_read_back_as_the_same_number(tmp_path):
             assert getattr(getattr(load_params(path), section), leaf) == value
 
 
-def test_a_pool_outside_data_unlabeled_is_refused_naming_the_key(tmp_path, record):
-    for pool in ("../../x", "a/b", ".hidden", ""):
+HOSTILE_POOLS = ("../../x", "a/b", ".hidden", "", "p$(touch PWNED)", "Batch 2", "=cmd", "drop")
+
+
+def test_a_pool_name_a_shell_or_a_path_could_misread_is_refused_naming_the_key(tmp_path, record):
+    for pool in HOSTILE_POOLS:
         path = write_params(tmp_path, {"rounds": {"r001": {"pool": pool, "previous": "r000"}}})
-        with pytest.raises(PipelineError, match=r"rounds\.r001\.pool: .* directly under"):
+        with pytest.raises(PipelineError, match=r"rounds\.r001\.pool .* is refused: "):
             load_params(path)
-    record("params", "a round's pool outside data/unlabeled/", "refused with the key path", 4)
+    record(
+        "params",
+        "a round's pool outside data/unlabeled/, with shell syntax, a space, a leading `=`, "
+        "a reserved word",
+        "refused with the key path",
+        len(HOSTILE_POOLS),
+    )
+    for key in ("r1", "x001", "r0001", "r001; touch PWNED"):
+        path = write_params(tmp_path, {"rounds": {key: {"pool": "pool_001", "previous": "r000"}}})
+        with pytest.raises(PipelineError, match=r"rounds: round key .* must be r followed by 3"):
+            load_params(path)
+    record("params", "a round key other than rNNN", "refused, named", 4)
     for rounds in ({"r000": {"pool": "a"}}, {"r001": {"pool": "a", "previous": "r005"}}):
         path = write_params(tmp_path, {"rounds": rounds})
         with pytest.raises(PipelineError, match=r"rounds\.r00.: r000 is the round trained on"):

@@ -3,6 +3,7 @@ its data, and every path it reads or writes appears in its command."""
 
 import ast
 import re
+import shlex
 
 import yaml
 
@@ -74,7 +75,7 @@ def test_no_stage_module_imports_another():
 
 def command_paths(cmd: str) -> set[str]:
     """The values of a command's options: `--out artifacts/x` -> artifacts/x."""
-    tokens = cmd.split()
+    tokens = shlex.split(cmd)
     return {b for a, b in zip(tokens, tokens[1:]) if a.startswith("--") and not b.startswith("-")}
 
 
@@ -90,6 +91,15 @@ def test_every_path_a_stage_reads_or_writes_is_in_its_command():
             if not any(path == g or path.startswith(g.rstrip("/") + "/") for g in given):
                 problems.append(f"{name}: {path} is not in its command")
     assert not problems, "\n".join(problems)
+
+
+def test_every_value_interpolated_into_a_command_is_quoted():
+    """DVC runs `cmd` through a shell: a value from params.yaml (a pool name) is one quoted
+    word, whatever it holds, even if the name rule were bypassed."""
+    for name, stage in stages():
+        for token in stage["cmd"].split():
+            if "${" in token:
+                assert re.fullmatch(r"'[^']*'", token), f"{name}: {token} is not quoted"
 
 
 def test_the_path_check_catches_an_unnamed_path():

@@ -1,7 +1,10 @@
 """`review`: the local page whose clicks land in the files the pipeline reads."""
 
 import html
+import logging
 import re
+import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -14,7 +17,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import clean, evaluate, ingest, pseudolabel
+from pipeline import clean, evaluate, ingest, pseudolabel, review
 from pipeline.config import load_params
 
 from .conftest import (
@@ -28,8 +31,15 @@ from .conftest import (
     write_params,
 )
 
-HOSTILE_CLASS = "<b>bold</b>"
+HOSTILE_CLASS = "<b>bold"  # no "/": a class name holds no path separator
 HOSTILE_FILE = "x'><img src=y onerror=alert(2)>"
+# hand edits that broke a decision file -> (its bytes, what the answer must say)
+MALFORMED = {
+    "wrong columns": (b"file,decision\nx.png,keep\n", "needs the columns path,label; it has file"),
+    "undecodable bytes": (b"path,label\n\xff\xfe.png,keep\n", ":2: not UTF-8 text"),
+    "a NUL byte": (b"path,label\nx.png,ke\x00ep\n", ":2: a NUL byte"),
+    "a ragged row": (b"path,label\nx.png,keep\ny.png,drop,z\n", ":3: 3 fields where the first"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +88,23 @@ def server(workspace):
         yield address
 
 
+@pytest.fixture
+def local_server(workspace, monkeypatch):
+    """The server in this process, so a test can lower SOCKET_TIMEOUT and read its log: yields
+    (port, token). Its cwd is the workspace, as `review`'s is."""
+    monkeypatch.chdir(workspace)
+    monkeypatch.setattr(review, "SOCKET_TIMEOUT", 1)  # read when the handler class is made
+    ws = review.Workspace(Path("data"), Path("artifacts"))
+    httpd = review.make_server(ws, 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1], ws.token
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def _get(url):
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -95,19 +122,47 @@ def _post(base, fields):
         return exc.code, exc.read().decode()
 
 
+def _raw(port: int, request: str) -> tuple[int, str]:
+    """Send hand-written bytes (http.client would normalise the headers); returns the status and
+    body the server answers before it closes. No answer within 30 s fails the test."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request.encode("latin-1"))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/"), answer
+    return int(head.split()[1]), body.decode()
+
+
+def _port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+def _shown_paths(base: str, token: str) -> dict[str, str]:
+    """kind -> the path of the last tile of that gallery, as the form posts it."""
+    page = _get(f"{base}/?token={token}")[1]
+    return {
+        kind: html.unescape(
+            re.findall(rf"data-kind='{kind}'.*?name='path' value='([^']*)'", page)[-1]
+        )
+        for kind in ("train", "pseudo", "test")
+    }
+
+
 def test_requests_need_the_token_and_names_are_escaped(server, workspace, record):
     base, token = server
     assert _get(base + "/")[0] == 403 and _get(base + "/?token=wrong")[0] == 403
     assert _post(base, {"kind": "train", "path": "x", "action": "drop"})[0] == 403
     status, page = _get(f"{base}/?token={token}")
     assert status == 200 and all(f"data-kind='{k}'" in page for k in ("train", "pseudo", "test"))
-    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+    assert "<b>bold" not in page and "&lt;b&gt;bold" in page
     assert "onerror=alert(2)>" not in page
     outside = {"token": token, "kind": "train", "path": "../../etc/passwd", "action": "drop"}
     assert _post(base, outside)[0] == 400
     assert not (workspace / "data" / "overrides.csv").exists()
     record("security", "review: no token, a wrong token, a path not on the page", "refused", 4)
-    record("security", "review: a class named `<b>bold</b>` and a hostile file name", "escaped")
+    record("security", "review: a class named `<b>bold` and a hostile file name", "escaped")
 
 
 def test_each_action_lands_in_its_file_and_a_later_one_replaces_it(server, workspace):
@@ -172,3 +227,147 @@ def test_the_server_listens_on_localhost_only(server):
         if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port
     ]
     assert listening == [f"0100007F:{port:04X}"]
+
+
+def test_a_post_needs_one_valid_length_and_a_long_body_is_refused_unread(server, workspace, record):
+    base, token = server
+    port = _port(base)
+    overrides = workspace / "data" / "overrides.csv"  # earlier tests' clicks may have written it
+    before = overrides.read_bytes() if overrides.exists() else None
+
+    def post(headers: str, body: str = "", query: str = f"?token={token}") -> tuple[int, str]:
+        head = f"POST /action{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n"
+        return _raw(port, head + body)
+
+    # -1 once made the server read until the client closed: this client never does
+    bad = ["-1", "abc", "+5", "1_0", "5, 5", "0x10", "\u00b2"]
+    for length in bad:
+        assert post(f"Content-Length: {length}\r\n")[0] == 400, length
+    assert post("")[0] == 400  # missing
+    assert post("Content-Length: 1\r\nContent-Length: 3\r\n", "a=b")[0] == 400  # repeated
+    # no body follows these headers: any answer at all shows the server did not wait for one
+    too_long = [review.MAX_BODY + 1, 10**30]
+    for length in too_long:
+        status, text = post(f"Content-Length: {length}\r\n")
+        assert status == 413 and str(review.MAX_BODY) in text
+    assert post(f"Content-Length: {review.MAX_BODY + 1}\r\n", query="")[0] == 413  # token in body
+    status, text = post("Content-Length: 100\r\n", query="?token=wrong")  # body never comes
+    assert status == 403 and "token" in text
+    # a valid length and the token in the URL only: the body is read and its form checked
+    form = "kind=train&path=..%2F..%2Fetc%2Fpasswd&action=drop"
+    status, text = post(f"Content-Length: {len(form)}\r\n", form)
+    assert status == 400 and "not on this page" in text
+    assert (overrides.read_bytes() if overrides.exists() else None) == before
+    # the page's forms carry the token in their URL, so a browser's clicks are checked first
+    assert f"action='/action?token={token}'" in _get(f"{base}/?token={token}")[1]
+    record("security", "review: a bad, missing or repeated Content-Length", "refused", len(bad) + 2)
+    record("security", "review: a body over the limit, or after a wrong token", "refused unread", 4)
+
+
+def test_a_silent_client_is_disconnected(local_server, record):
+    port, token = local_server
+    half_post = f"POST /action?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    for sent in (
+        "",
+        "GET / HTTP/1.1\r\nHost: 127.0.0.1",
+        half_post + "Content-Length: 9\r\n\r\na=",
+    ):
+        # SOCKET_TIMEOUT is 1 s here; 30 s is only the bound on a slow machine
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(sent.encode())
+            try:
+                answer = sock.recv(65536)  # a server without a timeout would let this time out
+            except ConnectionResetError:
+                answer = b""
+        assert answer == b"", (sent, answer)
+    record("security", "review: a client that connects and goes silent", "disconnected", 3)
+
+
+def test_a_foreign_host_is_refused_before_anything_else(server, workspace, record):
+    base, token = server
+    port = _port(base)
+    train = _shown_paths(base, token)["train"]
+
+    def request(host_lines: str, method: str = "GET", body: str = "") -> tuple[int, str]:
+        line = f"{method} /{'action' if body else ''}?token={token} HTTP/1.1\r\n"
+        length = f"Content-Length: {len(body)}\r\n" if body else ""
+        return _raw(port, f"{line}{host_lines}{length}Connection: close\r\n\r\n{body}")
+
+    # what a page on evil.example sends once its DNS answer turned to 127.0.0.1
+    foreign = ["evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}"]
+    foreign += [f"127.0.0.1:{port + 1}", "127.0.0.1", f"localhost:{port}.evil.example"]
+    for host in foreign:
+        status, text = request(f"Host: {host}\r\n")
+        assert status == 403 and "Host header" in text, host
+    assert request("")[0] == 403  # no Host at all
+    assert request(f"Host: 127.0.0.1:{port}\r\nHost: evil.example\r\n")[0] == 403
+    assert request("Host: evil.example\r\n", method="PUT")[0] == 403  # before "unsupported"
+    assert request(f"Host: 127.0.0.1:{port}\r\n", method="PUT")[0] == 501
+    # a click the page would accept, with the token, from a foreign Host: nothing is written
+    form = urllib.parse.urlencode({"kind": "train", "path": train, "action": "drop"})
+    overrides = workspace / "data" / "overrides.csv"  # earlier tests' clicks may have written it
+    before = overrides.read_bytes() if overrides.exists() else None
+    assert request("Host: evil.example\r\n", "POST", form)[0] == 403
+    assert (overrides.read_bytes() if overrides.exists() else None) == before
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}"):
+        status, page = request(f"Host: {host}\r\n")
+        assert status == 200 and "Pending decisions" in page, host
+    record(
+        "security",
+        "review: a Host other than 127.0.0.1 or localhost (DNS rebinding)",
+        "refused",
+        10,
+    )
+
+
+def test_a_malformed_decision_file_gets_an_answer_that_names_it(server, workspace, record):
+    base, token = server
+    data = workspace / "data"
+    shown = _shown_paths(base, token)
+    clicks = {"train": "drop", "pseudo": "reject", "test": "flag"}
+    for kind, name in review.FILES.items():
+        for what, (content, says) in MALFORMED.items():
+            (data / name).write_bytes(content)
+            try:
+                status, text = _get(f"{base}/?token={token}")
+                assert status == 409 and f"data/{name}" in text and says in text, (what, text)
+                click = {"token": token, "kind": kind, "path": shown[kind], "action": clicks[kind]}
+                status, text = _post(base, click)
+                assert status == 409 and f"data/{name}" in text and says in text, (what, text)
+                assert (data / name).read_bytes() == content  # left for the person to fix
+            finally:
+                (data / name).unlink()
+    assert _get(f"{base}/?token={token}")[0] == 200  # and the page is back once it is fixed
+    record("robustness", "review: a hand-broken decision file", "named with its fix", 12)
+
+
+def test_a_malformed_file_and_a_failure_each_log_one_line(local_server, workspace, caplog):
+    port, token = local_server
+    base = f"http://127.0.0.1:{port}"
+    caplog.set_level(logging.WARNING, logger="pipeline.review")
+    (workspace / "data" / "overrides.csv").write_bytes(MALFORMED["wrong columns"][0])
+    try:
+        status, text = _get(f"{base}/?token={token}")
+    finally:
+        (workspace / "data" / "overrides.csv").unlink()
+    assert status == 409 and text.startswith("data/overrides.csv: needs the columns path,label")
+    assert [r.getMessage() for r in caplog.records] == [f"review: {text}"]
+    caplog.clear()
+    # an artifact the pipeline wrote, broken: not the user's to fix, so a 500 in one line
+    issues = workspace / "artifacts" / "clean" / "issues.csv"
+    kept = issues.read_bytes()
+    issues.write_text("path,label_quality\nx.png,0.5\n")
+    try:
+        status, text = _get(f"{base}/?token={token}")
+        click = {"token": token, "kind": "train", "path": "x.png", "action": "drop"}
+        post_status, post_text = _post(base, click)
+    finally:
+        issues.write_bytes(kept)
+    assert status == 500 and text == "internal error: KeyError: 'label_issue'"
+    assert post_status == 500 and post_text == text
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [
+        "review: GET / failed: KeyError: 'label_issue'",
+        "review: POST /action failed: KeyError: 'label_issue'",
+    ]
+    assert all(token not in line for line in logged)
