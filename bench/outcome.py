@@ -129,8 +129,6 @@ def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo
         "ece_before": metrics["ece_uncalibrated"],
         "ece_after": metrics["ece"],
         "epochs": summary["epochs_run"],
-        "unlabeled": summary["train_size_unlabeled"],
-        "unlabeled_confident": summary.get("unlabeled_confident"),
     }
 
 

@@ -227,15 +227,6 @@ class TrainConfig:
     # which blends pairs of images and their labels; both keep a model from memorizing a label.
     label_smoothing: float = num(0.0, 0.0, 0.5)
     mixup: float = num(0.4, 0.0, 10.0)  # Beta(a, a) mixing weights; 0 = off
-    # Consistency training on the pool images the pseudo-label set leaves out
-    # (pipeline/consistency.py): the weight of its loss (0 = off), the method, FixMatch's
-    # confidence for a target, VAT's perturbation (RMS per pixel value, as a share of the pixel
-    # range), and unlabeled images per labeled image in a step.
-    unlabeled_weight: float = num(0.0, 0.0, 100.0)
-    unlabeled_method: str = choice("fixmatch", "vat")
-    unlabeled_threshold: float = prob(0.95)
-    vat_eps: float = num(0.05, 0.0, 1.0, open_lo=True)
-    unlabeled_ratio: int = num(1, 1, 16)
     batch_size: int = num(64, 1, 65536)
     epochs: int = num(20, 1, 10000)
     # At least this many optimizer steps in all: a small set is passed over several times per
@@ -247,11 +238,6 @@ class TrainConfig:
     monitor: str = choice("val_loss", "val_acc")  # what early stopping and top-k rank by
     patience: int = num(6, 1)  # epochs without improvement before stopping
     top_k: int = num(3, 1, 100)  # checkpoints averaged into the round's prediction
-    # Rounds r001 on: a model of the pseudo-labels alone checks the human training rows; a row
-    # whose label it gives at most this calibrated probability (and another class at least half)
-    # is trained on as that class (pipeline/crosscheck.py). 0 = off, the default: validation
-    # fell with it on colour photos and the demo (bench/RESULTS.md)
-    crosscheck: float = num(0.0, 0.0, 0.5)
     num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
     compile: bool = False  # torch.compile the model for training
     nproc: int = num(1, 1, 64)  # processes under torchrun (one per GPU; gloo on CPU)
