@@ -272,14 +272,10 @@ class CleanConfig:
     )
     policy: str = choice("relabel", "drop", "flag", "relabel_keep")
     relabel_threshold: float = prob(0.9)  # out-of-sample confidence needed to relabel
-    # A second opinion: one model trained on the rows cleaning keeps (after the K-fold). Its
-    # embeddings are the one space for near-duplicate and outlier checks; with recheck_relabel,
-    # an unsure label issue is relabeled when it agrees with the K-fold's suggestion at
-    # recheck_threshold.
-    recheck_steps: int = num(400, 0, 10_000_000)  # its optimizer steps at least; 0 = off
-    # Off by default: on validation it tied on digits and lost on colour photos (bench/RESULTS.md)
-    recheck_relabel: bool = False
-    recheck_threshold: float = prob(0.7)
+    # The embedding model: one model trained on the rows cleaning keeps (after the K-fold),
+    # whose embeddings are the one space for near-duplicate and outlier checks. Its optimizer
+    # steps at least; 0 = none (the K-fold's own embeddings serve).
+    embedding_steps: int = num(400, 0, 10_000_000)
     # Above this estimated noise rate the K-fold models are presumed too weak to judge labels:
     # nothing is dropped or relabeled (clean.policy acts as flag) and a warning says why.
     max_noise_rate: float = prob(0.4)
