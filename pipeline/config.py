@@ -308,15 +308,9 @@ class PseudolabelConfig:
     per_class_cap: int = num(0, 0)  # most in the set per class (every pool so far); 0 = no cap
     balance: bool = False  # cap classes to the labeled class distribution
     agreement: bool = False  # every ensemble member must predict the same class
-    dropped: bool = False  # score the labeled images clean dropped (not a person) with the pools
     gallery_size: int = num(60, 1, 10000)
     queue_size: int = num(50, 0, 100000)  # to_label.csv: pool images most worth a human label
     nproc: int = num(1, 1, 64)  # processes under torchrun predicting the pool images
-
-
-# The `pool` of the labeled images the clean stage dropped, in pseudo-label tables: scored with
-# the pools (pseudolabel.dropped). Never a pool's name: those are plain folder names.
-DROPPED_POOL = "labeled, dropped by clean"
 
 
 @dataclass(frozen=True)
