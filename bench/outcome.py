@@ -129,8 +129,6 @@ def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo
         "ece_before": metrics["ece_uncalibrated"],
         "ece_after": metrics["ece"],
         "epochs": summary["epochs_run"],
-        "unlabeled": summary["train_size_unlabeled"],
-        "unlabeled_confident": summary.get("unlabeled_confident"),
     }
 
 
@@ -150,7 +148,6 @@ def pseudo_round(
         report_dir=work / name / "pseudo_report",
         params=params,
         overrides_path=overrides,
-        clean_dir=work / "clean",
     )
     return work / name / "pseudo", metrics
 
@@ -175,7 +172,6 @@ def baseline_tables(work: Path) -> dict[str, tuple[Path, Path]]:
 def ceiling_pseudo(work: Path, final_pseudo: Path) -> Path:
     """Every pool image with its true label, in the pseudo-label set's format."""
     table = read_table(final_pseudo / "table.csv")
-    table = table[table["pool"] != pseudolabel.DROPPED]  # the true table holds those rows
     truth = read_table(work / "data" / "truth.csv").set_index("path")["true_label"]
     out = work / "ceiling_pseudo"
     out.mkdir()
@@ -198,12 +194,8 @@ def pipeline_rounds(work: Path, params) -> tuple[list[dict], Path]:
         name, previous = f"r{index:03d}", f"r{index - 1:03d}"
         pseudo_in, pm = pseudo_round(work, name, pool, previous, pseudo_in, params)
         figures = train_and_test(work, name, train_csv, val_csv, params, pseudo_in)
-        pooled = [v for k, v in pm["per_pool"].items() if k != pseudolabel.DROPPED]
-        dropped = pm["per_pool"].get(pseudolabel.DROPPED, {"candidates": 0, "accepted": 0})
         figures.update(
-            pseudo_share=sum(v["accepted"] for v in pooled)
-            / max(sum(v["candidates"] for v in pooled), 1),
-            dropped_rejoined=f"{dropped['accepted']}/{dropped['candidates']}",
+            pseudo_share=pm["accepted"] / max(pm["candidates"], 1),
             pseudo_accuracy=pm.get("pseudo_label_accuracy"),
             pseudo_left=pm["left"],
         )

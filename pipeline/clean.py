@@ -5,8 +5,8 @@ Writes  <out>/train.csv        the cleaned training table the train stage reads
         <out>/val.csv          the validation split (carved before cleaning) and its scoring labels
         <out>/issues.csv       every training row: scores, issue types, decision and reason
         <out>/pred_probs.npy   (N, K) out-of-sample probabilities, rows as in issues.csv
-        <out>/embeddings.npy   (N, D) penultimate features of the second opinion (one model for
-                               every row; the K-fold's when clean.recheck_steps is 0)
+        <out>/embeddings.npy   (N, D) penultimate features of the embedding model (one model for
+                               every row; the K-fold's when clean.embedding_steps is 0)
         <out>/metrics.json     issues per type, noise estimate, label health, truth precision/recall,
                                the K-fold budgets tried and the one kept
         <out>/report.html      gallery of flagged samples, worst first
@@ -18,18 +18,15 @@ seeded, `clean.val_fraction` with at least `clean.val_min_per_class` per class),
 same rows whatever cleaning decides, in every round and experiment. Its rows are never trained
 on, but the K-fold scores them like every other row, and a validation row flagged as a label
 issue is scored against the model's suggestion when that is confident
-(>= clean.relabel_threshold, or, with clean.recheck_relabel, the second opinion agrees at
-clean.recheck_threshold), otherwise left out of the score and counted: a noisy validation label
-would otherwise reward checkpoints that learned the noise.
+(>= clean.relabel_threshold), otherwise left out of the score and counted: a noisy validation
+label would otherwise reward checkpoints that learned the noise.
 
 The K-fold (pipeline/kfold.py) runs at each budget in clean.min_steps and keeps the run whose
 out-of-fold predictions agree best with the given labels (metrics.json `kfold_budgets`).
 
-The second opinion is one model trained, after the K-fold, on the rows a first pass keeps. Its
-embeddings are the one space near-duplicate and outlier scores compare in. With
-clean.recheck_relabel, a label issue the K-fold was unsure of is relabeled when this model names
-the same class (`relabel_recheck` in issues.csv), which keeps rows that `relabel` would drop; off
-by default, as on validation it tied on digits and lost on colour photos.
+The embedding model is one model trained, after the K-fold, on the rows a first pass keeps
+(clean.embedding_steps): its embeddings are the one space near-duplicate and outlier scores
+compare in.
 """
 
 from __future__ import annotations
@@ -78,17 +75,16 @@ KNN_WORKING_MIB = 128
 
 
 # --------------------------------------------------------------------------------------------
-# 1) Out-of-sample probabilities: the K-fold (pipeline/kfold.py) and a second opinion
+# 1) Out-of-sample probabilities (the K-fold, pipeline/kfold.py) and one embedding space
 
 
-def second_opinion(
+def embedding_model(
     images: np.ndarray, labels: np.ndarray, trains: np.ndarray, params: Params, classes: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (N, K), embeddings (N, D)) of one model trained on the rows where `trains` holds.
+) -> np.ndarray:
+    """Embeddings (N, D) of every row from one model trained on the rows where `trains` holds.
 
-    The K-fold models learn from the wrong labels they are asked about; this one learns from
-    the rows cleaning keeps, so it can settle the label issues the K-fold was unsure of (rows it
-    never saw). Its embeddings put every row in one space for the similarity checks.
+    The K-fold's embeddings come from five models, each its own space; this one puts every row
+    in one space for the similarity checks, learned from the rows cleaning keeps.
     """
     device = pick_device()
     torch.manual_seed(params.base.seed)
@@ -97,13 +93,13 @@ def second_opinion(
         model,
         Samples(images[trains], labels[trains]),
         None,
-        recipe(params, params.clean.recheck_steps),
+        recipe(params, params.clean.embedding_steps),
         seed=params.base.seed,
         device=device,
         augmentation=training_augmentation(params.augment, params.base, classes, device),
-        desc="clean: second opinion",
+        desc="clean: embedding model",
     )
-    return predict_proba([model], images, device, embeddings=True)
+    return predict_proba([model], images, device, embeddings=True)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,13 +209,8 @@ def decide(
     *,
     policy: str,
     relabel_threshold: float,
-    recheck_threshold: float | None = None,
 ) -> pd.DataFrame:
-    """A decision (keep, flag, drop, relabel) and a reason for each row.
-
-    With recheck_threshold, an issue the K-fold is unsure of is still relabeled when the second
-    opinion (columns recheck_label, recheck_prob) names the same class at that confidence.
-    """
+    """A decision (keep, flag, drop, relabel) and a reason for each row."""
     decision = np.full(len(issues), "keep", dtype=object)
     reason = np.full(len(issues), "", dtype=object)
     final = issues["given_label"].to_numpy(dtype=object).copy()
@@ -231,13 +222,6 @@ def decide(
                 decision[i], reason[i] = "flag", f"label_issue: {said}"
             elif policy.startswith("relabel") and row.suggested_prob >= relabel_threshold:
                 decision[i], reason[i] = "relabel", f"relabel_confident: {said}"
-                final[i] = row.suggested_label
-            elif policy.startswith("relabel") and agrees(row, recheck_threshold):
-                decision[i] = "relabel"
-                reason[i] = (
-                    f"relabel_recheck: {said}; a model trained on the kept rows agrees "
-                    f"(p={row.recheck_prob:.2f})"
-                )
                 final[i] = row.suggested_label
             elif policy == "relabel_keep":
                 decision[i] = "flag"
@@ -256,15 +240,6 @@ def decide(
     out = issues.copy()
     out["decision"], out["reason"], out["label"] = decision, reason, final
     return out
-
-
-def agrees(row, recheck_threshold: float | None) -> bool:
-    """Whether the second opinion names the K-fold's suggested class confidently."""
-    return (
-        recheck_threshold is not None
-        and getattr(row, "recheck_label", "") == row.suggested_label
-        and row.recheck_prob >= recheck_threshold
-    )
 
 
 def guarded_policy(
@@ -296,13 +271,11 @@ def validation_labels(
     decided: pd.DataFrame,
     *,
     relabel_threshold: float,
-    recheck_threshold: float | None = None,
     trust_model: bool = True,
 ) -> tuple[pd.Series, pd.Series]:
     """(label scored against, scored?) for validation rows, whatever clean.policy says.
 
-    Overrides win; a flagged label is replaced by a confident suggestion (the K-fold's, or one
-    the second opinion agrees with: it never trained on validation rows), otherwise the row is
+    Overrides win; a flagged label is replaced by a confident suggestion, otherwise the row is
     left out of the score. Without trust_model (the noise guard tripped) flagged rows keep their
     given label and are scored.
     """
@@ -312,7 +285,7 @@ def validation_labels(
         if row["reason"].startswith("override:"):
             label[idx], scored[idx] = row["label"], row["decision"] != "drop"
         elif row["label_issue"] and trust_model:
-            confident = row["suggested_prob"] >= relabel_threshold or agrees(row, recheck_threshold)
+            confident = row["suggested_prob"] >= relabel_threshold
             label[idx], scored[idx] = row["suggested_label"], confident
     return label, scored
 
@@ -437,10 +410,9 @@ def run(
         }
     )
 
-    # The second opinion, trained on what a first pass over the label issues keeps.
-    recheck_threshold = None
+    # The embedding model, trained on what a first pass over the label issues keeps.
     embeddings = kfold_embeddings
-    if cfg.recheck_steps > 0:
+    if cfg.embedding_steps > 0:
         first, _ = apply_overrides(
             decide(
                 issues.assign(issue_types=""),
@@ -452,11 +424,7 @@ def run(
         )
         trains = ~is_val & (first["decision"] != "drop").to_numpy()
         first_labels = first["label"].map(classes.index).to_numpy(np.int64)
-        second, embeddings = second_opinion(train_images, first_labels, trains, params, classes)
-        issues["recheck_label"] = [classes[i] for i in second.argmax(1)]
-        issues["recheck_prob"] = second.max(1)
-        trusted = cfg.recheck_relabel and not guard
-        recheck_threshold = cfg.recheck_threshold if trusted else None
+        embeddings = embedding_model(train_images, first_labels, trains, params, classes)
 
     is_dup, partner, nearest, cutoff = near_duplicates(embeddings, cfg.near_duplicate_ratio)
     ood = outlier_scores(embeddings)
@@ -504,14 +472,12 @@ def run(
         classes,
         policy=policy,
         relabel_threshold=cfg.relabel_threshold,
-        recheck_threshold=recheck_threshold,
     )
     decided, unmatched = apply_overrides(decided, overrides)
     val = decided[is_val].copy()
     val["label"], val["scored"] = validation_labels(
         val,
         relabel_threshold=cfg.relabel_threshold,
-        recheck_threshold=recheck_threshold,
         trust_model=not guard,
     )
     decided.loc[is_val, "decision"] = np.where(val["scored"], "validate", "unscored")
@@ -538,9 +504,6 @@ def run(
     metrics["policy_applied"] = policy
     metrics["kfold_budgets"] = budgets
     metrics["datalab"] = datalab[2] if datalab else "not installed: pip install -e '.[datalab]'"
-    metrics["relabeled_by_second_opinion"] = int(
-        (decided["reason"].str.startswith("relabel_recheck") & ~is_val).sum()
-    )
     metrics["guard"] = guard
     metrics["validation"] = {
         "rows": len(val),

@@ -253,9 +253,6 @@ def pseudolabel(
         Path | None,
         typer.Option(help="path,label|reject decisions (default: <data-dir>/pseudo_overrides.csv)"),
     ] = None,
-    clean: Annotated[
-        Path, typer.Option(help="the clean stage's folder: the labeled images it dropped")
-    ] = Path("artifacts/clean"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Re-score every pool so far with the previous round's ensemble; write this round's set."""
@@ -278,7 +275,6 @@ def pseudolabel(
         params=load_params(params),
         truth_path=truth,
         overrides_path=overrides,
-        clean_dir=clean,
     )
 
 

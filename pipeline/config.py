@@ -228,15 +228,6 @@ class TrainConfig:
     # which blends pairs of images and their labels; both keep a model from memorizing a label.
     label_smoothing: float = num(0.0, 0.0, 0.5)
     mixup: float = num(0.4, 0.0, 10.0)  # Beta(a, a) mixing weights; 0 = off
-    # Consistency training on the pool images the pseudo-label set leaves out
-    # (pipeline/consistency.py): the weight of its loss (0 = off), the method, FixMatch's
-    # confidence for a target, VAT's perturbation (RMS per pixel value, as a share of the pixel
-    # range), and unlabeled images per labeled image in a step.
-    unlabeled_weight: float = num(0.0, 0.0, 100.0)
-    unlabeled_method: str = choice("fixmatch", "vat")
-    unlabeled_threshold: float = prob(0.95)
-    vat_eps: float = num(0.05, 0.0, 1.0, open_lo=True)
-    unlabeled_ratio: int = num(1, 1, 16)
     batch_size: int = num(64, 1, 65536)
     epochs: int = num(20, 1, 10000)
     # At least this many optimizer steps in all: a small set is passed over several times per
@@ -248,11 +239,6 @@ class TrainConfig:
     monitor: str = choice("val_loss", "val_acc")  # what early stopping and top-k rank by
     patience: int = num(6, 1)  # epochs without improvement before stopping
     top_k: int = num(3, 1, 100)  # checkpoints averaged into the round's prediction
-    # Rounds r001 on: a model of the pseudo-labels alone checks the human training rows; a row
-    # whose label it gives at most this calibrated probability (and another class at least half)
-    # is trained on as that class (pipeline/crosscheck.py). 0 = off, the default: validation
-    # fell with it on colour photos and the demo (bench/RESULTS.md)
-    crosscheck: float = num(0.0, 0.0, 0.5)
     num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
     compile: bool = False  # torch.compile the model for training
     nproc: int = num(1, 1, 64)  # processes under torchrun (one per GPU; gloo on CPU)
@@ -287,14 +273,10 @@ class CleanConfig:
     )
     policy: str = choice("relabel", "drop", "flag", "relabel_keep")
     relabel_threshold: float = prob(0.9)  # out-of-sample confidence needed to relabel
-    # A second opinion: one model trained on the rows cleaning keeps (after the K-fold). Its
-    # embeddings are the one space for near-duplicate and outlier checks; with recheck_relabel,
-    # an unsure label issue is relabeled when it agrees with the K-fold's suggestion at
-    # recheck_threshold.
-    recheck_steps: int = num(400, 0, 10_000_000)  # its optimizer steps at least; 0 = off
-    # Off by default: on validation it tied on digits and lost on colour photos (bench/RESULTS.md)
-    recheck_relabel: bool = False
-    recheck_threshold: float = prob(0.7)
+    # The embedding model: one model trained on the rows cleaning keeps (after the K-fold),
+    # whose embeddings are the one space for near-duplicate and outlier checks. Its optimizer
+    # steps at least; 0 = none (the K-fold's own embeddings serve).
+    embedding_steps: int = num(400, 0, 10_000_000)
     # Above this estimated noise rate the K-fold models are presumed too weak to judge labels:
     # nothing is dropped or relabeled (clean.policy acts as flag) and a warning says why.
     max_noise_rate: float = prob(0.4)
@@ -327,15 +309,9 @@ class PseudolabelConfig:
     per_class_cap: int = num(0, 0)  # most in the set per class (every pool so far); 0 = no cap
     balance: bool = False  # cap classes to the labeled class distribution
     agreement: bool = False  # every ensemble member must predict the same class
-    dropped: bool = False  # score the labeled images clean dropped (not a person) with the pools
     gallery_size: int = num(60, 1, 10000)
     queue_size: int = num(50, 0, 100000)  # to_label.csv: pool images most worth a human label
     nproc: int = num(1, 1, 64)  # processes under torchrun predicting the pool images
-
-
-# The `pool` of the labeled images the clean stage dropped, in pseudo-label tables: scored with
-# the pools (pseudolabel.dropped). Never a pool's name: those are plain folder names.
-DROPPED_POOL = "labeled, dropped by clean"
 
 
 @dataclass(frozen=True)

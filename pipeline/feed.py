@@ -219,9 +219,9 @@ def make_feed(samples: Samples, augmentation: Augmentation, cfg: TrainConfig, de
 
 def resolve_backend(aug: AugmentConfig, device: torch.device) -> str:
     """augment.backend, with `auto` made concrete: gpu on CUDA, albumentations elsewhere. On a
-    CPU the batched backend is faster too (1.04-1.29 times the images/s, bench/RESULTS.md), but
-    with it the low-label outcome benchmark's cleaning found fewer of the wrong labels and its
-    validation accuracy was lower, so `auto` keeps the per-image albumentations there."""
+    CPU the batched backend is faster too, but with it the low-label benchmark's cleaning found
+    fewer of the wrong labels and its validation accuracy was lower, so `auto` keeps the per-image
+    albumentations there (docs/results.md, "Augmentation backend on CPUs")."""
     if aug.backend != "auto":
         return aug.backend
     return "gpu" if device.type == "cuda" else "albumentations"

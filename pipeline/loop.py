@@ -11,11 +11,10 @@ validates, diagnoses and writes.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +36,6 @@ from pipeline.model import ResNet
 from pipeline.transforms import reseed
 
 log = logging.getLogger(__name__)
-
-VAT_XI = 1e-3  # the power iteration's probe, RMS per value as a share of the pixel range
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -83,86 +80,6 @@ def gradient_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def consistency_loss(
-    model: nn.Module, strong_logits: torch.Tensor, weak: torch.Tensor, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FixMatch's unlabeled loss: cross-entropy of the strong view against the model's own
-    confident prediction of the weak view (no gradient through the target). Returns (loss,
-    share of the batch confident enough to count).
-
-    The target comes from a forward pass of its own, without gradients and outside
-    DistributedDataParallel: in training mode, so batch norm normalizes the weak batch by its
-    own statistics (and its running averages also see weak batches, drawn from the same
-    images and policy as the labeled ones)."""
-    with torch.no_grad():
-        probs = F.softmax(model(weak).float(), dim=1)
-        confidence, target = probs.max(1)
-        mask = (confidence >= threshold).float()
-    per_image = F.cross_entropy(strong_logits.float(), target, reduction="none")
-    return (per_image * mask).mean(), mask.mean()
-
-
-def virtual_adversary(
-    model: nn.Module, x: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAT's view and target: (x moved by `eps` RMS per value in the direction that changes the
-    model's prediction most, the model's probabilities for x), both without gradients.
-
-    One power iteration (Miyato et al. 2018): the gradient of KL(p(x) || p(x + probe)) at a small
-    random probe approximates the dominant eigenvector of that divergence's curvature. Dropout is
-    off for both passes, so the divergence measures the input's move and not a new dropout mask.
-    The target's pass updates batch norm's running averages, as FixMatch's weak pass does; the
-    probe's pass leaves them alone. `eps` is a share of the pixel range per channel value; the
-    model's inputs span [-1, 1], twice that range. The view itself is trained on in the labeled
-    batch's pass (train_one_epoch), where dropout is on and batch norm sees both alike."""
-    per_pixel = 2 * math.sqrt(x[0].numel())  # an RMS of 1 per channel value, as an L2 norm
-    with _dropout_off(model):
-        with torch.no_grad():
-            target = F.softmax(model(x).float(), dim=1)
-        probe = (VAT_XI * per_pixel * _unit(torch.randn_like(x))).requires_grad_()
-        with _running_stats_frozen(model):
-            moved = F.log_softmax(model(x + probe).float(), dim=1)
-        (direction,) = torch.autograd.grad(F.kl_div(moved, target, reduction="batchmean"), probe)
-    return (x + eps * per_pixel * _unit(direction)).detach(), target
-
-
-def vat_loss(adversarial_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KL(target || the model's prediction of the adversarial view), mean over images."""
-    return F.kl_div(F.log_softmax(adversarial_logits.float(), dim=1), target, reduction="batchmean")
-
-
-def _unit(d: torch.Tensor) -> torch.Tensor:
-    """Each image's tensor scaled to L2 norm 1."""
-    norms = d.flatten(1).norm(dim=1).clamp_min(1e-12)
-    return d / norms.view(-1, *([1] * (d.dim() - 1)))
-
-
-@contextlib.contextmanager
-def _dropout_off(model: nn.Module):
-    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.training]
-    for m in dropouts:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in dropouts:
-            m.train()
-
-
-@contextlib.contextmanager
-def _running_stats_frozen(model: nn.Module):
-    """Batch norm still normalizes by the batch's statistics, but its averages do not move."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-
-
 def train_one_epoch(
     model: nn.Module,
     batches: Batches,
@@ -171,21 +88,17 @@ def train_one_epoch(
     device: torch.device,
     *,
     net: nn.Module | None = None,
-    unlabeled: Iterator[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> dict:
     """One pass over `batches`; returns loss, accuracy, mean gradient norm, update ratios.
 
     `net` runs the forward pass when it differs from `model` (DistributedDataParallel or
-    torch.compile around it). With `unlabeled` (views of pool images, one pair per step), the
-    consistency loss of cfg.unlabeled_method is added (pipeline/consistency.py). Figures stay on
-    the device until the epoch ends: no step waits for the GPU. Under torchrun, loss and
-    accuracy are summed over every process.
+    torch.compile around it). Figures stay on the device until the epoch ends: no step waits
+    for the GPU. Under torchrun, loss and accuracy are summed over every process.
     """
     net = model if net is None else net
     net.train()
     use_amp = device.type == "cuda"
     sums = torch.zeros(2, device=device)  # loss * n, correct
-    consistency = torch.zeros(2, device=device)  # summed over steps: unlabeled loss, mask share
     seen, grad_norms = 0, []
     last = len(batches) - 1
     ratios: dict[str, float] = {}
@@ -195,35 +108,14 @@ def train_one_epoch(
             share = mix.sample().item()
             partner = torch.randperm(len(y), device=device)  # no host copy: no wait
             x = share * x + (1 - share) * x[partner]
-        if unlabeled is not None:
-            weak, strong = next(unlabeled)
-            if cfg.unlabeled_method == "vat":  # its second view and target, outside autocast
-                strong, target = virtual_adversary(model, weak, cfg.vat_eps)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            if unlabeled is None:
-                logits = net(x)
-            else:  # labeled and second views in one pass: batch norm sees both alike
-                logits, strong_logits = net(torch.cat([x, strong])).split([len(x), len(strong)])
+            logits = net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if mix is not None:
                 loss = share * loss + (1 - share) * F.cross_entropy(
                     logits, y[partner], label_smoothing=cfg.label_smoothing
                 )
-            objective = loss
-            if unlabeled is not None:
-                if cfg.unlabeled_method == "vat":  # every image counts
-                    unlabeled_loss, confident = (
-                        vat_loss(strong_logits, target),
-                        torch.ones((), device=device),
-                    )
-                else:  # FixMatch: the weak view's target, a no-grad pass of its own
-                    unlabeled_loss, confident = consistency_loss(
-                        model, strong_logits, weak, cfg.unlabeled_threshold
-                    )
-                objective = objective + cfg.unlabeled_weight * unlabeled_loss
-                consistency += torch.stack([unlabeled_loss.detach(), confident])
-        if cfg.l1 > 0:
-            objective = objective + cfg.l1 * l1_penalty(model)
+        objective = loss + cfg.l1 * l1_penalty(model) if cfg.l1 > 0 else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         grad_norms.append(gradient_norm(model))
@@ -246,16 +138,12 @@ def train_one_epoch(
         raise PipelineError(
             f"training diverged (loss is {total_loss / max(seen, 1)}): lower train.lr (it is {cfg.lr})"
         )
-    record = {
+    return {
         "train_loss": total_loss / max(seen, 1),
         "train_acc": correct / max(seen, 1),
         "grad_norm": torch.stack(grad_norms).mean().item() if grad_norms else 0.0,
         "update_ratio": ratios,
     }
-    if unlabeled is not None:  # this process's means (the first process's are recorded)
-        unlabeled_loss, confident = (consistency / max(len(grad_norms), 1)).tolist()
-        record.update(unlabeled_loss=unlabeled_loss, unlabeled_confident=confident)
-    return record
 
 
 @torch.inference_mode()
@@ -289,7 +177,6 @@ def fit(
     seed: int,
     device: torch.device,
     augmentation: Augmentation = None,
-    unlabeled=None,  # pipeline.consistency.UnlabeledFeed (not imported: K-folds never use it)
     state_dir: Path | None = None,
     fingerprint: str = "",
     desc: str = "train",
@@ -297,8 +184,6 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FitResult:
     """Train for cfg.epochs (or `epochs`), early-stopping on `val`; keeps the top-k in state_dir.
-    With `unlabeled` (and cfg.unlabeled_weight > 0), every step adds a consistency loss
-    on a batch of its images.
 
     With state_dir, every epoch saves a resumable state there; a later call with the same
     fingerprint continues after the last finished epoch. Under torchrun every process trains
@@ -353,12 +238,7 @@ def fit(
         # 2) train, 3) validate, 4) diagnose
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         batches = epoch_batches(feed, seed * 7919 + epoch, passes)
-        views = None
-        if unlabeled is not None and len(unlabeled) and cfg.unlabeled_weight > 0:
-            views = unlabeled.epoch(seed * 7919 + epoch * 100_003 + 17)
-        record.update(
-            train_one_epoch(model, batches, optimizer, cfg, device, net=net, unlabeled=views)
-        )
+        record.update(train_one_epoch(model, batches, optimizer, cfg, device, net=net))
         if lead:
             if val is not None and len(val):
                 record.update(evaluate([model], val, device))

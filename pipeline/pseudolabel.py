@@ -2,8 +2,8 @@
 
 Reads   data/unlabeled/<pool>/** (the round's new pool), the previous round's ensemble
         (calibrated on validation) and pseudo-label set (every earlier pool's images and
-        decisions), <ingest>/manifest.csv + classes.json + images/, data/truth.csv (optional),
-        <clean>/issues.csv (the labeled images the clean stage dropped)
+        decisions), <ingest>/manifest.csv + classes.json + images/ (their shape),
+        data/truth.csv (optional)
 Writes  <out>/table.csv + images/   every pool image so far (eligible ones), its prediction, and
                                     whether it is in the set this round trains on, with
                                     provenance: pool, the round it joined, the round it left
@@ -16,9 +16,7 @@ Params  base, ingest.max_image_pixels, ingest.shard_mib, pseudolabel (pseudolabe
 
 Round k's set comes from the pools of rounds <= k, predicted by round k-1's model, which
 trained on the set before: an image rejected before may join, and an accepted label the new model no longer supports (another class, or under the
-bar) leaves the set. With pseudolabel.dropped, a labeled image the clean stage dropped on its
-models' word (not a person's) is scored with the pools: cleaning doubted its label, not the
-image. The `curriculum` policy admits a growing top share of each predicted class (Curriculum
+bar) leaves the set. The `curriculum` policy admits a growing top share of each predicted class (Curriculum
 Labeling, Cascante-Bandera et al. 2021), so no class floods the training set.
 Also `init_pseudo`, which writes the empty set of round r000 (human labels only), shaped like
 ingest's images.
@@ -36,7 +34,6 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report
-from pipeline.config import DROPPED_POOL as DROPPED
 from pipeline.config import Params, PseudolabelConfig, to_dict, with_image_shape
 from pipeline.ensemble import load_ensemble, predict_packed
 from pipeline.errors import PipelineError
@@ -132,16 +129,11 @@ def select(
     cfg: PseudolabelConfig,
     labeled_share: np.ndarray,
     round_index: int = 0,
-    basis: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Which rows to accept: (accepted (N,) bool, predicted (N,), threshold used (N,)).
-
-    With `basis` (N,) bool, only those rows' predictions set the per-class bars (the pool
-    images, not the dropped labeled ones); the bars apply to every row."""
+    """Which rows to accept: (accepted (N,) bool, predicted (N,), threshold used (N,))."""
     predicted = pred_probs.argmax(1)
     confidence = pred_probs.max(1)
-    ranked = pred_probs if basis is None else pred_probs[basis]
-    thresholds = class_thresholds(ranked, cfg, round_index)[predicted]
+    thresholds = class_thresholds(pred_probs, cfg, round_index)[predicted]
     accepted = confidence >= thresholds
     if cfg.agreement and len(member_probs):
         accepted &= (member_probs.argmax(2) == predicted[None, :]).all(0)
@@ -230,35 +222,6 @@ def provenance(
             "stayed": stays,
             "joins": joins,
             "leaves": leaves,
-        }
-    )
-
-
-def dropped_rows(issues_path: Path, manifest: pd.DataFrame, seen: set[str]) -> pd.DataFrame:
-    """Labeled rows the clean stage dropped on its models' word, not yet candidates (id not in
-    `seen`): id, path, sha256, pool and their row in the ingest images. A person's drop
-    (data/overrides.csv) and validation rows never join."""
-    if not issues_path.is_file():
-        raise PipelineError(
-            f"missing input {issues_path}: run the clean stage first, or set "
-            f"pseudolabel.dropped: false"
-        )
-    issues = read_table(issues_path)
-    by_model = (
-        (issues["decision"] == "drop")
-        & (issues["split"] == "train")
-        & ~issues["reason"].str.startswith("override:")
-        & ~issues["id"].isin(seen)
-    )
-    rows = manifest.set_index("id").loc[issues.loc[by_model, "id"]]
-    rows = rows.assign(row=rows["row"].astype(int)).sort_values("row")
-    return pd.DataFrame(
-        {
-            "id": rows.index,
-            "path": rows["path"].to_numpy(),
-            "sha256": rows["sha256"].to_numpy(),
-            "pool": DROPPED,
-            "image_row": rows["row"].to_numpy(),
         }
     )
 
@@ -378,11 +341,8 @@ def run(
     params: Params,
     truth_path: Path | None = None,
     overrides_path: Path | None = None,
-    clean_dir: Path | None = None,
 ) -> dict:
-    """Round `round_name`'s pseudo-label set and report; returns its metrics. With clean_dir
-    (the clean stage's folder, as `dvc repro` passes it) and pseudolabel.dropped, the labeled
-    images clean dropped are scored too; without it, the pools alone."""
+    """Round `round_name`'s pseudo-label set and report; returns its metrics."""
     params = with_image_shape(params, read_array(ingest_dir / "images").shape)
     cfg = params.pseudolabel
     pool_dir = data_dir / "unlabeled" / pool
@@ -413,11 +373,6 @@ def run(
     new_images, decoded = read_array(scratch), len(new)
     new = new[eligible].reset_index(drop=True).assign(pool=pool)
     new_rows = np.flatnonzero(eligible)
-    # ... and the labeled images cleaning dropped, the first time a round sees them
-    dropped = new.iloc[:0].assign(image_row=0)
-    if cfg.dropped and clean_dir is not None:
-        dropped = dropped_rows(clean_dir / "issues.csv", manifest, set(previous["id"]))
-    new = pd.concat([dropped.drop(columns="image_row"), new], ignore_index=True)
 
     # 2) every pool so far: earlier pools' images, then the new pool's, re-scored by this model
     shape = (params.base.image_size, params.base.image_size, params.base.channels)
@@ -425,9 +380,6 @@ def run(
         writer = ShardWriter(tmp / "images", shape, params.ingest.shard_mib)
         for start in range(0, len(previous_images), CHUNK):
             writer.extend(previous_images[start : start + CHUNK])
-        labeled, dropped_at = read_array(ingest_dir / "images"), dropped["image_row"].to_numpy()
-        for start in range(0, len(dropped_at), CHUNK):
-            writer.extend(labeled[dropped_at[start : start + CHUNK]])
         for start in range(0, len(new_rows), CHUNK):
             writer.extend(new_images[new_rows[start : start + CHUNK]])
         writer.close()
@@ -442,9 +394,8 @@ def run(
             .to_numpy(float)
         )
         labeled_share /= max(labeled_share.sum(), 1.0)
-        from_pools = np.array([*previous["pool"], *new["pool"]]) != DROPPED
         accepted, predicted, thresholds = select(
-            probs, member_probs, cfg, labeled_share, round_index=len(pools) - 1, basis=from_pools
+            probs, member_probs, cfg, labeled_share, round_index=len(pools) - 1
         )
         names = [classes[i] for i in predicted]
         labels = np.where(accepted, names, "").astype(object)
@@ -488,9 +439,7 @@ def run(
         ),
     )
     metrics = pseudo_metrics(candidates, classes, pool, decoded, len(new_rows), len(quarantine))
-    # a dropped labeled image is answered in data/overrides.csv (the clean report), not the queue
-    settled = accepted | (table["pool"] == DROPPED).to_numpy()
-    queue = candidates.iloc[labeling_queue(probs, embeddings, settled, cfg.queue_size)]
+    queue = candidates.iloc[labeling_queue(probs, embeddings, accepted, cfg.queue_size)]
     top2 = np.sort(probs[queue.index], axis=1)[:, -2:]
     queue = queue.assign(
         rank=np.arange(1, len(queue) + 1), margin=top2[:, 1] - top2[:, 0], label=""
@@ -672,14 +621,8 @@ def render(round_name, pools, metrics, candidates, queue, images, folder, limit,
         f"{report.esc(', '.join(pools))}</h1>"
         "<p class='muted'>The previous round's ensemble (temperature-calibrated on validation) "
         "re-scores every pool so far. The images it is confident about form the set this round "
-        "trains on: some join, and labels it no longer supports leave. "
-        + (
-            "Labeled images the clean stage dropped (its models doubted the label, not a "
-            f"person) are scored too, as the pool '{DROPPED}'. "
-            if DROPPED in metrics["per_pool"]
-            else ""
-        )
-        + "Accepted samples are shown least confident first: that is where mistakes hide.</p>"
+        "trains on: some join, and labels it no longer supports leave. Accepted samples are shown "
+        "least confident first: that is where mistakes hide.</p>"
         + report.cards(cards)
         + f"<p><img class='plot' alt='confidence histogram' src='{report.file_uri(folder / 'confidence.png')}'></p>"
         + "<h2>Per predicted class</h2>"

@@ -36,7 +36,6 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pandas as pd
 
 from pipeline import report
-from pipeline.config import DROPPED_POOL as DROPPED
 from pipeline.errors import PipelineError
 from pipeline.images import thumbnail
 from pipeline.io import read_array, read_json, read_table, stale_stages, write_table
@@ -135,8 +134,7 @@ class Workspace:
         pseudo = self.artifacts / "rounds" / (last or "") / "pseudo" / "table.csv"
         if last and pseudo.is_file():
             table = read_table(pseudo)
-            # a labeled image clean dropped is decided in the train gallery (overrides.csv)
-            accepted = table[(table["accepted"] == "True") & (table["pool"] != DROPPED)]
+            accepted = table[table["accepted"] == "True"]
             out["pseudo"] = accepted.sort_values("confidence", key=lambda s: s.astype(float))
         predictions = self.artifacts / "reports" / (last or "") / "evaluate" / "predictions.csv"
         if last and predictions.is_file():

@@ -45,7 +45,6 @@ def collect_rounds(reports: Path) -> pd.DataFrame:
                 "round": folder.name,
                 "train_human": train.get("train_size_human", np.nan),
                 "train_pseudo": train.get("train_size_pseudo", np.nan),
-                "human_relabeled": train.get("crosscheck_relabeled", np.nan),
                 "val_accuracy": train.get("ensemble_val_acc", np.nan),
                 "test_accuracy": evaluation["accuracy"],
                 "macro_f1": evaluation["macro_f1"],
@@ -163,7 +162,6 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
         href = os.path.relpath(target, out_dir).replace(os.sep, "/")
         return f"<a href='{report.esc(href)}'>{report.esc(text)}</a>"
 
-    crosschecked = bool(table["human_relabeled"].notna().any())  # a column only where it ran
     rows = []
     for r in table.itertuples():
         links = " &middot; ".join(
@@ -174,21 +172,11 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
                 ("pseudolabel", "report.html"),
             )
         )
-        relabeled = (
-            [
-                link(reports / r.round / "train" / "crosschecked.csv", _n(r.human_relabeled))
-                if r.human_relabeled > 0
-                else _n(r.human_relabeled)
-            ]
-            if crosschecked
-            else []
-        )
         rows.append(
             [
                 report.esc(r.round),
                 _n(r.train_human),
                 _n(r.train_pseudo),
-                *relabeled,
                 f"{r.val_accuracy:.3f}",
                 f"{r.test_accuracy:.3f}",
                 f"{r.macro_f1:.3f}",
@@ -211,15 +199,8 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
         "<h1>Dataset improvement rounds</h1>"
         "<p class='muted'>Round r000 trains on the cleaned human labels. Each later round adds a "
         "pool: the round before it re-scores every pool so far, and the round trains on the human "
-        "labels plus the images that model is confident about. "
-        + (
-            "A model of those pseudo-labels alone, which never saw a human label, first checks "
-            "the human labels: one it finds next to impossible is trained on as the class it "
-            "gives (train.crosscheck). "
-            if crosschecked
-            else ""
-        )
-        + "Every round is tested on the same held-out test split.</p>"
+        "labels plus the images that model is confident about. Every round is tested on the same "
+        "held-out test split.</p>"
         + (f"<p class='warn'>{report.esc(advice)}</p>" if advice else "")
         + f"<p><img class='plot' alt='rounds plot' src='{report.file_uri(folder / 'rounds.png')}'></p>"
         + report.table(
@@ -227,7 +208,6 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
                 "round",
                 "human",
                 "pseudo",
-                *(["human rows relabeled by a model of the pseudo-labels alone"] * crosschecked),
                 "val acc",
                 "test acc",
                 "macro-F1",

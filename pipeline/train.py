@@ -2,13 +2,10 @@
 
 Reads   the cleaned training table and the validation table (clean stage) + packed images,
         classes.json, the augment stage's policy, the round's pseudo-label input folder
-        (table.csv + images/: the accepted rows are trained on, the rest through FixMatch's
-        consistency loss, pipeline/consistency.py; none in r000)
+        (table.csv + images/: the accepted rows are trained on; none in r000)
 Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at prediction,
                                               and the temperature fitted on validation
         <report>/diagnostics.json, diagnostics.png, warnings.json, config.json, per_class.csv
-        <report>/crosschecked.csv              human rows relabeled by a model of the pseudo-labels
-                                               alone (pipeline/crosscheck.py; rounds r001 on)
         <live>/                                dvclive metrics and per-epoch plots
 Params  base, train
 
@@ -30,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import crosscheck, report
+from pipeline import report
 from pipeline.calibration import (
     apply_temperature,
     expected_calibration_error,
@@ -38,7 +35,6 @@ from pipeline.calibration import (
     nll,
 )
 from pipeline.config import AugmentConfig, Params, parse, to_dict, with_image_shape
-from pipeline.consistency import UnlabeledFeed
 from pipeline.device import pick_device
 from pipeline.ensemble import load_ensemble
 from pipeline.errors import PipelineError
@@ -69,21 +65,13 @@ def load_training_samples(
     classes: list[str],
     pseudo_dir: Path | None,
     augment_dir: Path | None,
-    unlabeled: bool = True,
-    relabel: pd.DataFrame | None = None,
-) -> tuple[Samples, Samples, pd.DataFrame, np.ndarray]:
+) -> tuple[Samples, Samples, pd.DataFrame]:
     """Cleaned human rows, offline copies and accepted pseudo-labels, in that order; the scored
-    validation rows; with `unlabeled`, the images the pseudo-label set leaves out (a person's
-    rejects excluded), else none. `relabel` (id, label) overrides human rows' labels, and their
-    offline copies follow.
+    validation rows.
 
-    Returns (train, val, counts, unlabeled): counts per class of human and pseudo-labeled
-    training rows, and the unlabeled images (N, H, W, C) for consistency training.
+    Returns (train, val, counts): counts per class of human and pseudo-labeled training rows.
     """
     table, val_table = read_table(table_path), read_table(val_path)
-    if relabel is not None and len(relabel):
-        new = table["id"].map(dict(zip(relabel["id"], relabel["label"])))
-        table = table.assign(label=new.fillna(table["label"]))
     images = read_array(images_path)
     for path, t in ((table_path, table), (val_path, val_table)):
         unknown = sorted(set(t["label"]) - set(classes))
@@ -102,7 +90,6 @@ def load_training_samples(
     if augment_dir is not None and (augment_dir / "offline" / "table.csv").is_file():
         offline = read_table(augment_dir / "offline" / "table.csv")
         offline = offline[offline["source_id"].isin(table["id"])]  # copies of training rows only
-        offline = offline.assign(label=offline["source_id"].map(table.set_index("id")["label"]))
         if len(offline):
             parts_x.append(
                 read_array(augment_dir / "offline" / "images.npy")[
@@ -111,25 +98,19 @@ def load_training_samples(
             )
             parts_y.append(offline["label"].map(classes.index).to_numpy(np.int64))
             counts["offline"] = offline["label"].value_counts().reindex(classes, fill_value=0)
-    left_out = np.zeros((0, *images.shape[1:]), images.dtype)
     if pseudo_dir is not None and (pseudo_dir / "table.csv").is_file():
-        pool = read_table(pseudo_dir / "table.csv")
-        pool_images = read_array(pseudo_dir / "images")
-        in_set = (pool["accepted"] == "True") & pool["label"].isin(classes)
-        pseudo = pool[in_set]
+        pseudo = read_table(pseudo_dir / "table.csv")
+        pseudo = pseudo[(pseudo["accepted"] == "True") & pseudo["label"].isin(classes)]
         if len(pseudo):
-            parts_x.append(pool_images[pseudo["row"].astype(int).to_numpy()])
+            parts_x.append(read_array(pseudo_dir / "images")[pseudo["row"].astype(int).to_numpy()])
             parts_y.append(pseudo["label"].map(classes.index).to_numpy(np.int64))
             counts["pseudo"] = pseudo["label"].value_counts().reindex(classes, fill_value=0)
-        if unlabeled:
-            rows = pool.loc[~in_set & (pool["human"] != "reject"), "row"]
-            left_out = pool_images[rows.astype(int).to_numpy()]
     train = Samples(np.concatenate(parts_x), np.concatenate(parts_y))
     val = Samples(
         np.ascontiguousarray(images[val_table["row"].astype(int).to_numpy()]),
         val_table["label"].map(classes.index).to_numpy(np.int64),
     )
-    return train, val, counts, left_out
+    return train, val, counts
 
 
 def run(
@@ -149,76 +130,33 @@ def run(
     params = with_image_shape(params, read_array(images_path).shape)
     cfg, base = params.train, params.base
     classes = read_json(classes_path)
-
-    def load(relabel=None):
-        return load_training_samples(
-            table_path,
-            val_path,
-            images_path,
-            classes,
-            pseudo_dir,
-            augment_dir,
-            unlabeled=cfg.unlabeled_weight > 0,
-            relabel=relabel,
-        )
-
-    train, val, per_class, unlabeled = load()
+    train, val, per_class = load_training_samples(
+        table_path, val_path, images_path, classes, pseudo_dir, augment_dir
+    )
+    counts = {k: int(v) for k, v in per_class.sum().items()} | {"val": len(val)}
     device = pick_device()
     saved = read_json(augment_dir / "params.json")["augment"]  # the policy the augment stage saved
-    policy = parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment")
     augmentation = training_augmentation(
-        policy,
+        parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment"),
         base,
         classes,
         device,
         transforms_dir=augment_dir / "transforms",
     )
+    torch.manual_seed(base.seed)
+    model = build_model(cfg.model, base.channels, len(classes))
+    config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
+    fingerprint = fingerprint_of(config, train.images, train.labels, val.labels)
+    log.info(
+        "train: %d human + %d offline + %d pseudo images, %d validation, device %s, %s augmentation",
+        counts["human"],
+        counts["offline"],
+        counts["pseudo"],
+        counts["val"],
+        device,
+        "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
+    )
     with distributed(device) as shard:
-        relabeled, check = pd.DataFrame(columns=crosscheck.COLUMNS), {}
-        n_human, n_pseudo = int(per_class["human"].sum()), int(per_class["pseudo"].sum())
-        if cfg.crosscheck > 0 and n_pseudo:
-            relabeled, check = crosscheck.crosscheck(
-                read_table(table_path),
-                train.images[:n_human],
-                Samples(train.images[-n_pseudo:], train.labels[-n_pseudo:]),
-                val,
-                classes,
-                cfg,
-                base,
-                device=device,
-                augmentation=augmentation,
-                state_dir=state_dir / "crosscheck",
-                fingerprint=fingerprint_of(
-                    to_dict(cfg), train.images[-n_pseudo:], train.labels[-n_pseudo:], val.labels
-                ),
-            )
-            if len(relabeled):
-                train, val, per_class, unlabeled = load(relabeled)
-        counts = {k: int(v) for k, v in per_class.sum().items()}
-        counts |= {"val": len(val), "unlabeled": len(unlabeled)}
-        config = {
-            "base": to_dict(base),
-            "train": to_dict(cfg),
-            "classes": classes,
-            "counts": counts,
-        }
-        fingerprint = fingerprint_of(config, train.images, train.labels, val.labels, unlabeled)
-        log.info(
-            "train: %d human + %d offline + %d pseudo images, %d unlabeled, %d validation, "
-            "device %s, %s augmentation",
-            counts["human"],
-            counts["offline"],
-            counts["pseudo"],
-            counts["unlabeled"],
-            counts["val"],
-            device,
-            "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
-        )
-        torch.manual_seed(base.seed)
-        model = build_model(cfg.model, base.channels, len(classes))
-        feed = (
-            UnlabeledFeed(unlabeled, policy, base, cfg, device, shard) if len(unlabeled) else None
-        )
         result = fit(
             model,
             train,
@@ -227,7 +165,6 @@ def run(
             seed=base.seed,
             device=device,
             augmentation=augmentation,
-            unlabeled=feed,
             state_dir=state_dir,
             fingerprint=fingerprint,
         )
@@ -267,12 +204,8 @@ def run(
         "train_size": len(train),
         **{f"train_size_{k}": v for k, v in counts.items()},
     }
-    if check:  # the crosscheck ran (or said why it was skipped): on, with a pseudo-label set
-        summary["crosscheck_relabeled"] = len(relabeled)
-    if "unlabeled_confident" in result.history[-1]:  # share of unlabeled views that counted
-        summary["unlabeled_confident"] = result.history[-1]["unlabeled_confident"]
     write_live(live_dir, result.history, summary)
-    write_report(report_dir, result, config, summary, per_class, relabeled, check)
+    write_report(report_dir, result, config, summary, per_class)
     shutil.rmtree(state_dir, ignore_errors=True)
     for warning in result.warnings:
         log.warning("warning: %s", warning)
@@ -302,15 +235,7 @@ def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:
             ) from None
         for record in history:
             live.log_metric("lr", record["lr"], plot=True)
-            for key in (
-                "train_loss",
-                "train_acc",
-                "val_loss",
-                "val_acc",
-                "grad_norm",
-                "unlabeled_loss",
-                "unlabeled_confident",
-            ):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "grad_norm"):
                 if key in record:
                     live.log_metric(key.replace("_", "/", 1), record[key])
             live.next_step()
@@ -320,16 +245,9 @@ def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:
 
 
 def write_report(
-    report_dir: Path,
-    result: FitResult,
-    config: dict,
-    summary: dict,
-    per_class: pd.DataFrame,
-    relabeled: pd.DataFrame,
-    check: dict,
+    report_dir: Path, result: FitResult, config: dict, summary: dict, per_class: pd.DataFrame
 ) -> None:
     with atomic_dir(report_dir) as tmp:
-        write_table(tmp / "crosschecked.csv", relabeled)
         write_json(tmp / "config.json", config)
         shares = per_class.assign(
             pseudo_per_human=per_class["pseudo"] / per_class["human"].clip(lower=1)
@@ -337,12 +255,7 @@ def write_report(
         write_table(tmp / "per_class.csv", shares.rename_axis("class").reset_index())
         write_json(
             tmp / "diagnostics.json",
-            {
-                "history": result.history,
-                "kept": result.kept,
-                "summary": summary,
-                "crosscheck": check,
-            },
+            {"history": result.history, "kept": result.kept, "summary": summary},
         )
         write_json(tmp / "warnings.json", result.warnings)
         plot_diagnostics(tmp / "diagnostics.png", result.history)
@@ -357,10 +270,6 @@ def plot_diagnostics(path: Path, history: list[dict]) -> None:
         ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
         if history and f"val_{key}" in history[0]:
             ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
-        unlabeled = {"loss": "unlabeled_loss", "acc": "unlabeled_confident"}[key]
-        if history and unlabeled in history[0]:
-            name = {"loss": "consistency (unlabeled)", "acc": "unlabeled views confident"}[key]
-            ax.plot(epochs, [h[unlabeled] for h in history], label=name, ls="--")
         ax.set(title=title, xlabel="epoch")
         ax.legend()
     ax = axes[0, 2]

@@ -73,9 +73,9 @@ def test_two_process_kfold_equals_one_process(project):
     )
     ingest.run(data, project / "ingest", load_params(project / "params.yaml"))
     for nproc in (1, 2):
-        # no second opinion: embeddings.npy is then the K-fold's own; 3 folds on 2 processes,
+        # no embedding model: embeddings.npy is then the K-fold's own; 3 folds on 2 processes,
         # at each of two budgets
-        clean_params = {"nproc": nproc, "recheck_steps": 0, "min_steps": [0, 60]}
+        clean_params = {"nproc": nproc, "embedding_steps": 0, "min_steps": [0, 60]}
         write_params(project, {"clean": clean_params})
         result = pipeline_cli(project, f"clean --ingest ingest --data-dir data --out clean{nproc}")
     assert "the clean stage's K-fold: 2 processes under torchrun" in result.stderr

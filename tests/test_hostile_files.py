@@ -277,7 +277,7 @@ def test_manifest_rows_with_control_characters_are_quarantined(project, record):
         f"labeled/{'x' * 300}.png",
         "unreadable path: File name too long (labeled/labels.csv:11)",
     )
-    for (path, reason), label, line in zip(
+    for (_path, reason), label, line in zip(
         reasons[1:3] + reasons[4:], ["c\\x00at", "do\\x1bg", "=cmd", "drop"], [9, 10, 12, 13]
     ):
         assert (

@@ -22,30 +22,20 @@ def test_the_best_round_is_chosen_on_validation_the_later_on_ties():
     assert best_round(table)["round"] == "r002"
 
 
-def test_the_page_counts_and_links_each_rounds_crosschecked_human_rows(tmp_path):
-    from pipeline.io import write_json, write_table
+def test_the_page_lists_each_rounds_training_set_and_scores(tmp_path):
+    from pipeline.io import write_json
     from pipeline.summarize import collect_rounds, render
 
     reports = tmp_path / "reports"
-    for name, relabeled in (("r000", None), ("r001", 2)):
-        write_json(reports / name / "evaluate" / "metrics.json", {"accuracy": 0.9, "macro_f1": 0.9})
-        summary = {"train_size_human": 50, "train_size_pseudo": 0, "ensemble_val_acc": 0.9}
-        if relabeled is not None:  # a train report from before the crosscheck has no count
-            summary["crosscheck_relabeled"] = relabeled
-            write_table(
-                reports / name / "train" / "crosschecked.csv",
-                pd.DataFrame({"id": ["a", "b"], "label": ["x", "y"]}),
-            )
+    for name, pseudo in (("r000", 0), ("r001", 30)):
+        write_json(reports / name / "evaluate" / "metrics.json", {"accuracy": 0.9, "macro_f1": 0.8})
+        summary = {"train_size_human": 50, "train_size_pseudo": pseudo, "ensemble_val_acc": 0.9}
         write_json(reports / name / "train" / "diagnostics.json", {"summary": summary})
     table = collect_rounds(reports)
-    assert table["human_relabeled"].isna().tolist() == [True, False]
-    assert table.loc[1, "human_relabeled"] == 2
+    assert table["round"].tolist() == ["r000", "r001"]
+    assert table["train_pseudo"].tolist() == [0, 30]
     (tmp_path / "summary").mkdir()
     Image.new("RGB", (1, 1)).save(tmp_path / "summary" / "rounds.png")  # the page embeds it
     html = render(table, [], reports, tmp_path, tmp_path, tmp_path, tmp_path / "summary")
-    assert "human rows relabeled by a model of the pseudo-labels alone" in html
-    assert "href='reports/r001/train/crosschecked.csv'>2</a>" in html
-    # with the crosscheck off in every round the page has no such column
-    off = table.assign(human_relabeled=np.nan)
-    html = render(off, [], reports, tmp_path, tmp_path, tmp_path, tmp_path / "summary")
-    assert "pseudo-labels alone" not in html and "crosschecked.csv" not in html
+    assert "<td>30</td>" in html and "0.800" in html
+    assert "href='reports/r001/train/diagnostics.png'" not in html  # missing: not linked
