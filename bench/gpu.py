@@ -39,11 +39,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pipeline import device as device_mod  # noqa: E402
-from pipeline import ensemble, feed, loop, transforms  # noqa: E402
-from pipeline.config import AugmentConfig, load_params, parse  # noqa: E402
-from pipeline.gpu_augment import BatchAugment  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
+from pipeline.core import device as device_mod  # noqa: E402
+from pipeline.core.config import AugmentConfig, load_params, parse  # noqa: E402
+from pipeline.data import transforms  # noqa: E402
+from pipeline.training import ensemble, feed, loop  # noqa: E402
+from pipeline.training.gpu_augment import BatchAugment  # noqa: E402
+from pipeline.training.model import build_model  # noqa: E402
 
 CLASSES = [str(i) for i in range(10)]
 

@@ -73,7 +73,7 @@ def generate_photos(data: Path, n: int, seed: int = 0) -> None:
     sample photographs, shifted and upscaled, with grain; every 4th carries EXIF orientation 6."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from pipeline.inputs import decode_workers
+    from pipeline.data.inputs import decode_workers
 
     for name in ("china", "flower"):
         (data / "labeled" / name).mkdir(parents=True, exist_ok=True)
@@ -116,8 +116,9 @@ def photo_child(data: Path, out: Path, mode: str, image_size: int, channels: int
     """Decode data/labeled the `mode` way here; print seconds, CPU seconds and peak RSS as JSON."""
     sys.path.insert(0, str(ROOT))
     os.environ["TQDM_DISABLE"] = "1"
-    from pipeline import ingest, inputs
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
+    from pipeline.data import inputs
+    from pipeline.stages import ingest
 
     params = load_params(
         ROOT / "params.yaml", {"base.image_size": image_size, "base.channels": channels}
@@ -205,8 +206,8 @@ def child(data: Path, out: Path) -> None:
     """Run ingest here and print seconds, baseline and peak RSS as JSON."""
     sys.path.insert(0, str(ROOT))
     os.environ["TQDM_DISABLE"] = "1"
-    from pipeline import ingest
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
+    from pipeline.stages import ingest
 
     params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1})
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

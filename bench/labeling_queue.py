@@ -35,9 +35,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
 import outcome  # noqa: E402
 
-from pipeline import pseudolabel  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
-from pipeline.io import read_table, write_table  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.core.io import read_table, write_table  # noqa: E402
+from pipeline.stages import pseudolabel  # noqa: E402
 
 ARMS = ("none", "queue", "random")
 

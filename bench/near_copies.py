@@ -28,8 +28,8 @@ from sklearn.datasets import load_digits, load_sample_images
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.images import signature  # noqa: E402
-from pipeline.inputs import copies_of, near_copy_cutoff, nearest  # noqa: E402
+from pipeline.data.images import signature  # noqa: E402
+from pipeline.data.inputs import copies_of, near_copy_cutoff, nearest  # noqa: E402
 
 RATIO, CAP, PHASH_BITS = 0.2, 0.1, 8  # ingest.near_copy_ratio / _max_distance; phash's usual 8
 

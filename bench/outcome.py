@@ -45,9 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
-from pipeline import augment, clean, demo, evaluate, ingest, pseudolabel, train  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
-from pipeline.io import read_table, write_table  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.core.io import read_table, write_table  # noqa: E402
+from pipeline.stages import augment, clean, evaluate, ingest, pseudolabel, train  # noqa: E402
+from pipeline.tools import demo  # noqa: E402
 
 REGIMES = {
     "demo": {},

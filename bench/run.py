@@ -108,12 +108,12 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
     """The clean stage's two halves, timed separately on generated images, and what a round's
     re-scoring of the pools costs per 1k images beside them."""
     from bench.gpu import generate
-    from pipeline import clean
-    from pipeline.config import load_params
-    from pipeline.device import pick_device
-    from pipeline.ensemble import predict_proba
-    from pipeline.kfold import kfold_pred_probs
-    from pipeline.model import build_model
+    from pipeline.core.config import load_params
+    from pipeline.core.device import pick_device
+    from pipeline.stages import clean
+    from pipeline.training.ensemble import predict_proba
+    from pipeline.training.kfold import kfold_pred_probs
+    from pipeline.training.model import build_model
 
     params = load_params(ROOT / "params.yaml", {"base.image_size": 28, "base.channels": 1})
     classes = [str(i) for i in range(10)]
@@ -159,9 +159,9 @@ def bench_file_passes(sizes: list[int]) -> list[dict]:
     from PIL import Image
 
     from bench.gpu import generate
-    from pipeline import images as imaging
-    from pipeline import inputs, quality
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
+    from pipeline.data import images as imaging
+    from pipeline.data import inputs, quality
 
     params = load_params(ROOT / "params.yaml")
     rows = []

@@ -18,7 +18,7 @@ slopes (seconds and MiB per 100k images) and each stage's extrapolation to 1M, 1
 Then, on one more generated set, each at 1 and then 2 processes under torchrun (CPU), side by
 side in this run, every process with the threads OMP_NUM_THREADS gives it (set it: unset, one
 process takes every core and two take half each):
-  kfold    pipeline.kfold.kfold_pred_probs with the committed clean recipe at one budget (5 folds, 12
+  kfold    pipeline.training.kfold.kfold_pred_probs with the committed clean recipe at one budget (5 folds, 12
            epochs, at least 150 steps each) over --kfold-images images: clean.nproc 1, then 2
   predict  ensemble.predict_packed with members and embeddings, as the pseudolabel stage calls
            it, by a 3-member ensemble (train.top_k) over --predict-images packed images:
@@ -51,10 +51,10 @@ from bench.run import measured  # noqa: E402
 
 INFERENCE = """
 import sys, torch
-from pipeline.config import load_params
-from pipeline.io import read_array
-from pipeline.model import build_model
-from pipeline.ensemble import predict_proba
+from pipeline.core.config import load_params
+from pipeline.core.io import read_array
+from pipeline.training.model import build_model
+from pipeline.training.ensemble import predict_proba
 params = load_params(sys.argv[2], {"train.min_steps": 0, "clean.min_steps": 0})
 images = read_array(sys.argv[1])
 torch.manual_seed(0)
@@ -65,12 +65,12 @@ assert probs.shape == (len(images), 10)
 
 EPOCH = """
 import sys, numpy as np, torch
-from pipeline.augment import build_policies
-from pipeline.config import load_params
-from pipeline.io import read_array
-from pipeline.model import build_model
-from pipeline.feed import Samples
-from pipeline.loop import fit
+from pipeline.stages.augment import build_policies
+from pipeline.core.config import load_params
+from pipeline.core.io import read_array
+from pipeline.training.model import build_model
+from pipeline.training.feed import Samples
+from pipeline.training.loop import fit
 params = load_params(sys.argv[2], {"train.min_steps": 0, "clean.min_steps": 0})
 packed = read_array(sys.argv[1])
 n = min(len(packed), 100_000)
@@ -85,9 +85,9 @@ fit(model, Samples(images, labels), None, params.train, seed=0, device=torch.dev
 
 KFOLD = """
 import json, sys, time, numpy as np
-from pipeline.kfold import kfold_pred_probs
-from pipeline.config import load_params
-from pipeline.io import read_array, read_json, read_table
+from pipeline.training.kfold import kfold_pred_probs
+from pipeline.core.config import load_params
+from pipeline.core.io import read_array, read_json, read_table
 ingest, nproc, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 params = load_params("params.yaml", {"clean.nproc": nproc, "clean.min_steps": 150})
 classes = read_json(ingest + "/classes.json")
@@ -105,7 +105,7 @@ json.dump({"call_seconds": seconds}, open(out + ".json", "w"))
 PREDICT = """
 import json, sys, time, numpy as np
 from pathlib import Path
-from pipeline.ensemble import load_ensemble, predict_packed
+from pipeline.training.ensemble import load_ensemble, predict_packed
 ingest, nproc, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 ensemble = load_ensemble("model")
 start = time.perf_counter()
@@ -121,9 +121,9 @@ def write_ensemble(folder: Path, params: dict, members: int) -> None:
     """A `members`-checkpoint ensemble of untrained models: prediction costs the same."""
     import torch
 
-    from pipeline.config import load_params, to_dict
-    from pipeline.ensemble import save_checkpoint
-    from pipeline.model import build_model
+    from pipeline.core.config import load_params, to_dict
+    from pipeline.training.ensemble import save_checkpoint
+    from pipeline.training.model import build_model
 
     cfg = load_params(folder.parent / "params.yaml").train.model
     folder.mkdir()

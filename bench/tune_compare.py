@@ -4,7 +4,7 @@ Per seed: the regime's data, ingest, clean and augment once (bench/outcome.py), 
 studies over the same space (train.lr 1e-4..1e-1 and train.weight_decay 1e-6..1e-3, both log):
 Optuna's TPE and the grid sampler (a k x k jittered log mesh, so the budget is a square). Each
 trial trains round r000 in-process through the same study loop `tune` runs over DVC's queue
-(pipeline.tune.run_study; only the runner differs). The chosen configuration is the best on
+(pipeline.tools.tune.run_study; only the runner differs). The chosen configuration is the best on
 **validation**; its test accuracy is reported once, never used to choose. params.yaml's own
 values are trained once per seed for reference.
 
@@ -32,8 +32,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import outcome  # noqa: E402
 
-from pipeline import tune, tune_space  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.tools import tune, tune_space  # noqa: E402
 
 SPACE = ["train.lr=1e-4:1e-1", "train.weight_decay=1e-6:1e-3"]  # 3 decades each
 REGIME = "low-label"

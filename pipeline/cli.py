@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
 
 app = typer.Typer(
     add_completion=False,
@@ -45,7 +45,7 @@ def demo_data(
 ) -> dict:
     """Write scikit-learn's digits into data/ with flipped labels, pools and truth.csv; one
     round per pool in params.yaml."""
-    from pipeline import demo
+    from pipeline.tools import demo
 
     return demo.run(data_dir, load_params(params), register=register, params_path=params)
 
@@ -58,7 +58,7 @@ def ingest(
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Scan data/, quarantine bad files with a reason, pack images into one array."""
-    from pipeline import ingest as stage
+    from pipeline.stages import ingest as stage
 
     return stage.run(data_dir, out, load_params(params), truth)
 
@@ -70,7 +70,7 @@ def audit(
 ) -> dict:
     """Copy the optional truth.csv, overrides.csv and pseudo_overrides.csv of data/ (or their
     headers) for DVC; create data/test/ empty when it is absent."""
-    from pipeline import audit as stage
+    from pipeline.stages import audit as stage
 
     return stage.run(data_dir, out)
 
@@ -87,7 +87,7 @@ def clean(
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """K-fold out-of-sample probabilities, cleanlab label issues, decisions and a gallery."""
-    from pipeline import clean as stage
+    from pipeline.stages import clean as stage
 
     return stage.run(ingest_dir, data_dir, out, load_params(params), overrides)
 
@@ -102,7 +102,7 @@ def augment(
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Build the albumentations policy from params, save it, render a preview sheet."""
-    from pipeline import augment as stage
+    from pipeline.stages import augment as stage
 
     return stage.run(
         table, ingest_dir / "images", ingest_dir / "classes.json", out, load_params(params)
@@ -132,9 +132,9 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Train the residual CNN; keep the top-k checkpoints as an ensemble; resume after a crash."""
-    from pipeline import train as stage
-    from pipeline.io import read_json
-    from pipeline.processes import launch
+    from pipeline.core.io import read_json
+    from pipeline.core.processes import launch
+    from pipeline.stages import train as stage
 
     loaded = load_params(params)
     if loaded.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
@@ -168,7 +168,7 @@ def evaluate(
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Test metrics, confusion matrix, calibration, slices and the misclassified-sample report."""
-    from pipeline import evaluate as stage
+    from pipeline.stages import evaluate as stage
 
     model = model or Path(f"artifacts/rounds/{round_name}/model")
     out = out or Path(f"artifacts/reports/{round_name}/evaluate")
@@ -184,7 +184,7 @@ JobArg = Annotated[Path, typer.Argument(help="job folder the launching process w
 @app.command("kfold-part", hidden=True)
 def kfold_part(job: JobArg) -> None:
     """One process's folds of the clean stage's K-fold (clean.nproc > 1), under torchrun."""
-    from pipeline.kfold import kfold_part as part
+    from pipeline.training.kfold import kfold_part as part
 
     part(job)
 
@@ -192,7 +192,7 @@ def kfold_part(job: JobArg) -> None:
 @app.command("predict-part", hidden=True)
 def predict_part(job: JobArg) -> None:
     """One process's block of images to predict (evaluate.nproc, pseudolabel.nproc > 1)."""
-    from pipeline.ensemble import predict_part as part
+    from pipeline.training.ensemble import predict_part as part
 
     part(job)
 
@@ -204,7 +204,7 @@ def show_errors(
     reports: Annotated[Path, typer.Option(help="reports folder")] = Path("artifacts/reports"),
 ) -> None:
     """Print a round's most confident mistakes and the path of its report."""
-    from pipeline.evaluate import show_errors as most_confident
+    from pipeline.stages.evaluate import show_errors as most_confident
 
     if round_name is None:
         done = sorted(p.parent.parent.name for p in reports.glob("*/evaluate/predictions.csv"))
@@ -224,7 +224,7 @@ def init_pseudo(
     ingest_dir: IngestOpt = Path("artifacts/ingest"),
 ) -> None:
     """Write the empty pseudo-label set: round r000's, where the first pool round starts."""
-    from pipeline.pseudolabel import init_pseudo as stage
+    from pipeline.stages.pseudolabel import init_pseudo as stage
 
     stage(out, ingest_dir / "images")
 
@@ -256,7 +256,7 @@ def pseudolabel(
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Re-score every pool so far with the previous round's ensemble; write this round's set."""
-    from pipeline import pseudolabel as stage
+    from pipeline.stages import pseudolabel as stage
 
     if previous is None:
         number = round_name[1:]
@@ -290,7 +290,7 @@ def summarize(
     out: OutOpt = Path("artifacts/summary"),
 ) -> dict:
     """One table, plot and index page over every round."""
-    from pipeline import summarize as stage
+    from pipeline.stages import summarize as stage
 
     return stage.run(reports, clean_dir, ingest_dir, out)
 
@@ -304,7 +304,7 @@ def add_pool(
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Copy a folder into data/unlabeled/<name>/, track it with DVC, append the next round."""
-    from pipeline.pools import add_pool as stage
+    from pipeline.tools.pools import add_pool as stage
 
     result = stage(source, name=name, link=link, data_dir=data_dir, params_path=params)
     typer.echo(
@@ -333,7 +333,7 @@ def init(
 ) -> dict:
     """Bring your own images into data/ (copied, tracked with DVC) and write params that fit
     them: image size, channels, HSV shifts, one round per pool."""
-    from pipeline import init as stage
+    from pipeline.tools import init as stage
 
     summary = stage.run(
         source,
@@ -355,7 +355,7 @@ def add_labels(
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
     """Copy answered pool images into data/labeled/<label>/added/<pool>/ and `dvc add` them."""
-    from pipeline.answers import add_labels as stage
+    from pipeline.tools.answers import add_labels as stage
 
     max_pixels = load_params(params).ingest.max_image_pixels
     result = stage(
@@ -373,7 +373,7 @@ def review(
 ) -> None:
     """A local page to relabel, keep or drop label issues, reject or confirm pseudo-labels and
     flag test labels; each click is written to the file in data/ the pipeline reads."""
-    from pipeline.review import serve
+    from pipeline.tools.review import serve
 
     serve(port, data_dir, artifacts)
 
@@ -390,7 +390,7 @@ def lr_find(
     params: ParamsOpt = Path("params.yaml"),
 ) -> float:
     """Learning-rate range test: writes the loss-vs-LR curve and prints a suggested train.lr."""
-    from pipeline import lr_find as stage
+    from pipeline.tools import lr_find as stage
 
     suggestion = stage.run(
         table, ingest_dir, out, load_params(params), steps=steps, write=params if write else None
@@ -443,10 +443,10 @@ def tune(
 ) -> dict:
     """Optuna search run as DVC experiments (TPE, QMC, random or the jittered log-grid); a
     killed run resumes; refine, report, apply the best."""
-    from pipeline import tune as stage
-    from pipeline import tune_space
-    from pipeline.io import read_json, write_json
-    from pipeline.names import check_name
+    from pipeline.core.io import read_json, write_json
+    from pipeline.core.names import check_name
+    from pipeline.tools import tune as stage
+    from pipeline.tools import tune_space
 
     # 1) which study: the one named, the last one used, or a new one
     state_path, storage = out / "state.json", out / "study.db"
@@ -566,7 +566,7 @@ def ensemble(
 ) -> list[dict]:
     """Average the checkpoint ensembles of several finished experiments; the gain on validation,
     and the combined result's test accuracy."""
-    from pipeline import tune as stage
+    from pipeline.tools import tune as stage
 
     folders = stage.fetch_models(experiments, out)
     table = stage.ensemble_runs(folders, ingest_dir, val)
@@ -590,7 +590,7 @@ def main() -> None:
     except OSError as exc:
         if exc.errno not in FILE_ERRORS:
             raise
-        # A file access that bypassed pipeline.io (a library's own files): still one line.
+        # A file access that bypassed pipeline.core.io (a library's own files): still one line.
         typer.echo(f"error: {exc.filename or 'a file'}: {exc.strerror}", err=True)
         raise SystemExit(1) from None
     except typer.Abort:

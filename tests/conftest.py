@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
-from pipeline.config import load_params
+from pipeline.core.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def chromium() -> str | None:
 @pytest.fixture
 def ingested(project: Path) -> Path:
     """Ingest outputs for 3 digit classes (30 labeled, 10 test each) under project/artifacts."""
-    from pipeline import ingest
+    from pipeline.stages import ingest
 
     data = project / "data"
     truth = write_digits(data, {0: "zero", 1: "one", 2: "two"}, 30, test_per_class=10)
@@ -220,7 +220,7 @@ def train_table(ingest_dir: Path) -> Path:
     train.csv, and val.csv beside it (every validation row scored). Returns train.csv."""
     import pandas as pd
 
-    from pipeline.inputs import stratified_holdout
+    from pipeline.data.inputs import stratified_holdout
 
     manifest = pd.read_csv(ingest_dir / "manifest.csv", dtype=str, keep_default_na=False)
     rows = manifest[manifest["split"] == "train"].assign(scored="True")
@@ -237,7 +237,7 @@ def val_table(table: Path) -> Path:
 
 def augment_and_train(root: Path, ingest_dir: Path, table: Path, params) -> Path:
     """The augment and train stages under root (root/augment, root/model, ...); returns the model."""
-    from pipeline import augment, train
+    from pipeline.stages import augment, train
 
     images, classes = ingest_dir / "images", ingest_dir / "classes.json"
     augment.run(table, images, classes, root / "augment", params)

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.answers import add_labels
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from pipeline.tools.answers import add_labels
 
 from .conftest import tree_hash, write_digits
 
@@ -49,8 +49,8 @@ def test_answers_join_the_labeled_set_with_their_provenance(data, tmp_path):
 
 
 def test_a_near_copy_of_a_test_image_is_refused_once_ingest_has_run(data, tmp_path, record):
-    from pipeline import ingest
-    from pipeline.config import load_params
+    from pipeline.core.config import load_params
+    from pipeline.stages import ingest
 
     from .conftest import write_params
 

@@ -1,6 +1,6 @@
 """audit: the optional files copied (or their headers), and data/test/ created when absent."""
 
-from pipeline import audit
+from pipeline.stages import audit
 
 
 def test_optional_files_are_copied_or_stand_in_as_headers_and_test_is_created(tmp_path):

@@ -2,9 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import augment, transforms
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
+from pipeline.data import transforms
+from pipeline.stages import augment
 
 from .conftest import train_table, write_params
 

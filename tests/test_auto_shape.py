@@ -6,11 +6,11 @@ import hashlib
 
 import pytest
 
-from pipeline import ingest
-from pipeline.config import load_params, with_image_shape
-from pipeline.errors import PipelineError
-from pipeline.image_stats import fitting_shape
-from pipeline.io import read_array, read_json
+from pipeline.core.config import load_params, with_image_shape
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_array, read_json
+from pipeline.data.image_stats import fitting_shape
+from pipeline.stages import ingest
 
 from .conftest import augment_and_train, train_table, write_digits, write_params, write_photos
 

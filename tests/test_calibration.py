@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.calibration import (
+from pipeline.training.calibration import (
     apply_temperature,
     expected_calibration_error,
     fit_temperature,

@@ -7,10 +7,12 @@ import pytest
 from PIL import Image, PngImagePlugin
 from sklearn.datasets import load_digits
 
-from pipeline import clean, ingest, inputs, kfold, quality
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
-from pipeline.io import read_json
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_json
+from pipeline.data import inputs, quality
+from pipeline.stages import clean, ingest
+from pipeline.training import kfold
 
 from .conftest import write_digits, write_params, write_truth
 

@@ -5,10 +5,10 @@ import pytest
 import yaml
 from ruamel.yaml import YAML
 
-from pipeline.config import Params, load_params, read_yaml, to_dict
-from pipeline.errors import PipelineError
-from pipeline.io import edit_yaml
-from pipeline.tune import build_mesh, parse_range
+from pipeline.core.config import Params, load_params, read_yaml, to_dict
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import edit_yaml
+from pipeline.tools.tune import build_mesh, parse_range
 
 from .conftest import ROOT, write_params
 

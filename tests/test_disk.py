@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from pipeline.config import load_params
+from pipeline.core.config import load_params
 
 from .conftest import ROOT, train_table, tree_hash, val_table, write_digits, write_params
 
@@ -117,7 +117,7 @@ def test_ingest_into_a_read_only_folder_names_the_path(digits_project, record):
 
 @pytest.mark.parametrize("problem", ["full", "read-only"])
 def test_train_onto_a_full_or_read_only_disk_names_the_path(ingested, project, problem, record):
-    from pipeline import augment
+    from pipeline.stages import augment
 
     params = load_params(project / "params.yaml")
     table = train_table(ingested)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ingest, pseudolabel
-from pipeline.config import load_params
-from pipeline.ensemble import load_ensemble, predict_packed
-from pipeline.errors import PipelineError
-from pipeline.io import read_array
-from pipeline.processes import block
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_array
+from pipeline.core.processes import block
+from pipeline.stages import ingest, pseudolabel
+from pipeline.training.ensemble import load_ensemble, predict_packed
 
 from .conftest import (
     augment_and_train,

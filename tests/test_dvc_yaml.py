@@ -9,34 +9,44 @@ import yaml
 
 from .conftest import ROOT
 
-# `python -m pipeline <command>` -> the stage module it runs
+# `python -m pipeline <command>` -> the stage module it runs (a path under pipeline/, no .py)
 COMMANDS = {
-    "audit": "audit",
-    "ingest": "ingest",
-    "clean": "clean",
-    "augment": "augment",
-    "init-pseudo": "pseudolabel",
-    "train": "train",
-    "evaluate": "evaluate",
-    "pseudolabel": "pseudolabel",
-    "summarize": "summarize",
+    "audit": "stages/audit",
+    "ingest": "stages/ingest",
+    "clean": "stages/clean",
+    "augment": "stages/augment",
+    "init-pseudo": "stages/pseudolabel",
+    "train": "stages/train",
+    "evaluate": "stages/evaluate",
+    "pseudolabel": "stages/pseudolabel",
+    "summarize": "stages/summarize",
 }
 STAGE_MODULES = set(COMMANDS.values())  # the modules dvc.yaml runs
 
 
 def imports_of(module: str) -> set[str]:
-    """pipeline modules `module` imports anywhere in its source (functions included)."""
+    """pipeline modules (paths under pipeline/, no .py) `module` imports anywhere in its
+    source, functions included: `from pipeline.core.io import x` and `from pipeline.core
+    import io` both name core/io."""
     tree = ast.parse((ROOT / "pipeline" / f"{module}.py").read_text())
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "pipeline":
-                found |= {alias.name for alias in node.names}
-            elif node.module.startswith("pipeline."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            parts = node.module.split(".")[1:]
+            for alias in node.names:
+                candidate = "/".join([*parts, alias.name])
+                found.add(
+                    candidate
+                    if (ROOT / "pipeline" / f"{candidate}.py").is_file()
+                    else "/".join(parts)
+                )
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
-    return found
+            found |= {
+                "/".join(a.name.split(".")[1:])
+                for a in node.names
+                if a.name.startswith("pipeline.")
+            }
+    return {m for m in found if m and (ROOT / "pipeline" / f"{m}.py").is_file()}
 
 
 def closure(module: str) -> set[str]:

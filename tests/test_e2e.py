@@ -77,10 +77,10 @@ def test_second_repro_does_nothing(repo):
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        ("pipeline/train.py", {"train", *TRAIN_ROUNDS}),  # imported by training only
-        ("pipeline/feed.py", {"clean", "train", *TRAIN_ROUNDS}),  # batches: K-fold too
+        ("pipeline/stages/train.py", {"train", *TRAIN_ROUNDS}),  # imported by training only
+        ("pipeline/training/feed.py", {"clean", "train", *TRAIN_ROUNDS}),  # batches: K-fold too
         (
-            "pipeline/calibration.py",
+            "pipeline/training/calibration.py",
             {
                 "clean",
                 "init_pseudo",
@@ -93,7 +93,7 @@ def test_second_repro_does_nothing(repo):
                 *TRAIN_ROUNDS,
             },
         ),  # fmt: skip
-        ("pipeline/summarize.py", {"summarize"}),
+        ("pipeline/stages/summarize.py", {"summarize"}),
         ("params.yaml", {"augment"}),  # augment.preview_rows: the K-fold does not read it
     ],
 )
@@ -184,7 +184,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_every_output(repo, tmp_path,
         clone,
         sys.executable,
         "-c",
-        "from pipeline.ensemble import load_ensemble; "
+        "from pipeline.training.ensemble import load_ensemble; "
         "print(len(load_ensemble('artifacts/rounds/r002/model').models))",
     )
     assert int(loaded.stdout) >= 1

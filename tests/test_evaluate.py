@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import clean, evaluate, ingest, pseudolabel, summarize
-from pipeline.config import load_params
+from pipeline.core.config import load_params
+from pipeline.stages import clean, evaluate, ingest, pseudolabel, summarize
 
 from .conftest import augment_and_train, chromium, train_table, write_params
 

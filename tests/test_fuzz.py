@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
-from pipeline.images import Rejected, decode
-from pipeline.inputs import read_csv_manifest
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
+from pipeline.data.images import Rejected, decode
+from pipeline.data.inputs import read_csv_manifest
 
 from .conftest import ROOT
 

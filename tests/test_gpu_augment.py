@@ -9,9 +9,9 @@ import torch
 from scipy.stats import ks_2samp
 from sklearn.datasets import load_digits
 
-from pipeline.config import AugmentConfig, BaseConfig, parse, transform_names
-from pipeline.gpu_augment import BatchAugment, BatchParams
-from pipeline.transforms import apply_policy, build_policies, reseed
+from pipeline.core.config import AugmentConfig, BaseConfig, parse, transform_names
+from pipeline.data.transforms import apply_policy, build_policies, reseed
+from pipeline.training.gpu_augment import BatchAugment, BatchParams
 
 SIZE = 32
 BORDER = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0}

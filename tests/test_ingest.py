@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import ingest
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
-from pipeline.images import decode, thumbnail
-from pipeline.io import read_array, read_json, write_packed
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_array, read_json, write_packed
+from pipeline.data.images import decode, thumbnail
+from pipeline.stages import ingest
 
 from .conftest import tree_hash, write_digits, write_params
 

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from pipeline import images, inputs
-from pipeline.config import load_params
-from pipeline.io import read_array
+from pipeline.core.config import load_params
+from pipeline.core.io import read_array
+from pipeline.data import images, inputs
 
 from .conftest import write_digits
 

@@ -7,9 +7,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
-from pipeline.init import run
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
+from pipeline.tools.init import run
 
 from .conftest import (
     E2E,

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 from sklearn.datasets import load_sample_images
 
-from pipeline import ingest
-from pipeline.config import load_params
-from pipeline.pseudolabel import decode_pool
+from pipeline.core.config import load_params
+from pipeline.stages import ingest
+from pipeline.stages.pseudolabel import decode_pool
 
 from .conftest import write_params
 

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from pipeline.errors import PipelineError
-from pipeline.pools import add_pool, next_round
+from pipeline.core.errors import PipelineError
+from pipeline.tools.pools import add_pool, next_round
 
 from .conftest import ROOT, write_digits
 

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import pseudolabel
-from pipeline.config import PseudolabelConfig, load_params
-from pipeline.errors import PipelineError
-from pipeline.io import read_array
+from pipeline.core.config import PseudolabelConfig, load_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_array
+from pipeline.stages import pseudolabel
 
 from .conftest import augment_and_train, train_table, tree_hash, val_table, write_params
 

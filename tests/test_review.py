@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import clean, evaluate, ingest, pseudolabel, review
-from pipeline.config import load_params
+from pipeline.core.config import load_params
+from pipeline.stages import clean, evaluate, ingest, pseudolabel
+from pipeline.tools import review
 
 from .conftest import (
     CHROMIUM_ARGS,
@@ -344,7 +345,7 @@ def test_a_malformed_decision_file_gets_an_answer_that_names_it(server, workspac
 def test_a_malformed_file_and_a_failure_each_log_one_line(local_server, workspace, caplog):
     port, token = local_server
     base = f"http://127.0.0.1:{port}"
-    caplog.set_level(logging.WARNING, logger="pipeline.review")
+    caplog.set_level(logging.WARNING, logger="pipeline.tools.review")
     (workspace / "data" / "overrides.csv").write_bytes(MALFORMED["wrong columns"][0])
     try:
         status, text = _get(f"{base}/?token={token}")

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline.summarize import best_round
+from pipeline.stages.summarize import best_round
 
 
 def test_the_best_round_is_chosen_on_validation_the_later_on_ties():
@@ -23,8 +23,8 @@ def test_the_best_round_is_chosen_on_validation_the_later_on_ties():
 
 
 def test_the_page_lists_each_rounds_training_set_and_scores(tmp_path):
-    from pipeline.io import write_json
-    from pipeline.summarize import collect_rounds, render
+    from pipeline.core.io import write_json
+    from pipeline.stages.summarize import collect_rounds, render
 
     reports = tmp_path / "reports"
     for name, pseudo in (("r000", 0), ("r001", 30)):

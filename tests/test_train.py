@@ -12,12 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import augment, diagnostics, ensemble, feed, loop, lr_find, train
-from pipeline.calibration import apply_temperature
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
-from pipeline.io import read_array, read_json
-from pipeline.model import build_model
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import read_array, read_json
+from pipeline.stages import augment, train
+from pipeline.tools import lr_find
+from pipeline.training import diagnostics, ensemble, feed, loop
+from pipeline.training.calibration import apply_temperature
+from pipeline.training.model import build_model
 
 from .conftest import train_table, val_table, write_params
 

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import tune, tune_space
-from pipeline.config import load_params
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError
+from pipeline.tools import tune, tune_space
 
 from .conftest import ROOT, sh, write_digits, write_params
 

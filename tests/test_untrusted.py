@@ -1,5 +1,5 @@
 """A dataset from elsewhere cannot run code, copy secrets in or leave half a change: the name
-rule (pipeline/names.py), init and add-pool on hostile folders (pipeline/intake.py), and
+rule (pipeline/core/names.py), init and add-pool on hostile folders (pipeline/data/intake.py), and
 add-labels, add-pool and init interrupted at every copy."""
 
 import os
@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.answers import add_labels
-from pipeline.errors import PipelineError
-from pipeline.init import run as init_run
-from pipeline.io import edit_yaml
-from pipeline.names import RESERVED, check_name, class_name_problem, name_problem, printable
-from pipeline.pools import add_pool
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import edit_yaml
+from pipeline.core.names import RESERVED, check_name, class_name_problem, name_problem, printable
+from pipeline.tools.answers import add_labels
+from pipeline.tools.init import run as init_run
+from pipeline.tools.pools import add_pool
 
 from .conftest import E2E, ROOT, deep_update, dvc, sh, stages_ran, tree_hash, write_photos
 
@@ -318,7 +318,7 @@ def test_init_stopped_after_the_swap_puts_the_old_dataset_back(project, tmp_path
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.init.write_rounds", stop)  # after data/ and half of params
+    monkeypatch.setattr("pipeline.tools.init.write_rounds", stop)  # after data/ and half of params
     with pytest.raises(KeyboardInterrupt):
         init(project, tmp_path / "new", force=True)
     assert tree_hash(project) == before

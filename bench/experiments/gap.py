@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import outcome
 
-from pipeline import pseudolabel
-from pipeline.config import load_params
-from pipeline.io import read_table, write_table
+from pipeline.core.config import load_params
+from pipeline.core.io import read_table, write_table
+from pipeline.stages import pseudolabel
 
 
 def every_pool_image(work: Path, final_pseudo: Path) -> Path:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import outcome
 
-from pipeline import clean, ingest
+from pipeline.stages import clean, ingest
 
 regime, seed, work = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 compare = sys.argv[5:] if sys.argv[4:5] == ["--compare"] else []

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import outcome
 
-from pipeline import clean, ingest
-from pipeline.config import load_params
-from pipeline.io import read_table
+from pipeline.core.config import load_params
+from pipeline.core.io import read_table
+from pipeline.stages import clean, ingest
 
 seed = int(sys.argv[1])
 regime = sys.argv[2]

@@ -24,10 +24,10 @@ import torch.nn.functional as F  # noqa: E402
 from gpu import CLASSES, generate  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from pipeline import feed, loop  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
-from pipeline.gpu_augment import BatchAugment  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
+from pipeline.core.config import load_params  # noqa: E402
+from pipeline.training import feed, loop  # noqa: E402
+from pipeline.training.gpu_augment import BatchAugment  # noqa: E402
+from pipeline.training.model import build_model  # noqa: E402
 
 
 def aten_calls(fn) -> int:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import outcome
 
-from pipeline.io import read_json
+from pipeline.core.io import read_json
 
 
 def main(seed: int, regime: str, work: Path, overrides: dict) -> dict:

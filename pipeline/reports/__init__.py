@@ -1,0 +1,1 @@
+"""Every HTML page and plot the stages and tools write."""

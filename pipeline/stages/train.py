@@ -1,0 +1,306 @@
+"""train stage: the residual CNN on the cleaned table plus the round's pseudo-labels.
+
+Reads   the cleaned training table and the validation table (clean stage) + packed images,
+        classes.json, the augment stage's policy, the round's pseudo-label input folder
+        (table.csv + images/: the accepted rows are trained on; none in r000)
+Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at prediction,
+                                              and the temperature fitted on validation
+        <report>/diagnostics.json, diagnostics.png, warnings.json, config.json, per_class.csv
+        <live>/                                dvclive metrics and per-epoch plots
+Params  base, train
+
+The loop is pipeline/training/loop.py (`fit`: `train.epochs` epochs of at least `train.min_steps` optimizer
+steps in all, early stopping, the top-k checkpoints, resume); the ensemble, pipeline/training/ensemble.py. Batches come from pipeline/training/feed.py (either augmentation
+backend); with train.nproc > 1 the command runs under torchrun and `fit` wraps the model in
+DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.core.config import AugmentConfig, Params, parse, to_dict, with_image_shape
+from pipeline.core.device import pick_device
+from pipeline.core.errors import PipelineError
+from pipeline.core.io import atomic_dir, read_array, read_json, read_table, write_json, write_table
+from pipeline.reports import report
+from pipeline.training.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    nll,
+)
+from pipeline.training.ensemble import load_ensemble
+from pipeline.training.feed import Samples, distributed, training_augmentation
+from pipeline.training.gpu_augment import BatchAugment
+from pipeline.training.loop import FitResult, fit, passes_per_epoch
+from pipeline.training.model import build_model
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint_of(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(
+            part.tobytes()
+            if isinstance(part, np.ndarray)
+            else json.dumps(part, sort_keys=True).encode()
+        )
+    return digest.hexdigest()
+
+
+def load_training_samples(
+    table_path: Path,
+    val_path: Path,
+    images_path: Path,
+    classes: list[str],
+    pseudo_dir: Path | None,
+    augment_dir: Path | None,
+) -> tuple[Samples, Samples, pd.DataFrame]:
+    """Cleaned human rows, offline copies and accepted pseudo-labels, in that order; the scored
+    validation rows.
+
+    Returns (train, val, counts): counts per class of human and pseudo-labeled training rows.
+    """
+    table, val_table = read_table(table_path), read_table(val_path)
+    images = read_array(images_path)
+    for path, t in ((table_path, table), (val_path, val_table)):
+        unknown = sorted(set(t["label"]) - set(classes))
+        if unknown:
+            raise PipelineError(f"{path}: label {unknown[0]!r} is not in classes.json")
+    overlap = set(table["id"]) & set(val_table["id"])  # scored or not
+    if overlap:
+        raise PipelineError(
+            f"{table_path} holds validation rows ({sorted(overlap)[0]}): rerun clean"
+        )
+    val_table = val_table[val_table["scored"] == "True"]
+    parts_x = [images[table["row"].astype(int).to_numpy()]]
+    parts_y = [table["label"].map(classes.index).to_numpy(np.int64)]
+    counts = pd.DataFrame(0, index=classes, columns=["human", "offline", "pseudo"])
+    counts["human"] = table["label"].value_counts().reindex(classes, fill_value=0)
+    if augment_dir is not None and (augment_dir / "offline" / "table.csv").is_file():
+        offline = read_table(augment_dir / "offline" / "table.csv")
+        offline = offline[offline["source_id"].isin(table["id"])]  # copies of training rows only
+        if len(offline):
+            parts_x.append(
+                read_array(augment_dir / "offline" / "images.npy")[
+                    offline["row"].astype(int).to_numpy()
+                ]
+            )
+            parts_y.append(offline["label"].map(classes.index).to_numpy(np.int64))
+            counts["offline"] = offline["label"].value_counts().reindex(classes, fill_value=0)
+    if pseudo_dir is not None and (pseudo_dir / "table.csv").is_file():
+        pseudo = read_table(pseudo_dir / "table.csv")
+        pseudo = pseudo[(pseudo["accepted"] == "True") & pseudo["label"].isin(classes)]
+        if len(pseudo):
+            parts_x.append(read_array(pseudo_dir / "images")[pseudo["row"].astype(int).to_numpy()])
+            parts_y.append(pseudo["label"].map(classes.index).to_numpy(np.int64))
+            counts["pseudo"] = pseudo["label"].value_counts().reindex(classes, fill_value=0)
+    train = Samples(np.concatenate(parts_x), np.concatenate(parts_y))
+    val = Samples(
+        np.ascontiguousarray(images[val_table["row"].astype(int).to_numpy()]),
+        val_table["label"].map(classes.index).to_numpy(np.int64),
+    )
+    return train, val, counts
+
+
+def run(
+    *,
+    table_path: Path,
+    val_path: Path,
+    images_path: Path,
+    classes_path: Path,
+    augment_dir: Path,
+    pseudo_dir: Path | None,
+    model_dir: Path,
+    report_dir: Path,
+    live_dir: Path,
+    state_dir: Path,
+    params: Params,
+) -> dict:
+    params = with_image_shape(params, read_array(images_path).shape)
+    cfg, base = params.train, params.base
+    classes = read_json(classes_path)
+    train, val, per_class = load_training_samples(
+        table_path, val_path, images_path, classes, pseudo_dir, augment_dir
+    )
+    counts = {k: int(v) for k, v in per_class.sum().items()} | {"val": len(val)}
+    device = pick_device()
+    saved = read_json(augment_dir / "params.json")["augment"]  # the policy the augment stage saved
+    augmentation = training_augmentation(
+        parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment"),
+        base,
+        classes,
+        device,
+        transforms_dir=augment_dir / "transforms",
+    )
+    torch.manual_seed(base.seed)
+    model = build_model(cfg.model, base.channels, len(classes))
+    config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
+    fingerprint = fingerprint_of(config, train.images, train.labels, val.labels)
+    log.info(
+        "train: %d human + %d offline + %d pseudo images, %d validation, device %s, %s augmentation",
+        counts["human"],
+        counts["offline"],
+        counts["pseudo"],
+        counts["val"],
+        device,
+        "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
+    )
+    with distributed(device) as shard:
+        result = fit(
+            model,
+            train,
+            val,
+            cfg,
+            seed=base.seed,
+            device=device,
+            augmentation=augmentation,
+            state_dir=state_dir,
+            fingerprint=fingerprint,
+        )
+    if shard.rank > 0:
+        return {}  # the first process writes every output
+    if not result.kept:
+        raise PipelineError("training kept no checkpoint: the validation split is empty")
+
+    # The ensemble's own validation score, next to the best single checkpoint's.
+    with atomic_dir(model_dir) as tmp:
+        for entry in result.kept:
+            shutil.copy2(state_dir / entry["file"], tmp / entry["file"])
+        info = {
+            "members": result.kept,
+            "classes": classes,
+            "model": to_dict(cfg.model),
+            "channels": base.channels,
+            "image_size": base.image_size,
+            "config": config,
+        }
+        write_json(tmp / "ensemble.json", info)
+        # Calibrate: one temperature for the averaged probabilities, fitted on validation.
+        ensemble = load_ensemble(tmp)
+        raw = ensemble.predict(val.images, device, calibrated=False)
+        info["temperature"] = fit_temperature(val.labels, raw)
+        write_json(tmp / "ensemble.json", info)
+    calibrated = apply_temperature(raw, info["temperature"])
+    summary = {
+        "epochs_run": len(result.history),
+        "passes_per_epoch": passes_per_epoch(cfg, len(train), cfg.epochs),
+        "best_val_acc": max(h["val_acc"] for h in result.history),
+        "ensemble_val_acc": float((raw.argmax(1) == val.labels).mean()),
+        "ensemble_val_loss": nll(val.labels, calibrated),
+        "temperature": info["temperature"],
+        "val_ece_before": expected_calibration_error(val.labels, raw)[0],
+        "val_ece_after": expected_calibration_error(val.labels, calibrated)[0],
+        "train_size": len(train),
+        **{f"train_size_{k}": v for k, v in counts.items()},
+    }
+    write_live(live_dir, result.history, summary)
+    write_report(report_dir, result, config, summary, per_class)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    for warning in result.warnings:
+        log.warning("warning: %s", warning)
+    log.info(
+        "train: ensemble of %d checkpoints, validation accuracy %.3f, temperature %.2f "
+        "(validation ECE %.3f -> %.3f)",
+        len(result.kept),
+        summary["ensemble_val_acc"],
+        summary["temperature"],
+        summary["val_ece_before"],
+        summary["val_ece_after"],
+    )
+    return summary
+
+
+def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:
+    """dvclive metrics and per-epoch plots, written as a whole once training has finished."""
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    with atomic_dir(live_dir) as tmp:
+        try:
+            live = Live(dir=str(tmp), dvcyaml=None, save_dvc_exp=False, report=None)
+        except SCMError as exc:  # dvclive reads the git revision even when it saves no experiment
+            raise PipelineError(
+                f"git: {exc}; commit once before `dvc repro` (git add -A && git commit -m start)"
+            ) from None
+        for record in history:
+            live.log_metric("lr", record["lr"], plot=True)
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "grad_norm"):
+                if key in record:
+                    live.log_metric(key.replace("_", "/", 1), record[key])
+            live.next_step()
+        for key, value in summary.items():
+            live.summary[key] = value
+        live.end()
+
+
+def write_report(
+    report_dir: Path, result: FitResult, config: dict, summary: dict, per_class: pd.DataFrame
+) -> None:
+    with atomic_dir(report_dir) as tmp:
+        write_json(tmp / "config.json", config)
+        shares = per_class.assign(
+            pseudo_per_human=per_class["pseudo"] / per_class["human"].clip(lower=1)
+        )
+        write_table(tmp / "per_class.csv", shares.rename_axis("class").reset_index())
+        write_json(
+            tmp / "diagnostics.json",
+            {"history": result.history, "kept": result.kept, "summary": summary},
+        )
+        write_json(tmp / "warnings.json", result.warnings)
+        plot_diagnostics(tmp / "diagnostics.png", result.history)
+
+
+def plot_diagnostics(path: Path, history: list[dict]) -> None:
+    """Loss curves, gradient norm, update ratios, dead units and pre-activation histograms."""
+    plt = report.pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, key, title in ((axes[0, 0], "loss", "loss"), (axes[0, 1], "acc", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        if history and f"val_{key}" in history[0]:
+            ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        ax.set(title=title, xlabel="epoch")
+        ax.legend()
+    ax = axes[0, 2]
+    ax.plot(epochs, [h["grad_norm"] for h in history])
+    ax.set(title="mean gradient norm", xlabel="epoch")
+    ax = axes[1, 0]
+    layers = list(history[-1]["update_ratio"]) if history else []
+    for name in layers:
+        ax.plot(epochs, [h["update_ratio"].get(name, np.nan) for h in history], lw=0.8)
+    ax.axhline(1e-3, color="k", ls="--", lw=0.8)
+    ax.set(title="update / weight ratio per layer (guide: ~1e-3)", xlabel="epoch", yscale="log")
+    ax = axes[1, 1]
+    acts = list(history[-1]["activations"]) if history else []
+    for name in acts:
+        ax.plot(
+            epochs, [h["activations"][name]["dead_fraction"] for h in history], label=name, lw=0.8
+        )
+    ax.set(title="dead units after each activation", xlabel="epoch", ylim=(0, 1))
+    ax = axes[1, 2]
+    centers = np.linspace(-4, 4, 41)
+    centers = (centers[1:] + centers[:-1]) / 2
+    for name in acts:
+        stats = history[-1]["activations"][name]
+        ax.plot(
+            centers,
+            stats["hist"],
+            label=f"{name} (mean {stats['mean']:.2f}, std {stats['std']:.2f})",
+            lw=0.8,
+        )
+    ax.set(title="pre-activation histogram, last epoch", yscale="log")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,81 @@
+"""The residual CNN every stage shares; its capacity comes from `train.model`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.core.config import ModelConfig
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+def _activation(kind: str) -> nn.Module:
+    # Not in-place: diagnostics hooks read each activation's input (the pre-activation).
+    return nn.LeakyReLU(0.01) if kind == "leaky_relu" else nn.ReLU()
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, cfg: ModelConfig):
+        super().__init__()
+        pad = cfg.kernel_size // 2
+        bias = cfg.norm == "none"
+        self.conv1 = nn.Conv2d(c_in, c_out, cfg.kernel_size, stride, pad, bias=bias)
+        self.norm1 = _norm(cfg.norm, c_out)
+        self.act1 = _activation(cfg.activation)
+        self.conv2 = nn.Conv2d(c_out, c_out, cfg.kernel_size, 1, pad, bias=bias)
+        self.norm2 = _norm(cfg.norm, c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=bias), _norm(cfg.norm, c_out)
+            )
+        self.act2 = _activation(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act1(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return self.act2(y + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """stem -> stages of residual blocks (stage i: width * 2**i channels) -> pool -> linear."""
+
+    def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int):
+        super().__init__()
+        pad = cfg.kernel_size // 2
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, cfg.width, cfg.kernel_size, 1, pad, bias=cfg.norm == "none"),
+            _norm(cfg.norm, cfg.width),
+            _activation(cfg.activation),
+        )
+        blocks: list[nn.Module] = []
+        c_in = cfg.width
+        for stage, n_blocks in enumerate(cfg.blocks):
+            c_out = cfg.width * 2**stage
+            for i in range(n_blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(ResidualBlock(c_in, c_out, stride, cfg))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(c_in, num_classes)
+        self.embedding_dim = c_in
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, embedding_dim): used for duplicates and outliers."""
+        return self.pool(self.blocks(self.stem(x))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(x)))
+
+
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> ResNet:
+    return ResNet(cfg, in_channels, num_classes)
