@@ -40,7 +40,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pipeline.core import device as device_mod  # noqa: E402
-from pipeline.core.config import AugmentConfig, load_params, parse  # noqa: E402
+from pipeline.core.config import AugmentConfig, load_params  # noqa: E402
+from pipeline.core.typed import parse  # noqa: E402
 from pipeline.data import transforms  # noqa: E402
 from pipeline.training import ensemble, feed, loop  # noqa: E402
 from pipeline.training.gpu_augment import BatchAugment  # noqa: E402

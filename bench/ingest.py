@@ -12,7 +12,7 @@ them as PIL objects, so the overhead must stay bounded as N grows.
 phone held upright stores them) cut from the photographs scikit-learn ships, then decodes them,
 each way in a fresh child process, at `base.image_size` --image-size (64) in colour: the old
 path (full-size decode, one process), JPEG draft decoding in one process, draft decoding in
-the worker processes ingest now starts (inputs.decode_workers), and the whole ingest stage.
+the worker processes ingest now starts (pack.decode_workers), and the whole ingest stage.
 It prints images/s, images/s per decoding process and per CPU-second, and the speed-ups over
 the old path. --data DIR keeps the files in DIR and reuses them on the next run (any folder of
 data/labeled/<class>/ images works, e.g. one kept by --keep).
@@ -73,7 +73,7 @@ def generate_photos(data: Path, n: int, seed: int = 0) -> None:
     sample photographs, shifted and upscaled, with grain; every 4th carries EXIF orientation 6."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from pipeline.data.inputs import decode_workers
+    from pipeline.data.pack import decode_workers
 
     for name in ("china", "flower"):
         (data / "labeled" / name).mkdir(parents=True, exist_ok=True)
@@ -117,22 +117,22 @@ def photo_child(data: Path, out: Path, mode: str, image_size: int, channels: int
     sys.path.insert(0, str(ROOT))
     os.environ["TQDM_DISABLE"] = "1"
     from pipeline.core.config import load_params
-    from pipeline.data import inputs
+    from pipeline.data import pack, scan
     from pipeline.stages import ingest
 
     params = load_params(
         ROOT / "params.yaml", {"base.image_size": image_size, "base.channels": channels}
     )
     options = PHOTO_MODES[mode][0]
-    candidates, _ = inputs.scan_folder(data, "labeled", by_class=True, split="train")
-    workers = inputs.decode_workers(len(candidates)) if options in (None, {}) else 1
+    candidates, _ = scan.scan_folder(data, "labeled", by_class=True, split="train")
+    workers = pack.decode_workers(len(candidates)) if options in (None, {}) else 1
     before = _cpu_seconds()
     start = time.perf_counter()
     if options is None:
         ingest.run(data, out, params)
     else:
         limit = params.ingest.max_image_pixels
-        inputs.pack(candidates, data, out, params.base, limit, split="train", **options)
+        pack.pack(candidates, data, out, params.base, limit, split="train", **options)
     seconds = time.perf_counter() - start
     n = len(candidates)  # every file is decoded, whatever ingest keeps afterwards
     self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.data.images import signature  # noqa: E402
-from pipeline.data.inputs import copies_of, near_copy_cutoff, nearest  # noqa: E402
+from pipeline.data.near_copies import copies_of, near_copy_cutoff, nearest  # noqa: E402
 
 RATIO, CAP, PHASH_BITS = 0.2, 0.1, 8  # ingest.near_copy_ratio / _max_distance; phash's usual 8
 

@@ -110,7 +110,7 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
     from bench.gpu import generate
     from pipeline.core.config import load_params
     from pipeline.core.device import pick_device
-    from pipeline.stages import clean
+    from pipeline.data import label_issues
     from pipeline.training.ensemble import predict_proba
     from pipeline.training.kfold import kfold_pred_probs
     from pipeline.training.model import build_model
@@ -124,9 +124,9 @@ def bench_clean_split(sizes: list[int]) -> list[dict]:
         probs, embeddings, _ = kfold_pred_probs(images, labels, 10, params, classes)
         kfold = time.perf_counter() - start
         start = time.perf_counter()
-        clean.find_issues(labels, probs, filter_by=params.clean.filter_by)
-        clean.near_duplicates(embeddings, params.clean.near_duplicate_ratio)
-        clean.outlier_scores(embeddings)
+        label_issues.find_issues(labels, probs, filter_by=params.clean.filter_by)
+        label_issues.near_duplicates(embeddings, params.clean.near_duplicate_ratio)
+        label_issues.outlier_scores(embeddings)
         cleanlab_part = time.perf_counter() - start
         total = kfold + cleanlab_part
         # a round's re-scoring: the top-3 ensemble over every pool image so far, with the
@@ -161,7 +161,7 @@ def bench_file_passes(sizes: list[int]) -> list[dict]:
     from bench.gpu import generate
     from pipeline.core.config import load_params
     from pipeline.data import images as imaging
-    from pipeline.data import inputs, quality
+    from pipeline.data import near_copies, quality
 
     params = load_params(ROOT / "params.yaml")
     rows = []
@@ -173,9 +173,9 @@ def bench_file_passes(sizes: list[int]) -> list[dict]:
                 Image.fromarray(image[:, :, 0]).save(path)
             start = time.perf_counter()
             looks = np.stack([imaging.signature(Image.open(p)) for p in paths])
-            inputs.near_copy_cutoff(looks, 0.2, 0.1, seed=0)
-            inputs.nearest(looks[n // 5 :], looks[: n // 5])
-            inputs.nearest(looks[n // 5 :], looks[n // 5 :], exclude_self=True)
+            near_copies.near_copy_cutoff(looks, 0.2, 0.1, seed=0)
+            near_copies.nearest(looks[n // 5 :], looks[: n // 5])
+            near_copies.nearest(looks[n // 5 :], looks[n // 5 :], exclude_self=True)
             near = time.perf_counter() - start
             start = time.perf_counter()
             quality.image_issues(paths, params.clean.quality, 1)  # grayscale PNGs

@@ -121,7 +121,8 @@ def write_ensemble(folder: Path, params: dict, members: int) -> None:
     """A `members`-checkpoint ensemble of untrained models: prediction costs the same."""
     import torch
 
-    from pipeline.core.config import load_params, to_dict
+    from pipeline.core.config import load_params
+    from pipeline.core.typed import to_dict
     from pipeline.training.ensemble import save_checkpoint
     from pipeline.training.model import build_model
 

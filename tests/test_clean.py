@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_json
-from pipeline.data import inputs, quality
+from pipeline.data import inputs, label_decisions, label_issues, quality
 from pipeline.stages import clean, ingest
 from pipeline.training import kfold
 
@@ -31,7 +31,7 @@ def _noisy_probs(n=300, k=3, flips=30, seed=0):
 
 def test_flags_injected_label_noise_and_not_clean_rows():
     labels, probs, flipped = _noisy_probs()
-    found = clean.find_issues(labels, probs, filter_by="prune_by_noise_rate")
+    found = label_issues.find_issues(labels, probs, filter_by="prune_by_noise_rate")
     flagged = set(np.flatnonzero(found["label_issue"]))
     assert len(flagged & set(flipped)) >= 0.9 * len(flipped)
     assert len(flagged - set(flipped)) <= 3
@@ -55,7 +55,9 @@ def _issue_rows(suggested_prob):
     ("prob", "decision", "label"), [(0.85, "drop", "cat"), (0.95, "relabel", "dog")]
 )
 def test_relabel_never_fires_under_its_threshold(prob, decision, label):
-    out = clean.decide(_issue_rows(prob), ["cat", "dog"], policy="relabel", relabel_threshold=0.9)
+    out = label_decisions.decide(
+        _issue_rows(prob), ["cat", "dog"], policy="relabel", relabel_threshold=0.9
+    )
     assert out.loc[0, "decision"] == decision and out.loc[0, "label"] == label
     assert out.loc[1, "decision"] == "keep" and out.loc[1, "label"] == "dog"
 
@@ -65,11 +67,13 @@ def test_relabel_never_fires_under_its_threshold(prob, decision, label):
     [("relabel", "drop"), ("relabel_keep", "flag"), ("drop", "drop"), ("flag", "flag")],
 )
 def test_an_unsure_issue_follows_the_policy_and_is_not_scored_on_validation(policy, decision):
-    out = clean.decide(_issue_rows(0.6), ["cat", "dog"], policy=policy, relabel_threshold=0.9)
+    out = label_decisions.decide(
+        _issue_rows(0.6), ["cat", "dog"], policy=policy, relabel_threshold=0.9
+    )
     assert (out.loc[0, "decision"], out.loc[0, "label"]) == (decision, "cat")
     assert (out.loc[1, "decision"], out.loc[1, "label"]) == ("keep", "dog")  # not an issue
     # validation rows: an unsure flag is left out of the score, whatever the policy
-    label, scored = clean.validation_labels(out, relabel_threshold=0.9)
+    label, scored = label_decisions.validation_labels(out, relabel_threshold=0.9)
     assert (label[0], bool(scored[0])) == ("dog", False) and scored[1]
 
 
@@ -81,7 +85,7 @@ def test_datalab_flags_the_rare_class_and_the_group_the_model_fails():
     probs = np.full((len(labels), 3), 0.05)
     probs[np.arange(len(labels)), pd.Series(labels).map({"a": 0, "b": 1, "c": 2})] = 0.9
     probs[:40] = [0.05, 0.9, 0.05]
-    flags, scores, summary = clean.datalab_checks(list(labels), probs, features)
+    flags, scores, summary = label_issues.datalab_checks(list(labels), probs, features)
     assert summary["class_imbalance"]["rarest_class"] == "c"
     assert (
         flags["class_imbalance"][labels == "c"].all() and not flags["class_imbalance"][:590].any()
@@ -96,23 +100,27 @@ def test_without_the_datalab_extra_the_checks_are_skipped_not_crashed():
     code = (
         "import sys; sys.modules['datasets'] = None\n"
         "import numpy as np\n"
-        "from pipeline import clean\n"
+        "from pipeline.data import label_issues\n"
         "probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])\n"
-        "print(clean.datalab_checks(['a', 'b', 'a'], probs, np.eye(3)))\n"
+        "print(label_issues.datalab_checks(['a', 'b', 'a'], probs, np.eye(3)))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 
 
 def test_flag_policy_keeps_every_row():
-    out = clean.decide(_issue_rows(0.99), ["cat", "dog"], policy="flag", relabel_threshold=0.9)
+    out = label_decisions.decide(
+        _issue_rows(0.99), ["cat", "dog"], policy="flag", relabel_threshold=0.9
+    )
     assert list(out["decision"]) == ["flag", "keep"] and list(out["label"]) == ["cat", "dog"]
 
 
 def test_overrides_win_over_decisions():
-    decided = clean.decide(_issue_rows(0.99), ["cat", "dog"], policy="drop", relabel_threshold=0.9)
+    decided = label_decisions.decide(
+        _issue_rows(0.99), ["cat", "dog"], policy="drop", relabel_threshold=0.9
+    )
     overrides = pd.DataFrame({"path": ["a.png", "b.png"], "action": ["keep", "cat"]})
-    out, unmatched = clean.apply_overrides(decided, overrides)
+    out, unmatched = label_decisions.apply_overrides(decided, overrides)
     assert list(out["decision"]) == ["keep", "relabel"] and list(out["label"]) == ["cat", "cat"]
     assert out["reason"].str.startswith("override").all() and unmatched == 0
 
@@ -128,7 +136,7 @@ def test_overrides_win_over_decisions():
 def test_bad_overrides_are_one_clear_error(tmp_path, rows, message, record):
     (tmp_path / "overrides.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     with pytest.raises(PipelineError, match=message):
-        clean.read_overrides(tmp_path, ["cat", "dog"])
+        label_decisions.read_overrides(tmp_path, ["cat", "dog"])
     record(
         "input",
         "conflicting, escaping or unknown-class rows in data/overrides.csv",
@@ -186,7 +194,7 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     thresholds = vars(params.clean.quality)
     for name in ("label", "near_duplicate", "outlier", "dark", "light", "blurry",
                  "low_information", "odd_aspect_ratio", "odd_size",
-                 *clean.DATALAB_CHECKS):  # fmt: skip
+                 *label_issues.DATALAB_CHECKS):  # fmt: skip
         flagged, score = table[f"is_{name}_issue"], table[f"{name}_score"]
         assert flagged.dtype == bool and score.between(0, 1).all(), name
         if name in thresholds:  # CleanVision's rule, with the thresholds from params
@@ -204,8 +212,8 @@ def test_stage_finds_flipped_labels_keeps_class_order_and_obeys_overrides(projec
     assert 1 - unit[0] @ unit[1] < 1e-4
     assert table.loc[pair, "is_near_duplicate_issue"].any()
     assert table["is_near_duplicate_issue"].mean() < 0.05  # distinct digits are not
-    label_issues = table[table["is_label_issue"]]
-    assert set(label_issues["path"]) & set(flipped)
+    flagged_labels = table[table["is_label_issue"]]
+    assert set(flagged_labels["path"]) & set(flipped)
     assert (table["predicted_label"].astype(str).isin(classes)).all()
     by_path = issues.set_index("path")
     assert by_path.loc[flipped[0], "decision"] == "keep"
@@ -283,11 +291,11 @@ def test_noise_guard_falls_back_to_flag_when_the_folds_are_near_chance():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 30)
     near_chance = rng.dirichlet(np.ones(10), size=len(labels)).astype(np.float32)
-    policy, warning = clean.guarded_policy(labels, near_chance, "relabel", 0.4)
+    policy, warning = label_decisions.guarded_policy(labels, near_chance, "relabel", 0.4)
     assert policy == "flag" and "clean.max_noise_rate" in warning
     confident = np.full((len(labels), 10), 0.01, np.float32)
     confident[np.arange(len(labels)), labels] = 0.91
-    assert clean.guarded_policy(labels, confident, "relabel", 0.4) == ("relabel", "")
+    assert label_decisions.guarded_policy(labels, confident, "relabel", 0.4) == ("relabel", "")
 
 
 def _digit_set(per_class=30, flip=0.2, seed=0):

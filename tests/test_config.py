@@ -5,9 +5,10 @@ import pytest
 import yaml
 from ruamel.yaml import YAML
 
-from pipeline.core.config import Params, load_params, read_yaml, to_dict
+from pipeline.core.config import Params, load_params
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import edit_yaml
+from pipeline.core.typed import read_yaml, to_dict
 from pipeline.tools.tune import build_mesh, parse_range
 
 from .conftest import ROOT, write_params

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
 from pipeline.data.images import Rejected, decode
-from pipeline.data.inputs import read_csv_manifest
+from pipeline.data.scan import read_csv_manifest
 
 from .conftest import ROOT
 

@@ -9,7 +9,8 @@ import torch
 from scipy.stats import ks_2samp
 from sklearn.datasets import load_digits
 
-from pipeline.core.config import AugmentConfig, BaseConfig, parse, transform_names
+from pipeline.core.config import AugmentConfig, BaseConfig, transform_names
+from pipeline.core.typed import parse
 from pipeline.data.transforms import apply_policy, build_policies, reseed
 from pipeline.training.gpu_augment import BatchAugment, BatchParams
 

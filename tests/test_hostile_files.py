@@ -19,7 +19,8 @@ from PIL.PngImagePlugin import PngInfo
 from pipeline.core.config import load_params
 from pipeline.data.image_stats import inspect
 from pipeline.data.images import DECODE_FORMATS, Rejected, decode, max_file_bytes, thumbnail
-from pipeline.data.inputs import _decode_file, read_csv_manifest, scan_folder
+from pipeline.data.pack import _decode_file
+from pipeline.data.scan import read_csv_manifest, scan_folder
 from pipeline.stages import ingest
 
 from .conftest import tree_hash, write_params
@@ -133,7 +134,7 @@ def test_a_file_over_the_byte_cap_is_refused_before_it_is_read(tmp_path, monkeyp
     def no_read(*args, **kwargs):
         raise AssertionError("the file was read and decoded")
 
-    monkeypatch.setattr("pipeline.data.inputs.decode", no_read)
+    monkeypatch.setattr("pipeline.data.pack.decode", no_read)
     reason = _decode_file(big, options)
     size = big.stat().st_size
     assert reason.startswith(f"file too large: {size:,} bytes is over the {cap:,} bytes")
@@ -160,7 +161,7 @@ def test_a_pixel_bomb_is_refused_from_its_header_without_allocating_it(
     script = (
         "import sys; from pathlib import Path\n"
         "from pipeline.data.images import thumbnail; from pipeline.data.image_stats import inspect\n"
-        "from pipeline.data.inputs import _decode_file\n"
+        "from pipeline.data.pack import _decode_file\n"
         "path = Path(sys.argv[1])\n"
         "print(_decode_file(path, dict(image_size=8, channels=1, resize='pad', "
         "max_pixels=20_000_000, draft=True)))\n"

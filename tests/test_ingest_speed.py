@@ -1,5 +1,5 @@
 """The fast ingest path gives what the slow one gave: JPEG draft decoding (images.decode) and
-decoding in worker processes (inputs.pack). Nothing here is timed: bench/ingest.py --photos
+decoding in worker processes (pack.pack). Nothing here is timed: bench/ingest.py --photos
 measures the speed."""
 
 import hashlib
@@ -13,12 +13,12 @@ from sklearn.datasets import load_sample_image
 
 from pipeline.core.config import load_params
 from pipeline.core.io import read_array
-from pipeline.data import images, inputs
+from pipeline.data import images, near_copies, pack, scan
 
 from .conftest import write_digits
 
 # Measured over the photos below at image_size 16, 64 and 128, pad and stretch: mean 0.56 and
-# max 10 grey levels, shape cosine 3.7e-4, colour and contrast 0.002 (inputs.copies_of accepts
+# max 10 grey levels, shape cosine 3.7e-4, colour and contrast 0.002 (near_copies.copies_of accepts
 # 0.03). A draft anchored in the wrong corner after an EXIF turn gives means of 1.8-3 and maxima
 # of 29-52, so these bounds catch it; the max allows a sharp edge one step of resampling apart.
 MEAN_GREY = 1.0
@@ -133,16 +133,16 @@ def mixed_folder(project):
 
 
 def test_parallel_pack_gives_the_inline_table_arrays_and_quarantine(mixed_folder, project):
-    candidates, _ = inputs.scan_folder(mixed_folder, "labeled", by_class=True, split="train")
+    candidates, _ = scan.scan_folder(mixed_folder, "labeled", by_class=True, split="train")
     # A file gone between the scan and the decode: its read fails in the worker. First, beside
     # one/empty.jpg: 73 files on 2 workers make tasks of 2, and that task decodes nothing.
-    candidates.insert(0, inputs.Candidate("labeled/zero/vanished.png", "zero"))
+    candidates.insert(0, scan.Candidate("labeled/zero/vanished.png", "zero"))
     assert candidates[1].path == "labeled/one/empty.jpg"
     base = load_params(project / "params.yaml", {"base.channels": 3}).base
     packed = {}
     for workers in (1, 2):
         out = project / f"packed{workers}"
-        packed[workers] = inputs.pack(
+        packed[workers] = pack.pack(
             candidates,
             mixed_folder,
             out,
@@ -164,12 +164,12 @@ def test_parallel_pack_gives_the_inline_table_arrays_and_quarantine(mixed_folder
     arrays = [np.asarray(read_array(project / f"packed{w}")) for w in (1, 2)]
     assert len(read_array(project / "packed2").files) > 1  # the images cross shard borders
     assert arrays[0].shape == (69, 8, 8, 3) and np.array_equal(*arrays)
-    looks = [np.load(project / f"packed{w}" / inputs.SIGNATURES) for w in (1, 2)]
+    looks = [np.load(project / f"packed{w}" / near_copies.SIGNATURES) for w in (1, 2)]
     assert np.array_equal(*looks)
 
 
 def test_decoding_runs_inline_for_small_sets_and_on_the_usable_cores_for_large_ones():
-    assert inputs.decode_workers(0) == inputs.decode_workers(inputs.PARALLEL_FROM - 1) == 1
-    many = inputs.decode_workers(10_000)
-    assert 1 <= many <= inputs.MAX_WORKERS
-    assert inputs.decode_workers(inputs.PARALLEL_FROM) == min(many, inputs.PARALLEL_FROM)
+    assert pack.decode_workers(0) == pack.decode_workers(pack.PARALLEL_FROM - 1) == 1
+    many = pack.decode_workers(10_000)
+    assert 1 <= many <= pack.MAX_WORKERS
+    assert pack.decode_workers(pack.PARALLEL_FROM) == min(many, pack.PARALLEL_FROM)

@@ -10,8 +10,8 @@ from PIL import Image, PngImagePlugin
 from sklearn.datasets import load_sample_images
 
 from pipeline.core.config import load_params
+from pipeline.data.pool_images import decode_pool
 from pipeline.stages import ingest
-from pipeline.stages.pseudolabel import decode_pool
 
 from .conftest import write_params
 

@@ -11,6 +11,7 @@ from pipeline.core.config import PseudolabelConfig, load_params
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_array
 from pipeline.stages import pseudolabel
+from pipeline.training import selection
 
 from .conftest import augment_and_train, train_table, tree_hash, val_table, write_params
 
@@ -21,7 +22,7 @@ def _probs(rows):
 
 def test_fixed_threshold_accepts_only_confident_rows():
     probs = _probs([[0.97, 0.03], [0.6, 0.4], [0.02, 0.98]])
-    accepted, predicted, thresholds = pseudolabel.select(
+    accepted, predicted, thresholds = selection.select(
         probs,
         np.zeros((0, 3, 2)),
         PseudolabelConfig(policy="fixed", threshold=0.95),
@@ -34,7 +35,7 @@ def test_fixed_threshold_accepts_only_confident_rows():
 def test_flexmatch_lowers_the_bar_for_poorly_learned_classes():
     # Class 0 is predicted confidently often, class 1 rarely: class 1 gets the lower threshold.
     probs = _probs([[0.99, 0.01]] * 8 + [[0.3, 0.7]] * 4 + [[0.02, 0.98]])
-    thresholds = pseudolabel.class_thresholds(
+    thresholds = selection.class_thresholds(
         probs, PseudolabelConfig(policy="flexmatch", threshold=0.95)
     )
     assert thresholds[0] == pytest.approx(0.95) and thresholds[1] < thresholds[0]
@@ -43,16 +44,14 @@ def test_flexmatch_lowers_the_bar_for_poorly_learned_classes():
 def test_per_class_cap_keeps_the_most_confident():
     probs = _probs([[0.99, 0.01], [0.96, 0.04], [0.98, 0.02], [0.01, 0.99]])
     cfg = PseudolabelConfig(policy="fixed", threshold=0.9, per_class_cap=2)
-    accepted, _, _ = pseudolabel.select(probs, np.zeros((0, 4, 2)), cfg, np.array([0.5, 0.5]))
+    accepted, _, _ = selection.select(probs, np.zeros((0, 4, 2)), cfg, np.array([0.5, 0.5]))
     assert accepted.tolist() == [True, False, True, True]
 
 
 def test_balance_follows_the_labeled_class_distribution():
     probs = _probs([[0.99, 0.01]] * 6 + [[0.01, 0.99]] * 2)
     cfg = PseudolabelConfig(policy="fixed", threshold=0.9, balance=True)
-    accepted, predicted, _ = pseudolabel.select(
-        probs, np.zeros((0, 8, 2)), cfg, np.array([0.5, 0.5])
-    )
+    accepted, predicted, _ = selection.select(probs, np.zeros((0, 8, 2)), cfg, np.array([0.5, 0.5]))
     assert np.bincount(predicted[accepted]).tolist() == [2, 2]
 
 
@@ -60,7 +59,7 @@ def test_agreement_requires_every_ensemble_member():
     probs = _probs([[0.97, 0.03], [0.97, 0.03]])
     members = np.array([[[0.99, 0.01], [0.99, 0.01]], [[0.95, 0.05], [0.4, 0.6]]])
     cfg = PseudolabelConfig(policy="fixed", threshold=0.9, agreement=True)
-    accepted, _, _ = pseudolabel.select(probs, members, cfg, np.array([0.5, 0.5]))
+    accepted, _, _ = selection.select(probs, members, cfg, np.array([0.5, 0.5]))
     assert accepted.tolist() == [True, False]
 
 
@@ -190,12 +189,12 @@ def test_the_labeling_queue_starts_uncertain_and_skips_near_identical_images():
     probs = _probs([[0.51, 0.49], [0.52, 0.48], [0.6, 0.4], [0.99, 0.01], [0.55, 0.45]])
     embeddings = np.array([[1.0, 0.0], [1.0, 0.001], [0.0, 1.0], [0.7, 0.7], [0.6, 0.8]])
     accepted = np.array([False, False, False, False, True])
-    queue = pseudolabel.labeling_queue(probs, embeddings, accepted, size=2)
+    queue = selection.labeling_queue(probs, embeddings, accepted, size=2)
     # row 0 is the most uncertain; row 1 is nearly as uncertain but a near copy of row 0, so
     # the farthest of the shortlist comes second; the accepted row 4 is never queued
     assert queue.tolist() == [0, 2]
-    assert pseudolabel.labeling_queue(probs, embeddings, accepted, size=0).tolist() == []
-    assert sorted(pseudolabel.labeling_queue(probs, embeddings, accepted, size=9)) == [0, 1, 2, 3]
+    assert selection.labeling_queue(probs, embeddings, accepted, size=0).tolist() == []
+    assert sorted(selection.labeling_queue(probs, embeddings, accepted, size=9)) == [0, 1, 2, 3]
 
 
 def test_a_label_the_new_model_no_longer_supports_leaves_the_set(round0, ingested, project):
@@ -257,14 +256,14 @@ def test_curriculum_admits_a_growing_top_share_of_each_class():
     def per_class(accepted, predicted):
         return np.bincount(predicted[accepted], minlength=2).tolist()
 
-    first, predicted, bars = pseudolabel.select(probs, none, cfg, np.ones(2) / 2, 0)
+    first, predicted, bars = selection.select(probs, none, cfg, np.ones(2) / 2, 0)
     assert per_class(first, predicted) == [5, 2]  # half of each predicted class, the surest
     assert first[:5].all() and first[10:12].all() and first.sum() == 7
     assert bars[0] == 0.95 and bars[10] == 0.79
-    later, _, _ = pseudolabel.select(probs, none, cfg, np.ones(2) / 2, 2)
+    later, _, _ = selection.select(probs, none, cfg, np.ones(2) / 2, 2)
     assert per_class(later, predicted) == [9, 4]  # 0.5 + 2 x 0.25, capped at 0.9
     floor = PseudolabelConfig(**{**cfg.__dict__, "min_confidence": 0.75})
-    floored, _, _ = pseudolabel.select(probs, none, floor, np.ones(2) / 2, 2)
+    floored, _, _ = selection.select(probs, none, floor, np.ones(2) / 2, 2)
     assert per_class(floored, predicted) == [6, 4]  # never under min_confidence
 
 

@@ -24,7 +24,8 @@ def test_the_best_round_is_chosen_on_validation_the_later_on_ties():
 
 def test_the_page_lists_each_rounds_training_set_and_scores(tmp_path):
     from pipeline.core.io import write_json
-    from pipeline.stages.summarize import collect_rounds, render
+    from pipeline.reports.summary_page import render
+    from pipeline.stages.summarize import collect_rounds
 
     reports = tmp_path / "reports"
     for name, pseudo in (("r000", 0), ("r001", 30)):

@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
-from pipeline.tools import tune, tune_space
+from pipeline.tools import tune, tune_dvc, tune_report, tune_space
 
 from .conftest import ROOT, sh, write_digits, write_params
 
@@ -215,7 +215,7 @@ def test_failed_experiments_are_told_as_failed_and_count_toward_the_budget(tmp_p
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert counts["told"] == 6 and counts["failed"] == len(failed)
     assert all(t.params["train.lr"] > 1e-2 for t in failed)
-    table = tune.trials_table(study)
+    table = tune_report.trials_table(study)
     assert list(table["state"].iloc[len(table) - len(failed) :]) == ["fail"] * len(failed)
 
 
@@ -281,7 +281,7 @@ def test_exp_show_scores_only_experiments_that_succeeded():
             ],
         },
     ]
-    out = tune.read_outcomes(shown, tune.metrics_file("r000"), "ensemble_val_acc")
+    out = tune_dvc.read_outcomes(shown, tune_dvc.metrics_file("r000"), "ensemble_val_acc")
     assert {n: (o.state, o.value) for n, o in out.items()} == {
         "ok": ("success", 0.9),
         "old": ("success", 0.9),
@@ -297,7 +297,7 @@ def test_report_writes_the_table_and_optunas_plots(tmp_path):
     )
     study = open_tpe(tmp_path, space, trials=6)
     tune.run_study(study, FakeQueue(), trials=6, batch=3, fixed=[])
-    table = tune.write_report(study, tmp_path / "report")
+    table = tune_report.write_report(study, tmp_path / "report")
     assert len(table) == 6 and table["acc"].is_monotonic_decreasing
     for name in ("history", "importances", "slice", "contour", "heatmap"):
         assert (tmp_path / "report" / f"{name}.png").stat().st_size > 1000, name
@@ -386,7 +386,7 @@ def test_tpe_study_runs_through_the_real_dvc_queue_and_resumes_after_a_kill(tmp_
 
 
 def tune_results(root):
-    code = "from pipeline import tune; import json; print(tune.experiments().to_json(orient='records'))"
+    code = "from pipeline.tools import tune_dvc; import json; print(tune_dvc.experiments().to_json(orient='records'))"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )

@@ -1,6 +1,6 @@
 """Decoding one image file into a fixed-size uint8 array.
 
-Policy (documented in the README):
+Policy (documented in docs/input-contract.md):
 1) EXIF orientation is applied; animated images use their first frame.
 2) Modes are normalized: 16-bit and float images are scaled to 0..255, palette images go
    through RGB(A), CMYK is converted to RGB, alpha is composited over black; then the image
@@ -70,7 +70,7 @@ def signature(image: Image.Image, box: Box | None = None) -> np.ndarray:
     (box-averaged), mean-free and unit-norm, then its mean red, green and blue and its
     grayscale contrast (std), in 0..1. Re-encoded, resized, slightly cropped and re-saved copies
     lie within a small cosine distance of the original's shape, with about its colour and
-    contrast (inputs.copies_of); a flat image has a zero shape, which is near nothing."""
+    contrast (near_copies.copies_of); a flat image has a zero shape, which is near nothing."""
     small = image.convert("RGB").resize((SIGNATURE_SIDE, SIGNATURE_SIDE), Image.Resampling.BOX)
     rgb = np.asarray(small, dtype=np.float32) / 255.0
     gray = np.asarray(small.convert("L"), dtype=np.float32).ravel() / 255.0

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.core.config import Params, to_dict, with_image_shape
+from pipeline.core.config import Params, with_image_shape
 from pipeline.core.io import (
     atomic_dir,
     read_array,
@@ -29,6 +29,7 @@ from pipeline.core.io import (
     write_json,
     write_table,
 )
+from pipeline.core.typed import to_dict
 from pipeline.data.transforms import (
     apply_policy,
     build_policies,

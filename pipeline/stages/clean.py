@@ -27,6 +27,9 @@ out-of-fold predictions agree best with the given labels (metrics.json `kfold_bu
 The embedding model is one model trained, after the K-fold, on the rows a first pass keeps
 (clean.embedding_steps): its embeddings are the one space near-duplicate and outlier scores
 compare in.
+
+The stage runs library code: finding the issues in pipeline/data/label_issues.py, the decisions
+and overrides in pipeline/data/label_decisions.py, the page in pipeline/reports/clean_page.py.
 """
 
 from __future__ import annotations
@@ -36,16 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import sklearn
 import torch
 from cleanlab.count import estimate_joint
 from cleanlab.dataset import find_overlapping_classes, overall_label_health_score
-from cleanlab.filter import find_label_issues
-from cleanlab.outlier import OutOfDistribution
-from cleanlab.rank import get_label_quality_scores
-from sklearn.neighbors import NearestNeighbors
 
-from pipeline.core.config import Params, to_dict, with_image_shape
+from pipeline.core.config import Params, with_image_shape
 from pipeline.core.device import pick_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import (
@@ -57,10 +55,24 @@ from pipeline.core.io import (
     write_table,
     write_text,
 )
-from pipeline.data.images import thumbnail
-from pipeline.data.inputs import confine, stratified_holdout
+from pipeline.core.typed import to_dict
+from pipeline.data.inputs import stratified_holdout
+from pipeline.data.label_decisions import (
+    apply_overrides,
+    decide,
+    guarded_policy,
+    read_overrides,
+    truth_scores,
+    validation_labels,
+)
+from pipeline.data.label_issues import (
+    datalab_checks,
+    find_issues,
+    near_duplicates,
+    outlier_scores,
+)
 from pipeline.data.quality import checks_for, image_issues
-from pipeline.reports import report
+from pipeline.reports.clean_page import render
 from pipeline.training.ensemble import predict_proba
 from pipeline.training.feed import Samples, training_augmentation
 from pipeline.training.kfold import kfold_pred_probs, recipe
@@ -68,10 +80,6 @@ from pipeline.training.loop import fit
 from pipeline.training.model import build_model
 
 log = logging.getLogger(__name__)
-
-# Exact neighbour searches compute distances a block of rows at a time; sklearn's default
-# block (1 GiB) alone would put the clean stage over 2 GiB on 100k images.
-KNN_WORKING_MIB = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,262 +111,11 @@ def embedding_model(
 
 
 # --------------------------------------------------------------------------------------------
-# 2) Finding issues (pure functions over labels (N,), pred_probs (N, K), features)
-
-
-def find_issues(labels: np.ndarray, pred_probs: np.ndarray, *, filter_by: str) -> pd.DataFrame:
-    """cleanlab's label issues and quality scores, plus the model's suggested class."""
-    if pred_probs.shape != (len(labels), pred_probs.shape[1]):
-        raise ValueError(f"pred_probs has shape {pred_probs.shape}, labels has {len(labels)} rows")
-    is_issue = find_label_issues(labels, pred_probs, filter_by=filter_by)
-    quality = get_label_quality_scores(labels, pred_probs)
-    others = pred_probs.copy()
-    others[np.arange(len(labels)), labels] = -1.0
-    return pd.DataFrame(
-        {
-            "label_issue": is_issue,
-            "label_quality": quality,
-            "suggested": others.argmax(1),
-            "suggested_prob": others.max(1),
-            "given_prob": pred_probs[np.arange(len(labels)), labels],
-        }
-    )
-
-
-def near_duplicates(
-    embeddings: np.ndarray, ratio: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(is_duplicate (N,) bool, partner (N,) int or -1, cosine distance to the nearest other
-    row (N,), the cutoff): is_duplicate marks the later members of close pairs.
-
-    The cutoff is `ratio` times the median nearest-neighbour distance: how tightly a model packs
-    its embeddings varies with the data and the training, a copy's distance relative to its
-    neighbours much less (demo: distinct digits' nearest neighbour lies at >= 0.24 of the median,
-    re-encoded and brightened copies at <= 0.05).
-    """
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    unit = embeddings / np.maximum(norms, 1e-12)
-    nn = NearestNeighbors(n_neighbors=min(3, len(unit)), metric="cosine").fit(unit)
-    with sklearn.config_context(working_memory=KNN_WORKING_MIB):
-        distances, neighbors = nn.kneighbors(unit)
-    # the nearest row other than itself: an exact copy ties with the row, in either order
-    other = (neighbors != np.arange(len(unit))[:, None]).argmax(1)
-    rows = np.arange(len(unit))
-    distances, neighbors = distances[rows, other], neighbors[rows, other]
-    cutoff = ratio * float(np.median(distances))
-    partner = np.where(distances <= cutoff, neighbors, -1)
-    # Flag only the later index of each pair, so one copy of every duplicate stays unflagged.
-    is_dup = (partner >= 0) & (partner < np.arange(len(partner)))
-    return is_dup, partner, distances, cutoff
-
-
-DATALAB_CHECKS = ("class_imbalance", "underperforming_group")
-
-
-def datalab_checks(
-    labels: list[str], pred_probs: np.ndarray, embeddings: np.ndarray
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict] | None:
-    """cleanlab Datalab's class-imbalance and underperforming-group checks on the stage's own
-    pred_probs and embeddings: (flags per type, scores per type, summary), or None when the
-    optional `datalab` extra (datasets, pyarrow: about 200 MB) is not installed.
-
-    Datalab's non-iid check is not run: the table's order is the pipeline's own (sorted by split,
-    class and path), so it could only find that sorting.
-    """
-    try:  # without the extra, cleanlab exports a stand-in that raises when called
-        from cleanlab import Datalab
-
-        lab = Datalab(data={"label": labels}, label_name="label", verbosity=0)
-    except ImportError:
-        return None
-    neighbours = max(1, min(10, len(labels) - 1))  # Datalab's default k, on tiny sets fewer
-    lab.find_issues(
-        pred_probs=pred_probs,
-        features=embeddings,
-        issue_types={"class_imbalance": {}, "underperforming_group": {"k": neighbours}},
-    )
-    found = lab.get_issues()
-    ran = [name for name in DATALAB_CHECKS if f"is_{name}_issue" in found]
-    flags = {name: found[f"is_{name}_issue"].to_numpy(bool) for name in ran}
-    scores = {name: found[f"{name}_score"].to_numpy(float) for name in ran}
-    summary = {
-        name: {"flagged": int(flags[name].sum())} if name in ran else "failed (see the log)"
-        for name in DATALAB_CHECKS
-    }
-    if "class_imbalance" in ran:
-        summary["class_imbalance"]["rarest_class"] = str(
-            lab.get_info("class_imbalance").get("Rarest Class", "")
-        )
-    return flags, scores, summary
-
-
-def outlier_scores(embeddings: np.ndarray) -> np.ndarray:
-    """cleanlab's out-of-distribution score per row (lower = more unusual)."""
-    k = min(10, len(embeddings) - 1)
-    with sklearn.config_context(working_memory=KNN_WORKING_MIB):
-        return OutOfDistribution(params={"k": k}).fit_score(features=embeddings, verbose=False)
-
+# 2) Finding issues: pipeline/data/label_issues.py (pure functions over labels (N,),
+#    pred_probs (N, K), features)
 
 # --------------------------------------------------------------------------------------------
-# 3) Decisions
-
-
-def decide(
-    issues: pd.DataFrame,
-    classes: list[str],
-    *,
-    policy: str,
-    relabel_threshold: float,
-) -> pd.DataFrame:
-    """A decision (keep, flag, drop, relabel) and a reason for each row."""
-    decision = np.full(len(issues), "keep", dtype=object)
-    reason = np.full(len(issues), "", dtype=object)
-    final = issues["given_label"].to_numpy(dtype=object).copy()
-    for i, row in enumerate(issues.itertuples()):
-        other_types = [t for t in row.issue_types.split(";") if t and t != "label_issue"]
-        if row.label_issue:
-            said = f"given {row.given_label!r}, model says {row.suggested_label!r} (p={row.suggested_prob:.2f})"
-            if policy == "flag":
-                decision[i], reason[i] = "flag", f"label_issue: {said}"
-            elif policy.startswith("relabel") and row.suggested_prob >= relabel_threshold:
-                decision[i], reason[i] = "relabel", f"relabel_confident: {said}"
-                final[i] = row.suggested_label
-            elif policy == "relabel_keep":
-                decision[i] = "flag"
-                reason[i] = (
-                    f"kept_not_confident: {said} < clean.relabel_threshold {relabel_threshold}"
-                )
-            elif policy == "relabel":
-                decision[i] = "drop"
-                reason[i] = (
-                    f"drop_not_confident: {said} < clean.relabel_threshold {relabel_threshold}"
-                )
-            else:
-                decision[i], reason[i] = "drop", f"label_issue: {said}"
-        elif other_types:
-            decision[i], reason[i] = "flag", ", ".join(other_types)
-    out = issues.copy()
-    out["decision"], out["reason"], out["label"] = decision, reason, final
-    return out
-
-
-def guarded_policy(
-    labels: np.ndarray, pred_probs: np.ndarray, policy: str, max_noise_rate: float
-) -> tuple[str, str]:
-    """(policy to apply, warning or ""): flag only when the K-fold models are too weak to judge.
-
-    When the estimated share of wrong labels is implausibly high, the usual cause is that the
-    K-fold models barely beat chance (too few images, a recipe unfit for the data), not that most
-    labels are wrong; dropping or relabeling would then throw away good labels.
-    """
-    noise = float(1.0 - np.trace(estimate_joint(labels, pred_probs)))
-    if noise <= max_noise_rate or policy == "flag":
-        return policy, ""
-    accuracy = float((pred_probs.argmax(1) == labels).mean())
-    chance = float(np.bincount(labels).max() / len(labels))
-    return "flag", (
-        f"the K-fold models estimate {noise:.0%} of the labels as wrong (above clean.max_noise_rate "
-        f"{max_noise_rate}) and agree with only {accuracy:.0%} of the given labels (majority class: "
-        f"{chance:.0%}); that usually means the models are too weak to judge the labels, not that "
-        f"the labels are that bad. Nothing was dropped or relabeled (clean.policy {policy!r} "
-        f"applied as 'flag'); review artifacts/clean/report.html, and check the image size and "
-        f"channels ingest used (artifacts/ingest/params.json) and train.model before trusting "
-        f"the flags."
-    )
-
-
-def validation_labels(
-    decided: pd.DataFrame,
-    *,
-    relabel_threshold: float,
-    trust_model: bool = True,
-) -> tuple[pd.Series, pd.Series]:
-    """(label scored against, scored?) for validation rows, whatever clean.policy says.
-
-    Overrides win; a flagged label is replaced by a confident suggestion, otherwise the row is
-    left out of the score. Without trust_model (the noise guard tripped) flagged rows keep their
-    given label and are scored.
-    """
-    label = decided["given_label"].copy()
-    scored = pd.Series(True, index=decided.index)
-    for idx, row in decided.iterrows():
-        if row["reason"].startswith("override:"):
-            label[idx], scored[idx] = row["label"], row["decision"] != "drop"
-        elif row["label_issue"] and trust_model:
-            confident = row["suggested_prob"] >= relabel_threshold
-            label[idx], scored[idx] = row["suggested_label"], confident
-    return label, scored
-
-
-def read_overrides(data_dir: Path, classes: list[str], path: Path | None = None) -> pd.DataFrame:
-    """data/overrides.csv (or `path`) as (path, action): action is keep, drop or a class name."""
-    path = path or data_dir / "overrides.csv"
-    if not path.is_file():
-        return pd.DataFrame(columns=["path", "action"])
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame(columns=["path", "action"])
-    if not {"path", "label"} <= set(table.columns):
-        raise PipelineError(
-            f"{path} needs the columns path,label; it has {','.join(table.columns)}"
-        )
-    table = table.assign(path=table["path"].str.strip(), action=table["label"].str.strip())
-    for line, row in enumerate(table.itertuples(), start=2):
-        _, why = confine(data_dir, row.path)
-        if why:
-            raise PipelineError(f"{path}:{line}: {row.path!r}: {why}")
-        if row.action not in ("keep", "drop") and row.action not in classes:
-            raise PipelineError(
-                f"{path}:{line}: {row.action!r} is not keep, drop or a class ({', '.join(classes)})"
-            )
-    conflicts = table.groupby("path")["action"].nunique()
-    if (conflicts > 1).any():
-        first = conflicts[conflicts > 1].index[0]
-        actions = sorted(table.loc[table["path"] == first, "action"])
-        raise PipelineError(f"{path}: {first!r} is overridden twice, as {' and '.join(actions)}")
-    return table[["path", "action"]].drop_duplicates()
-
-
-def apply_overrides(decided: pd.DataFrame, overrides: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """User overrides win over every decision; returns (table, overrides that matched nothing)."""
-    out = decided.copy()
-    by_path = dict(zip(overrides["path"], overrides["action"]))
-    matched = 0
-    for idx, path in out["path"].items():
-        action = by_path.get(path)
-        if action is None:
-            continue
-        matched += 1
-        if action == "keep":
-            out.loc[idx, ["decision", "label"]] = ["keep", out.loc[idx, "given_label"]]
-        elif action == "drop":
-            out.loc[idx, "decision"] = "drop"
-        else:
-            out.loc[idx, ["decision", "label"]] = [
-                "relabel" if action != out.loc[idx, "given_label"] else "keep",
-                action,
-            ]
-        out.loc[idx, "reason"] = f"override: {action} (data/overrides.csv)"
-    return out, len(by_path) - matched
-
-
-def truth_scores(flagged: np.ndarray, given: pd.Series, truth: pd.Series) -> dict:
-    """Precision and recall of flagged label issues against data/truth.csv, where known."""
-    known = (truth != "").to_numpy()
-    if not known.any():
-        return {}
-    wrong = (given != truth).to_numpy() & known
-    hits = int((flagged & wrong).sum())
-    return {
-        "truth_rows": int(known.sum()),
-        "truly_wrong": int(wrong.sum()),
-        "precision": hits / max(int((flagged & known).sum()), 1),
-        "recall": hits / max(int(wrong.sum()), 1),
-    }
-
+# 3) Decisions: pipeline/data/label_decisions.py
 
 # --------------------------------------------------------------------------------------------
 # 4) The stage
@@ -573,76 +330,3 @@ def clean_metrics(labels, pred_probs, decided, types, classes, unmatched) -> dic
     if truth:
         metrics["truth"] = truth
     return metrics
-
-
-def _chosen(metrics: dict) -> dict | None:
-    return next((b for b in metrics.get("kfold_budgets", []) if b["chosen"]), None)
-
-
-def render(
-    decided: pd.DataFrame, images: np.ndarray, metrics: dict, limit: int, data_dir: Path
-) -> str:
-    flagged = decided[decided["issue_types"] != ""].sort_values("label_quality")
-    truth = metrics.get("truth")
-    summary = [
-        ("training images", metrics["train_rows"]),
-        ("label issues", metrics["label_issues"]),
-        ("estimated noise", f"{metrics['estimated_noise_rate']:.1%}"),
-        ("label health", f"{metrics['label_health_score']:.2f}"),
-        ("out-of-sample accuracy", f"{metrics['out_of_sample_accuracy']:.1%}"),
-        ("K-fold budget", f"{chosen['min_steps']} steps" if (chosen := _chosen(metrics)) else "-"),
-    ]
-    if truth:
-        summary += [
-            ("precision vs truth", f"{truth['precision']:.2f}"),
-            ("recall vs truth", f"{truth['recall']:.2f}"),
-        ]
-    tiles = []
-    for row in flagged.head(limit).itertuples():
-        verdict = ""
-        if row.true_label:
-            ok = row.true_label != row.given_label
-            verdict = f"<div class='{'good' if ok == row.label_issue else 'bad'}'>truth: {report.esc(row.true_label)}</div>"
-        tiles.append(
-            "<div class='tile'>"
-            + report.pictures(images[int(row.row)], thumbnail(data_dir / row.path))
-            + f"<div>given <b>{report.esc(row.given_label)}</b> &rarr; suggested <b>{report.esc(row.suggested_label)}</b> "
-            f"({row.suggested_prob:.2f})</div>"
-            f"<div>quality {row.label_quality:.3f} &middot; {report.esc(row.issue_types.replace(';', ', '))}</div>"
-            f"<div>decision: <b>{report.esc(row.decision)}</b></div>{verdict}"
-            f"<div class='path'>{report.esc(row.path)}</div></div>"
-        )
-    by_type = report.table(["issue type", "count"], sorted(metrics["issues_by_type"].items()))
-    budgets = report.table(
-        ["steps per fold at least", "agreement with the given labels", "log loss", "kept"],
-        [
-            (
-                b["min_steps"],
-                f"{b['accuracy']:.1%}",
-                f"{b['log_loss']:.3f}",
-                "yes" if b["chosen"] else "",
-            )
-            for b in metrics.get("kfold_budgets", [])
-        ],
-    )
-    per_class = report.table(
-        ["class", "estimated noise"], [(k, v) for k, v in metrics["noise_per_class"].items()]
-    )
-    pairs = report.table(
-        ["classes", "joint probability"],
-        [(" / ".join(p["classes"]), p["joint"]) for p in metrics["overlapping_classes"]],
-    )
-    body = (
-        "<h1>Label issues and sample quality</h1>"
-        "<p class='muted'>Out-of-sample probabilities from K-fold training; cleanlab finds the labels "
-        "the models disagree with. Worst label quality first.</p>"
-        + report.cards(summary)
-        + f"<h2>Issues by type</h2>{by_type}<h2>Estimated noise per class</h2>{per_class}"
-        + "<h2>K-fold budgets tried</h2><p class='muted'>The run whose held-out predictions "
-        "agree best with the given labels is kept (clean.min_steps).</p>"
-        + budgets
-        + f"<h2>Most overlapping classes</h2>{pairs}"
-        + f"<h2>Flagged samples ({len(flagged)}, showing {min(limit, len(flagged))})</h2>"
-        + f"<div class='gallery'>{''.join(tiles)}</div>"
-    )
-    return report.page("Label issues", body)

@@ -16,8 +16,9 @@ Writes  <out>/manifest.csv   one row per usable image: id, path, sha256, label, 
         <out>/metrics.json
 Params  base, ingest
 
-Scanning and decoding live in pipeline/data/inputs.py: unlabeled pools are packed by the pseudolabel
-stage of their round with the same functions, so adding a pool does not rerun this stage.
+Scanning lives in pipeline/data/scan.py and decoding in pipeline/data/pack.py: unlabeled pools
+are packed by the pseudolabel stage of their round with the same functions, so adding a pool
+does not rerun this stage.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.core.config import AUTO, Params, to_dict
+from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import (
     read_array,
@@ -40,20 +41,12 @@ from pipeline.core.io import (
     write_packed,
     write_table,
 )
+from pipeline.core.typed import AUTO, to_dict
 from pipeline.data.image_stats import fitting_shape, inspect
-from pipeline.data.inputs import (
-    LEAKAGE_COLUMNS,
-    QUARANTINE_COLUMNS,
-    SIGNATURES,
-    attach_truth,
-    copies_of,
-    leak,
-    near_copy_cutoff,
-    pack,
-    quarantine_row,
-    scan_folder,
-    stratified_holdout,
-)
+from pipeline.data.inputs import attach_truth, stratified_holdout
+from pipeline.data.near_copies import LEAKAGE_COLUMNS, SIGNATURES, copies_of, leak, near_copy_cutoff
+from pipeline.data.pack import pack
+from pipeline.data.scan import QUARANTINE_COLUMNS, quarantine_row, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +110,7 @@ def resolve_duplicates(table: pd.DataFrame) -> tuple[pd.Series, list[dict], list
 def resolve_near_copies(
     table: pd.DataFrame, looks: np.ndarray, cutoff: float
 ) -> tuple[pd.Series, list[dict], list[dict], dict]:
-    """Keep mask, quarantine rows and leakage rows for near copies (inputs.copies_of: shapes
+    """Keep mask, quarantine rows and leakage rows for near copies (near_copies.copies_of: shapes
     within `cutoff`, colour and contrast alike) that exact hashing cannot see: a training image near a test image leaves training; training
     images near one another under different labels are all set aside, as exact copies are."""
     keep = pd.Series(True, index=table.index)

@@ -27,10 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.core.config import AugmentConfig, Params, parse, to_dict, with_image_shape
+from pipeline.core.config import AugmentConfig, Params, with_image_shape
 from pipeline.core.device import pick_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_dir, read_array, read_json, read_table, write_json, write_table
+from pipeline.core.typed import parse, to_dict
 from pipeline.reports import report
 from pipeline.training.calibration import (
     apply_temperature,

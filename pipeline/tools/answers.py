@@ -30,8 +30,9 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path, dvc_add, read_array, read_json, read_table, write_table
 from pipeline.core.names import file_name_problem, printable
 from pipeline.data.images import IMAGE_EXTENSIONS, Rejected, decode, max_file_bytes, too_large
-from pipeline.data.inputs import SIGNATURES, copies_of, read_csv_rows
+from pipeline.data.inputs import read_csv_rows
 from pipeline.data.intake import all_or_nothing
+from pipeline.data.near_copies import SIGNATURES, copies_of
 
 log = logging.getLogger(__name__)
 

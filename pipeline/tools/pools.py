@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.core.config import read_yaml
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import dvc_add, edit_yaml, stale_stages
 from pipeline.core.names import check_name, printable
+from pipeline.core.typed import read_yaml
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.data.intake import all_or_nothing, copy_file, image_files, refuse_overlap, staging
 

@@ -28,7 +28,7 @@ from ruamel.yaml.error import YAMLError
 from pipeline.core.config import Params, load_params
 from pipeline.core.errors import PipelineError
 
-LOCKED = {"train.batch_size"}  # see the README: tune it alone, then retune the rest
+LOCKED = {"train.batch_size"}  # docs/tuning.md: tune it alone, then retune the rest
 # Sections whose keys can change round r000's (or a pool round's) validation score.
 SECTIONS = {"base", "ingest", "clean", "augment", "train", "pseudolabel"}
 # Coefficients of train.betas, tunable one at a time; the other stays as in params.yaml.
@@ -97,7 +97,7 @@ def parse_dimension(text: str, *, unlock_batch_size: bool = False) -> Dimension:
         raise PipelineError(f"--param {text!r}: expected KEY=LOW:HIGH, e.g. train.lr=1e-4:1e-1")
     if key in LOCKED and not unlock_batch_size:
         raise PipelineError(
-            f"--param {key} is locked (see the README); pass --unlock-batch-size to tune it"
+            f"--param {key} is locked (docs/tuning.md); pass --unlock-batch-size to tune it"
         )
     if ":" in spec and not spec.lstrip().startswith("["):
         scale, _, bounds = spec.rpartition(":")

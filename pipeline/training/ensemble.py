@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.config import ModelConfig, parse
+from pipeline.core.config import ModelConfig
 from pipeline.core.device import pick_device, to_input
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import Rows, atomic_path, read_array, read_json, write_json
 from pipeline.core.processes import block, job_folder, part_of, spread, usable
+from pipeline.core.typed import parse
 from pipeline.training.calibration import apply_temperature
 from pipeline.training.model import ResNet, build_model
 

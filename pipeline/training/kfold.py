@@ -21,11 +21,12 @@ import torch
 from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
-from pipeline.core.config import Params, TrainConfig, parse, to_dict, with_image_shape
+from pipeline.core.config import Params, TrainConfig, with_image_shape
 from pipeline.core.device import pick_device
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import read_json, write_json
 from pipeline.core.processes import job_folder, part_of, spread, usable
+from pipeline.core.typed import parse, to_dict
 from pipeline.training.ensemble import predict_proba
 from pipeline.training.feed import Samples, training_augmentation
 from pipeline.training.loop import fit, passes_per_epoch
