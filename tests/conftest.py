@@ -23,10 +23,16 @@ from pipeline.core.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The tests train tiny models, where torch's default of one thread per core gains little and,
+# on a shared 2-core machine, oversubscribes the cores: a conv step ran 4x slower with 2 threads
+# than with 1 beside one other busy process. Subprocesses (dvc repro, torchrun) inherit it; a
+# value set by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Small and fast, but the same code paths as the demo.
 FAST = {
     "base": {"image_size": 8},
-    "clean": {"folds": 3, "epochs": 8, "min_steps": 0, "batch_size": 32},
+    "clean": {"folds": 3, "epochs": 8, "min_steps": 0, "batch_size": 32, "embedding_steps": 60},
     "train": {
         "epochs": 4,
         "min_steps": 0,
@@ -206,13 +212,19 @@ def chromium() -> str | None:
 @pytest.fixture
 def ingested(project: Path) -> Path:
     """Ingest outputs for 3 digit classes (30 labeled, 10 test each) under project/artifacts."""
+    return ingest_digits(project)
+
+
+def ingest_digits(root: Path) -> Path:
+    """3 digit classes (30 labeled, 10 test each) in root/data, ingested with root/params.yaml
+    into root/artifacts/ingest (returned)."""
     from pipeline.stages import ingest
 
-    data = project / "data"
+    data = root / "data"
     truth = write_digits(data, {0: "zero", 1: "one", 2: "two"}, 30, test_per_class=10)
     write_truth(data, truth)
-    ingest.run(data, project / "artifacts" / "ingest", load_params(project / "params.yaml"))
-    return project / "artifacts" / "ingest"
+    ingest.run(data, root / "artifacts" / "ingest", load_params(root / "params.yaml"))
+    return root / "artifacts" / "ingest"
 
 
 def train_table(ingest_dir: Path) -> Path:

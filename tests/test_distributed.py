@@ -32,6 +32,8 @@ from .conftest import (
     write_truth,
 )
 
+pytestmark = pytest.mark.slow  # torchrun: several processes per test
+
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 

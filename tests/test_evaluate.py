@@ -163,6 +163,7 @@ def test_clean_pseudolabel_and_summary_pages_escape_hostile_names(hostile_report
     )
 
 
+@pytest.mark.slow  # the browser
 def test_report_renders_in_a_real_browser_without_console_errors(hostile_report, tmp_path, record):
     browser_path = chromium()
     if browser_path is None:

@@ -13,7 +13,14 @@ from pipeline.core.io import read_array
 from pipeline.stages import pseudolabel
 from pipeline.training import selection
 
-from .conftest import augment_and_train, train_table, tree_hash, val_table, write_params
+from .conftest import (
+    augment_and_train,
+    ingest_digits,
+    train_table,
+    tree_hash,
+    val_table,
+    write_params,
+)
 
 
 def _probs(rows):
@@ -63,11 +70,28 @@ def test_agreement_requires_every_ensemble_member():
     assert accepted.tolist() == [True, False]
 
 
+ROUND0 = {"train": {"epochs": 15}}  # a model confident enough to accept pool images
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Round r000's model on the `ingested` digits, trained once for the module."""
+    root = tmp_path_factory.mktemp("round0")
+    write_params(root)
+    ingest_dir = ingest_digits(root)
+    params = load_params(write_params(root, ROUND0))
+    augment_and_train(root, ingest_dir, train_table(ingest_dir), params)
+    return root
+
+
 @pytest.fixture
-def round0(ingested, project):
-    params = load_params(write_params(project, {"train": {"epochs": 15}}))
-    table = train_table(ingested)
-    augment_and_train(project, ingested, table, params)
+def round0(trained, ingested, project):
+    """The trained model copied into this test's project (whose ingest outputs are the same:
+    same digits, same params, deterministic), and the empty pseudo-label set."""
+    params = load_params(write_params(project, ROUND0))
+    train_table(ingested)
+    for name in ("augment", "model"):
+        shutil.copytree(trained / name, project / name)
     pseudolabel.init_pseudo(project / "init", ingested / "images")
     return params
 

@@ -196,6 +196,7 @@ def test_each_action_lands_in_its_file_and_a_later_one_replaces_it(server, works
         (data / name).unlink()
 
 
+@pytest.mark.slow  # the browser
 def test_clicks_relabel_a_label_issue_and_reject_a_pseudo_label(server, workspace, tmp_path):
     browser_path = chromium()
     if browser_path is None:

@@ -173,6 +173,7 @@ def test_stage_writes_a_reloadable_ensemble_dvclive_and_diagnostics(ingested, pr
     assert summary["train_size_human"] + summary["train_size_val"] == 90
 
 
+@pytest.mark.slow  # a SIGKILL mid-training
 def test_training_resumes_after_a_kill_and_matches_an_uninterrupted_run(ingested, project, record):
     write_params(project, {"train": {"epochs": 8, "patience": 100}})
     _augment(project, ingested)
@@ -258,6 +259,7 @@ def test_lr_find_curve_has_its_minimum_between_its_ends(ingested, project):
     assert 1e-6 < lr_find.suggest(curve) < 1.0
 
 
+@pytest.mark.slow  # torchrun
 def test_two_processes_under_torchrun_match_one_and_write_once(ingested, project):
     table = train_table(ingested)
     summaries = {}
