@@ -1,7 +1,9 @@
 """The command line: one thin command per stage (`python -m pipeline --help`).
 
-Commands return what they computed, so tests can call them directly. User errors
-(PipelineError) print one line and exit with status 1; there is no traceback for them.
+This module holds the commands dvc.yaml runs (and the hidden ones torchrun reruns) and main();
+the commands a user runs by hand are in pipeline/cli_tools.py, the app and the options both share
+in pipeline/cli_app.py. Commands return what they computed, so tests can call them directly. User
+errors (PipelineError) print one line and exit with status 1; there is no traceback for them.
 Each command imports its stage module itself, so `--help` and ingest never pay for torch.
 """
 
@@ -16,40 +18,9 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cli_app import DataOpt, IngestOpt, OutOpt, ParamsOpt, TruthOpt, app
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Data-centric dataset improvement pipeline: every stage of dvc.yaml is a command here.",
-)
-
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
-DataOpt = Annotated[
-    Path, typer.Option("--data-dir", help="the input folder (docs/input-contract.md)")
-]
-OutOpt = Annotated[Path, typer.Option("--out", help="folder the stage writes")]
-IngestOpt = Annotated[Path, typer.Option("--ingest", help="the ingest stage's output folder")]
-LinkOpt = Annotated[bool, typer.Option("--link", help="hard-link files instead of copying")]
-TruthOpt = Annotated[
-    Path | None,
-    typer.Option("--truth", help="audit file path,true_label (default: <data-dir>/truth.csv)"),
-]
-
-
-@app.command("demo-data")
-def demo_data(
-    data_dir: DataOpt = Path("data"),
-    params: ParamsOpt = Path("params.yaml"),
-    register: Annotated[bool, typer.Option(help="track the written folders with `dvc add`")] = True,
-) -> dict:
-    """Write scikit-learn's digits into data/ with flipped labels, pools and truth.csv; one
-    round per pool in params.yaml."""
-    from pipeline.tools import demo
-
-    return demo.run(data_dir, load_params(params), register=register, params_path=params)
 
 
 @app.command()
@@ -297,195 +268,8 @@ def summarize(
     return stage.run(reports, clean_dir, ingest_dir, out)
 
 
-@app.command("add-pool")
-def add_pool(
-    source: Annotated[Path, typer.Argument(help="folder of unlabeled images")],
-    name: Annotated[str | None, typer.Option(help="pool name (default: next pool_NNN)")] = None,
-    link: LinkOpt = False,
-    data_dir: DataOpt = Path("data"),
-    params: ParamsOpt = Path("params.yaml"),
-) -> dict:
-    """Copy a folder into data/unlabeled/<name>/, track it with DVC, append the next round."""
-    from pipeline.tools.pools import add_pool as stage
-
-    result = stage(source, name=name, link=link, data_dir=data_dir, params_path=params)
-    typer.echo(
-        f"added pool {result['pool']} ({result['images']} images) as round {result['round']}"
-    )
-    if result["stale"]:
-        typer.echo("`dvc repro` will run: " + ", ".join(result["stale"]))
-    return result
-
-
-@app.command()
-def init(
-    source: Annotated[Path, typer.Argument(help="folder of class folders, or a path,label CSV")],
-    test: Annotated[
-        Path | None, typer.Option(help="folder of class folders of test images")
-    ] = None,
-    pool: Annotated[
-        list[str] | None, typer.Option(help="NAME=DIR, a folder of unlabeled images; repeat")
-    ] = None,
-    link: LinkOpt = False,
-    force: Annotated[
-        bool, typer.Option("--force", help="move a dataset already in data/ aside")
-    ] = False,
-    data_dir: DataOpt = Path("data"),
-    params: ParamsOpt = Path("params.yaml"),
-) -> dict:
-    """Bring your own images into data/ (copied, tracked with DVC) and write params that fit
-    them: image size, channels, HSV shifts, one round per pool."""
-    from pipeline.tools import init as stage
-
-    summary = stage.run(
-        source,
-        test=test,
-        pools=pool,
-        link=link,
-        force=force,
-        data_dir=data_dir,
-        params_path=params,
-    )
-    typer.echo(stage.describe(summary))
-    return summary
-
-
-@app.command("add-labels")
-def add_labels(
-    answers: Annotated[Path, typer.Argument(help="path,label CSV, e.g. a filled-in to_label.csv")],
-    data_dir: DataOpt = Path("data"),
-    params: ParamsOpt = Path("params.yaml"),
-) -> dict:
-    """Copy answered pool images into data/labeled/<label>/added/<pool>/ and `dvc add` them."""
-    from pipeline.tools.answers import add_labels as stage
-
-    max_pixels = load_params(params).ingest.max_image_pixels
-    result = stage(
-        answers, data_dir=data_dir, ingest_dir=Path("artifacts/ingest"), max_pixels=max_pixels
-    )
-    typer.echo(f"added {result['added']} labeled images; `dvc repro` reruns from ingest")
-    return result
-
-
-@app.command()
-def review(
-    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0: any free one)")] = 8765,
-    data_dir: DataOpt = Path("data"),
-    artifacts: Annotated[Path, typer.Option(help="the pipeline's outputs")] = Path("artifacts"),
-) -> None:
-    """A local page to relabel, keep or drop label issues, reject or confirm pseudo-labels and
-    flag test labels; each click is written to the file in data/ the pipeline reads."""
-    from pipeline.tools.review import serve
-
-    serve(port, data_dir, artifacts)
-
-
-@app.command("lr-find")
-def lr_find(
-    table: Annotated[Path, typer.Option(help="training table")] = Path("artifacts/clean/train.csv"),
-    ingest_dir: IngestOpt = Path("artifacts/ingest"),
-    out: OutOpt = Path("artifacts/lr_find"),
-    steps: Annotated[int, typer.Option(min=10, help="steps of the ramp from 1e-7 to 1")] = 100,
-    write: Annotated[
-        bool, typer.Option("--write", help="store the suggestion as train.lr")
-    ] = False,
-    params: ParamsOpt = Path("params.yaml"),
-) -> float:
-    """Learning-rate range test: writes the loss-vs-LR curve and prints a suggested train.lr."""
-    from pipeline.tools import lr_find as stage
-
-    suggestion = stage.run(
-        table, ingest_dir, out, load_params(params), steps=steps, write=params if write else None
-    )
-    typer.echo(f"suggested train.lr: {suggestion:.3g}")
-    return suggestion
-
-
-@app.command()
-def tune(
-    param: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--param",
-            help="KEY=LOW:HIGH (log), KEY=lin:LOW:HIGH or KEY=A,B,C (categorical); repeat",
-        ),
-    ] = None,
-    sampler: Annotated[
-        str | None, typer.Option(help="tpe | qmc | random | grid (the jittered log-grid)")
-    ] = None,
-    trials: Annotated[
-        int | None, typer.Option(min=1, help="trials in all (default: grid's points, else 16)")
-    ] = None,
-    batch: Annotated[
-        int | None, typer.Option(min=1, help="trials asked and queued at once (default 4)")
-    ] = None,
-    jobs: Annotated[int, typer.Option("-j", "--jobs", min=1, help="DVC queue workers")] = 1,
-    per_decade: Annotated[int, typer.Option(min=1, help="grid: values per decade")] = 2,
-    jitter: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="grid: random shift, share of a cell")
-    ] = 0.5,
-    epochs: Annotated[int | None, typer.Option(min=1, help="short schedule for every run")] = None,
-    study: Annotated[
-        str | None, typer.Option(help="study name (default: the last one, else 'tune')")
-    ] = None,
-    refine: Annotated[
-        bool, typer.Option("--refine", help="a narrowed study around the best trial")
-    ] = False,
-    report: Annotated[
-        bool, typer.Option("--report", help="table and Optuna's plots of the study")
-    ] = False,
-    apply: Annotated[
-        str | None, typer.Option("--apply", help="write this experiment's values")
-    ] = None,
-    metric: Annotated[str, typer.Option(help="validation metric to maximize")] = "ensemble_val_acc",
-    seed: Annotated[int, typer.Option(help="seed of the sampler (and the grid's jitter)")] = 0,
-    unlock_batch_size: Annotated[bool, typer.Option(help="allow tuning train.batch_size")] = False,
-    out: OutOpt = Path("artifacts/tune"),
-    params: ParamsOpt = Path("params.yaml"),
-) -> dict:
-    """Optuna search run as DVC experiments (TPE, QMC, random or the jittered log-grid); a
-    killed run resumes; refine, report, apply the best."""
-    from pipeline.tools import tune_study
-
-    return tune_study.main(
-        param=param,
-        sampler=sampler,
-        trials=trials,
-        batch=batch,
-        jobs=jobs,
-        per_decade=per_decade,
-        jitter=jitter,
-        epochs=epochs,
-        study=study,
-        refine=refine,
-        report=report,
-        apply=apply,
-        metric=metric,
-        seed=seed,
-        unlock_batch_size=unlock_batch_size,
-        out=out,
-        params=params,
-    )
-
-
-@app.command()
-def ensemble(
-    experiments: Annotated[list[str], typer.Argument(help="finished experiment names")],
-    ingest_dir: IngestOpt = Path("artifacts/ingest"),
-    val: Annotated[Path, typer.Option(help="validation table (clean stage)")] = Path(
-        "artifacts/clean/val.csv"
-    ),
-    out: OutOpt = Path("artifacts/tune/ensemble"),
-) -> list[dict]:
-    """Average the checkpoint ensembles of several finished experiments; the gain on validation,
-    and the combined result's test accuracy."""
-    from pipeline.tools import tune_dvc
-
-    folders = tune_dvc.fetch_models(experiments, out)
-    table = tune_dvc.ensemble_runs(folders, ingest_dir, val)
-    typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    return table.to_dict(orient="records")
-
+# The commands a user runs by hand register here, after the stages: `--help` lists them last.
+from pipeline import cli_tools  # noqa: E402, F401
 
 # A full disk, a quota, a read-only folder, a file size limit, no permission.
 FILE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}

@@ -65,8 +65,10 @@ def read_pairs(path: Path, column: str) -> dict[str, str]:
     return dict(zip(table["path"].str.strip(), table[column].str.strip()))
 
 
-def read_csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row with stripped values) of a UTF-8 CSV with at least path,label."""
+def read_csv_rows(
+    path: Path, columns_needed: tuple[str, ...] = ("path", "label")
+) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row with stripped values) of a UTF-8 CSV with at least columns_needed."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -74,8 +76,8 @@ def read_csv_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
             columns = set(reader.fieldnames or [])
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise PipelineError(f"{path} is not a readable CSV: {exc}") from None
-    if not {"path", "label"} <= columns:
-        raise PipelineError(f"{path} needs a header with path,label")
+    if not set(columns_needed) <= columns:
+        raise PipelineError(f"{path} needs a header with {','.join(columns_needed)}")
     return [
         (line, {k: (v or "").strip() for k, v in row.items() if k is not None})
         for line, row in enumerate(rows, start=2)
