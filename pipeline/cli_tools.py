@@ -245,3 +245,21 @@ def predict(
         f"({counts['refused']} refused, see the reason column): {out}"
     )
     return counts
+
+
+@app.command()
+def export(
+    dest: Annotated[Path, typer.Argument(help="folder to write (not inside data/)")],
+    test: Annotated[
+        bool, typer.Option("--test", help="also the test split, as DEST/test/")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace a non-empty DEST")] = False,
+    data_dir: DataOpt = Path("data"),
+) -> dict:
+    """The improved dataset: DEST/labels.csv (every file's final label, where it came from, or
+    why it was set aside) and DEST/<label>/<file>, hard-linked where possible."""
+    from pipeline.tools import export as tool
+
+    counts = tool.run(dest, data_dir=data_dir, include_test=test, force=force)
+    typer.echo(f"{sum(counts.values())} images in {len(counts)} classes: {dest} (labels.csv)")
+    return counts
