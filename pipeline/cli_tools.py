@@ -263,3 +263,22 @@ def export(
     counts = tool.run(dest, data_dir=data_dir, include_test=test, force=force)
     typer.echo(f"{sum(counts.values())} images in {len(counts)} classes: {dest} (labels.csv)")
     return counts
+
+
+@app.command("export-model")
+def export_model(
+    dest: Annotated[Path, typer.Argument(help="folder for model.onnx and model.json")],
+    round_name: Annotated[
+        str | None, typer.Option("--round", help="the round whose ensemble (default: last)")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> dict:
+    """A round's checkpoint ensemble as one ONNX graph (uint8 images in, calibrated
+    probabilities out) with model.json: classes, input size, channels, temperature, commit."""
+    from pipeline.tools import export_model as tool
+    from pipeline.tools.predict import round_model
+
+    model_dir = round_model(Path("artifacts/rounds"), round_name)
+    info = tool.run(model_dir, dest, load_params(params), model_dir.parent.name)
+    typer.echo(f"{dest / 'model.onnx'}: {len(info['classes'])} classes, {len(info['members'])} members")
+    return info

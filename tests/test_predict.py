@@ -1,9 +1,11 @@
 """predict: new images classified by a round's ensemble, as the evaluate stage scores them."""
 
+import json
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -91,3 +93,22 @@ def test_the_last_trained_round_predicts_unless_one_is_named(tmp_path):
         predict.round_model(tmp_path, "../x")
     with pytest.raises(PipelineError, match="no trained round"):
         predict.round_model(tmp_path / "none", None)
+
+
+def test_the_onnx_model_gives_the_ensembles_calibrated_probabilities(round0, tmp_path):
+    import onnxruntime
+
+    from pipeline.core.io import read_array
+    from pipeline.tools import export_model
+    from pipeline.training.ensemble import load_ensemble
+
+    root, params = round0
+    info = export_model.run(root / "model", tmp_path, params, "r000")
+    images = np.asarray(read_array(root / "artifacts" / "ingest" / "images"))
+    expected = load_ensemble(root / "model").predict(images)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    got = session.run(["probabilities"], {"images": images})[0]
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-4
+    classes = (root / "artifacts" / "ingest" / "classes.json").read_text()
+    assert info["classes"] == json.loads(classes) and info["temperature"] > 0
+    assert (tmp_path / "model.json").is_file() and info["input"]["dtype"] == "uint8"
