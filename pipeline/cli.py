@@ -268,6 +268,18 @@ def summarize(
     return stage.run(reports, clean_dir, ingest_dir, out)
 
 
+@app.command()
+def dataset(
+    artifacts: Annotated[Path, typer.Option(help="the stages' outputs")] = Path("artifacts"),
+    out: OutOpt = Path("artifacts/dataset"),
+) -> dict:
+    """The improved dataset after the last round: labels.csv, every file's final label and its
+    source, or why it was set aside."""
+    from pipeline.stages import dataset as stage
+
+    return stage.run(artifacts, out)
+
+
 # The commands a user runs by hand register here, after the stages: `--help` lists them last.
 from pipeline import cli_tools  # noqa: E402, F401
 

@@ -280,5 +280,23 @@ def export_model(
 
     model_dir = round_model(Path("artifacts/rounds"), round_name)
     info = tool.run(model_dir, dest, load_params(params), model_dir.parent.name)
-    typer.echo(f"{dest / 'model.onnx'}: {len(info['classes'])} classes, {len(info['members'])} members")
+    typer.echo(
+        f"{dest / 'model.onnx'}: {len(info['classes'])} classes, {len(info['members'])} members"
+    )
     return info
+
+
+@app.command()
+def diff(
+    rev_a: Annotated[str, typer.Argument(help="the older git revision, e.g. HEAD~1")],
+    rev_b: Annotated[str, typer.Argument(help="the newer one, e.g. HEAD")] = "HEAD",
+    out: Annotated[Path, typer.Option(help="the CSV of changes")] = Path("label_changes.csv"),
+) -> int:
+    """Which labels changed between two commits of the dataset (artifacts/dataset/labels.csv):
+    new pseudo-labels, relabels, drops, answers, each with its classes."""
+    from pipeline.tools import diff as tool
+
+    changes = tool.run(rev_a, rev_b, out)
+    typer.echo(tool.describe(changes))
+    typer.echo(f"{len(changes)} changes: {out}")
+    return len(changes)

@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": "stages/evaluate",
     "pseudolabel": "stages/pseudolabel",
     "summarize": "stages/summarize",
+    "dataset": "stages/dataset",
 }
 STAGE_MODULES = set(COMMANDS.values())  # the modules dvc.yaml runs
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -39,6 +40,7 @@ def test_demo_repro_runs_every_stage_and_reports(repo):
         "train_round@r002",
         "evaluate_round@r002",
         "summarize",
+        "dataset",
     }
     clean = json.loads((root / "artifacts/clean/metrics.json").read_text())
     assert clean["truth"]["truly_wrong"] > 0 and clean["label_issues"] > 0
@@ -65,6 +67,21 @@ def test_raw_data_is_never_modified_by_the_pipeline(repo, record):
         "the whole demo pipeline (`dvc repro`), then a hash of every file under data/",
         "nothing under data/ changed",
     )
+
+
+def test_the_improved_dataset_accounts_for_every_file_and_exports_as_image_folders(repo, tmp_path):
+    root, _, _ = repo
+    labels = pd.read_csv(root / "artifacts/dataset/labels.csv", dtype=str, keep_default_na=False)
+    data = root / "data"
+    files = [p.relative_to(data).as_posix() for p in data.rglob("*.png")]
+    assert sorted(labels["path"]) == sorted(files)  # every labeled, pool and test image once
+    dest = tmp_path / "improved"
+    sh(root, sys.executable, "-m", "pipeline", "export", str(dest))
+    kept = labels[(labels["label"] != "") & (labels["split"] != "test")]
+    tree = {p.name: p.parent.name for p in dest.rglob("*.png")}
+    assert tree == {p.replace("/", "__"): label for p, label in zip(kept["path"], kept["label"])}
+    again = sh(root, sys.executable, "-m", "pipeline", "export", str(dest), check=False)
+    assert again.returncode == 1 and "--force" in again.stderr
 
 
 def test_second_repro_does_nothing(repo):
@@ -203,16 +220,32 @@ def test_add_pool_then_repro_runs_only_the_new_round_and_summary(repo, tmp_path)
     for i in range(0, 300, 3):  # shifted copies: new content the pipeline has never seen
         image = np.roll((digits.images[i] * 16).clip(0, 255).astype(np.uint8), 1, axis=1)
         Image.fromarray(image).save(incoming / f"shifted_{i}.png")
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-qm", "before the new pool", check=False)  # labels.csv in git
     added = sh(root, sys.executable, "-m", "pipeline", "add-pool", str(incoming))
     assert "round r003" in added.stdout
     status = stale(root)
-    # Only the new round is out of date; summarize follows once its reports change.
+    # Only the new round is out of date; summarize and the dataset follow once its outputs change.
     new_round = {"pseudolabel@r003", "train_round@r003", "evaluate_round@r003"}
     assert {k for k in status if not k.endswith(".dvc")} == new_round, status
     output = dvc(root, "repro").stdout
-    assert stages_ran(output) == new_round | {"summarize"}
+    assert stages_ran(output) == new_round | {"summarize", "dataset"}
     summary = json.loads((root / "artifacts/summary/metrics.json").read_text())
     assert summary["rounds"] == 4
+
+    # which labels the round changed: pool images only (the new pool's pseudo-labels, and those
+    # of earlier pools the new model re-scored), never a human label
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-qm", "round r003")
+    sh(root, sys.executable, "-m", "pipeline", "diff", "HEAD~1", "HEAD", "--out", "changes.csv")
+    changes = pd.read_csv(root / "changes.csv", dtype=str, keep_default_na=False)
+    labels = pd.read_csv(root / "artifacts/dataset/labels.csv", dtype=str, keep_default_na=False)
+    new_pool = labels[
+        labels["path"].str.startswith("unlabeled/pool_003/") & (labels["label"] != "")
+    ]
+    assert len(new_pool) > 0 and set(new_pool["path"]) <= set(changes["path"])
+    assert (changes["split"] == "pool").all()
+    assert set(changes["kind"]) <= {"pseudo-labeled", "unlabeled", "changed"}
 
 
 def test_changing_one_image_reruns_ingest(repo):
@@ -260,7 +293,7 @@ def test_a_users_first_project_has_no_test_split_no_pool_and_no_extras(repo, tmp
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     output = dvc(project, "repro").stdout  # init_pseudo: the empty set's shape is ingest's
-    assert stages_ran(output) == ROUND_ZERO | {"summarize"}
+    assert stages_ran(output) == ROUND_ZERO | {"summarize", "dataset"}
     assert (project / "data/test").is_dir() and not any((project / "data/test").iterdir())
     ingest = json.loads((project / "artifacts/ingest/metrics.json").read_text())
     summary = json.loads((project / "artifacts/summary/metrics.json").read_text())
@@ -272,7 +305,7 @@ def test_a_users_first_project_has_no_test_split_no_pool_and_no_extras(repo, tmp
     sh(project, sys.executable, "-m", "pipeline", "add-pool", str(pool))
     output = dvc(project, "repro").stdout
     assert stages_ran(output) == {
-        "pseudolabel@r001", "train_round@r001", "evaluate_round@r001", "summarize"
+        "pseudolabel@r001", "train_round@r001", "evaluate_round@r001", "summarize", "dataset"
     }  # fmt: skip
     pseudo = json.loads((project / "artifacts/reports/r001/pseudolabel/metrics.json").read_text())
     assert pseudo["candidates"] > 0 and "pseudo_label_accuracy" not in pseudo

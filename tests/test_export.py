@@ -9,7 +9,8 @@ from sklearn.datasets import load_digits
 
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
-from pipeline.stages import clean, ingest, pseudolabel
+from pipeline.data.dataset_table import COLUMNS, dataset_table
+from pipeline.stages import clean, dataset, ingest, pseudolabel
 from pipeline.tools import export
 
 from .conftest import augment_and_train, write_digits, write_params, write_truth
@@ -49,6 +50,7 @@ def workspace(tmp_path_factory):
         report_dir=art / "reports" / "r001" / "pseudolabel",
         params=params,
     )
+    dataset.run(art, art / "dataset")
     return root
 
 
@@ -58,10 +60,14 @@ def files_under(folder):
 
 def test_every_labeled_and_pool_file_is_accounted_for_once(workspace):
     data = workspace / "data"
-    table = export.dataset_table(workspace / "artifacts")
-    assert list(table.columns) == export.COLUMNS
-    expected = [p for p in files_under(data / "labeled") + files_under(data / "unlabeled")]
-    assert sorted(table["path"]) == sorted(expected)  # each once: no file twice, none missing
+    table = dataset_table(workspace / "artifacts")
+    written = pd.read_csv(
+        workspace / "artifacts/dataset/labels.csv", dtype=str, keep_default_na=False
+    )
+    assert list(table.columns) == COLUMNS and written.equals(table)  # what the stage wrote
+    expected = files_under(data / "labeled") + files_under(data / "unlabeled")
+    assert sorted(table.loc[table["split"] != "test", "path"]) == sorted(expected)  # each once
+    assert sorted(table.loc[table["split"] == "test", "path"]) == files_under(data / "test")
     kept, aside = table[table["label"] != ""], table[table["label"] == ""]
     assert (aside["set_aside"] != "").all() and (kept["set_aside"] == "").all()
     assert set(kept["source"]) <= {"human", "relabeled", "override", "pseudo", "answer"}
