@@ -251,7 +251,7 @@ def predict(
 def export(
     dest: Annotated[Path, typer.Argument(help="folder to write (not inside data/)")],
     test: Annotated[
-        bool, typer.Option("--test", help="also the test split, as DEST/test/")
+        bool, typer.Option("--test", "--split", help="also the test split, as DEST/test/")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="replace a non-empty DEST")] = False,
     data_dir: DataOpt = Path("data"),

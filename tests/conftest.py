@@ -269,6 +269,43 @@ def augment_and_train(root: Path, ingest_dir: Path, table: Path, params) -> Path
     return root / "model"
 
 
+def write_pool(pool: Path, start: int, stop: int) -> None:
+    """Digits 0-2 that write_digits' sets do not hold (rows start:stop of those digits in
+    scikit-learn's order) as pool PNGs."""
+    digits = load_digits()
+    pool.mkdir(parents=True, exist_ok=True)
+    for i in np.flatnonzero(digits.target < 3)[start:stop]:
+        image = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(pool / f"p{i}.png")
+
+
+def run_pool_round(root: Path, params, *, cleaned: bool, pseudo_params=None) -> Path:
+    """The stages of one pool round under root/artifacts, laid out as `dvc repro` writes them:
+    ingest and clean of root/data, r000 trained on clean's rows (cleaned) or on the uncleaned
+    split (train_table), the empty set, then pseudolabel@r001 over data/unlabeled/pool_001 with
+    `pseudo_params` (default: params). Returns r000's model folder."""
+    from pipeline.stages import clean, ingest, pseudolabel
+
+    data, art = root / "data", root / "artifacts"
+    ingest.run(data, art / "ingest", params)
+    clean.run(art / "ingest", data, art / "clean", params)
+    table = art / "clean" / "train.csv" if cleaned else train_table(art / "ingest")
+    model = augment_and_train(art / "rounds" / "r000", art / "ingest", table, params)
+    pseudolabel.init_pseudo(art / "rounds" / "r000" / "pseudo", art / "ingest" / "images")
+    pseudolabel.run(
+        round_name="r001",
+        pool="pool_001",
+        data_dir=data,
+        model_dir=model,
+        ingest_dir=art / "ingest",
+        pseudo_in=art / "rounds" / "r000" / "pseudo",
+        out_dir=art / "rounds" / "r001" / "pseudo",
+        report_dir=art / "reports" / "r001" / "pseudolabel",
+        params=pseudo_params or params,
+    )
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # A real project: git + DVC + the demo data, for the end-to-end tests
 

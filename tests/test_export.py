@@ -1,19 +1,16 @@
 """export: the improved dataset (every labeled and pool file once, with its final label and
 where it came from) as labels.csv and an ImageFolder tree."""
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-from sklearn.datasets import load_digits
 
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
 from pipeline.data.dataset_table import COLUMNS, dataset_table
-from pipeline.stages import clean, dataset, ingest, pseudolabel
+from pipeline.stages import dataset
 from pipeline.tools import export
 
-from .conftest import augment_and_train, write_digits, write_params, write_truth
+from .conftest import run_pool_round, write_digits, write_params, write_pool, write_truth
 
 
 @pytest.fixture(scope="module")
@@ -28,28 +25,9 @@ def workspace(tmp_path_factory):
                                    test_per_class=10))  # fmt: skip
     (data / "labeled" / "one" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     pool = data / "unlabeled" / "pool_001"
-    pool.mkdir(parents=True)
-    digits = load_digits()
-    for i in np.flatnonzero(digits.target < 3)[200:240]:
-        image = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
-        Image.fromarray(image).save(pool / f"p{i}.png")
+    write_pool(pool, 200, 240)
     (pool / "notes.png").write_text("not an image")
-    ingest.run(data, art / "ingest", params)
-    clean.run(art / "ingest", data, art / "clean", params)
-    model = augment_and_train(art / "rounds" / "r000", art / "ingest", art / "clean" / "train.csv",
-                              params)  # fmt: skip
-    pseudolabel.init_pseudo(art / "rounds" / "r000" / "pseudo", art / "ingest" / "images")
-    pseudolabel.run(
-        round_name="r001",
-        pool="pool_001",
-        data_dir=data,
-        model_dir=model,
-        ingest_dir=art / "ingest",
-        pseudo_in=art / "rounds" / "r000" / "pseudo",
-        out_dir=art / "rounds" / "r001" / "pseudo",
-        report_dir=art / "reports" / "r001" / "pseudolabel",
-        params=params,
-    )
+    run_pool_round(root, params, cleaned=True)
     dataset.run(art, art / "dataset")
     return root
 

@@ -11,25 +11,22 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-from sklearn.datasets import load_digits
 
 from pipeline.core.config import load_params
-from pipeline.stages import clean, evaluate, ingest, pseudolabel
+from pipeline.stages import evaluate
 from pipeline.tools import review
 
 from .conftest import (
     CHROMIUM_ARGS,
-    augment_and_train,
     chromium,
     relabel_then_reject,
     review_server,
-    train_table,
+    run_pool_round,
     write_digits,
     write_params,
+    write_pool,
 )
 
 HOSTILE_CLASS = "<b>bold"  # no "/": a class name holds no path separator
@@ -53,28 +50,10 @@ def workspace(tmp_path_factory):
     write_digits(data, {0: "zero", 1: HOSTILE_CLASS, 2: "two"}, 30, flip=0.2, test_per_class=10)
     first = next((data / "labeled" / "zero").iterdir())
     first.rename(first.with_name(f"{HOSTILE_FILE}.png"))
-    pool = data / "unlabeled" / "pool_001"
-    pool.mkdir(parents=True)
-    digits = load_digits()
-    for i in np.flatnonzero(digits.target < 3)[200:260]:
-        image = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
-        Image.fromarray(image).save(pool / f"p{i}.png")
-    ingest.run(data, art / "ingest", params)
-    clean.run(art / "ingest", data, art / "clean", params)
-    model = augment_and_train(
-        art / "rounds" / "r000", art / "ingest", train_table(art / "ingest"), params
-    )
-    pseudolabel.init_pseudo(art / "rounds" / "r000" / "pseudo", art / "ingest" / "images")
-    pseudolabel.run(
-        round_name="r001",
-        pool="pool_001",
-        data_dir=data,
-        model_dir=model,
-        ingest_dir=art / "ingest",
-        pseudo_in=art / "rounds" / "r000" / "pseudo",
-        out_dir=art / "rounds" / "r001" / "pseudo",
-        report_dir=art / "reports" / "r001" / "pseudolabel",
-        params=replace(params, pseudolabel=replace(params.pseudolabel, min_confidence=0.0)),
+    write_pool(data / "unlabeled" / "pool_001", 200, 260)
+    everything = replace(params.pseudolabel, min_confidence=0.0)
+    model = run_pool_round(
+        root, params, cleaned=False, pseudo_params=replace(params, pseudolabel=everything)
     )
     for name in ("r000", "r001"):  # r001's own model is r000's here: only the layout matters
         evaluate.run(
