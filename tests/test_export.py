@@ -1,6 +1,8 @@
 """export: the improved dataset (every labeled and pool file once, with its final label and
 where it came from) as labels.csv and an ImageFolder tree."""
 
+import shutil
+
 import pandas as pd
 import pytest
 
@@ -77,3 +79,13 @@ def test_export_writes_the_tree_the_table_describes_and_never_half_or_twice(work
     export.run(dest, artifacts=workspace / "artifacts", data_dir=workspace / "data",
                include_test=True, force=True)  # fmt: skip
     assert len(list((dest / "test").rglob("*.png"))) == 30
+
+
+def test_a_project_without_pools_has_a_dataset_of_its_labeled_images(workspace, tmp_path):
+    """Before any pool round the last set is round r000's empty one."""
+    art = tmp_path / "artifacts"
+    for name in ("ingest", "clean", "rounds/r000"):
+        shutil.copytree(workspace / "artifacts" / name, art / name)
+    table = dataset_table(art)
+    assert set(table["split"]) == {"train", "validation", "test"}
+    assert (table.loc[table["label"] != "", "source"] != "pseudo").all()

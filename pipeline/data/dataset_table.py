@@ -75,8 +75,14 @@ def _pool_rows(table: pd.DataFrame) -> pd.DataFrame:
     label, the rest with why not."""
     accepted = table["accepted"] == "True"
     by_person = table["human"] != ""
-    why = "not accepted: confidence " + table["confidence"].astype(float).map("{:.3f}".format)
-    why += " under the threshold " + table["threshold"].astype(float).map("{:.3f}".format)
+    why = pd.Series(
+        [
+            f"not accepted: confidence {float(c):.3f} under the threshold {float(t):.3f}"
+            for c, t in zip(table["confidence"], table["threshold"])
+        ],
+        index=table.index,
+        dtype=str,
+    )
     why = why.where(table["human"] != "reject", "rejected by a person (data/pseudo_overrides.csv)")
     return pd.DataFrame(
         {
