@@ -133,7 +133,7 @@ def test_report_escapes_hostile_class_and_file_names(hostile_report, record):
     )
     record(
         "input",
-        "class names with a slash, spaces, `&` and non-Latin letters",
+        "class names with `<`, spaces, `&` and non-Latin letters",
         "kept exactly, through ingest, train and evaluate",
     )
 
