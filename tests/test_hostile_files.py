@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from pipeline.core.config import load_params
 from pipeline.data.image_stats import inspect
 from pipeline.data.images import DECODE_FORMATS, Rejected, decode, max_file_bytes, thumbnail
-from pipeline.data.pack import _decode_file
+from pipeline.data.pack import decode_file
 from pipeline.data.scan import read_csv_manifest, scan_folder
 from pipeline.stages import ingest
 
@@ -135,14 +135,14 @@ def test_a_file_over_the_byte_cap_is_refused_before_it_is_read(tmp_path, monkeyp
         raise AssertionError("the file was read and decoded")
 
     monkeypatch.setattr("pipeline.data.pack.decode", no_read)
-    reason = _decode_file(big, options)
+    reason = decode_file(big, options)
     size = big.stat().st_size
     assert reason.startswith(f"file too large: {size:,} bytes is over the {cap:,} bytes")
     monkeypatch.undo()
     within = PngInfo()
     within.add_text("padding", "x" * (cap - 10_000))  # under the cap: decoded as usual
     (tmp_path / "within.png").write_bytes(_png(info=within))
-    assert _decode_file(tmp_path / "within.png", options).width == 16
+    assert decode_file(tmp_path / "within.png", options).width == 16
     record("security", "a file larger than any image within ingest.max_image_pixels",
            "quarantined unread, with both sizes")  # fmt: skip
 
@@ -161,9 +161,9 @@ def test_a_pixel_bomb_is_refused_from_its_header_without_allocating_it(
     script = (
         "import sys; from pathlib import Path\n"
         "from pipeline.data.images import thumbnail; from pipeline.data.image_stats import inspect\n"
-        "from pipeline.data.pack import _decode_file\n"
+        "from pipeline.data.pack import decode_file\n"
         "path = Path(sys.argv[1])\n"
-        "print(_decode_file(path, dict(image_size=8, channels=1, resize='pad', "
+        "print(decode_file(path, dict(image_size=8, channels=1, resize='pad', "
         "max_pixels=20_000_000, draft=True)))\n"
         "print(inspect([path], 20_000_000)['too_large'][0]); print(thumbnail(path))\n"
         "status = Path('/proc/self/status').read_text().split('VmHWM:')[1]\n"

@@ -127,7 +127,7 @@ def _decoding(paths: list[Path], options: dict, workers: int) -> Iterator[Iterat
     (Linux's default start method, which costs no start-up) copies only the calling thread.
     """
     if workers <= 1 or len(paths) <= 1:
-        yield (_decode_file(path, options) for path in paths)
+        yield (decode_file(path, options) for path in paths)
         return
     per_image = options["image_size"] ** 2 * options["channels"] + 1024  # + signature, names
     size = max(1, int(min(TASK_MIB * 2**20 // per_image, len(paths) // (16 * workers), TASK_FILES)))
@@ -162,7 +162,7 @@ def _decode_files(paths: list[Path], options: dict) -> tuple:
     """A task's results in few objects, so sending them back costs little per image: (pixels
     (k, H, W, C), signatures (k, SIGNATURE_SIZE), one quarantine reason or (sha256, width,
     height, mode, note) per path, where k counts the decoded ones)."""
-    results = [_decode_file(path, options) for path in paths]
+    results = [decode_file(path, options) for path in paths]
     decoded = [r for r in results if not isinstance(r, str)]
     shape = (options["image_size"], options["image_size"], options["channels"])
     pixels = np.stack([r.pixels for r in decoded]) if decoded else np.empty((0, *shape), np.uint8)
@@ -174,7 +174,7 @@ def _decode_files(paths: list[Path], options: dict) -> tuple:
 
 
 def _unpack(task: tuple) -> Iterator[Decoded | str]:
-    """_decode_files' results one by one again, as _decode_file gave them."""
+    """_decode_files' results one by one again, as decode_file gave them."""
     pixels, looks, rest = task
     row = 0
     for item in rest:
@@ -186,7 +186,7 @@ def _unpack(task: tuple) -> Iterator[Decoded | str]:
         row += 1
 
 
-def _decode_file(path: Path, options: dict) -> Decoded | str:
+def decode_file(path: Path, options: dict) -> Decoded | str:
     """The decoded image, or the reason it goes to quarantine. A file larger than any image
     within max_pixels can be (images.max_file_bytes) is refused before it is read: up to
     MAX_WORKERS processes read one file each at a time."""

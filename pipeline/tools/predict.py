@@ -29,7 +29,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path
 from pipeline.core.names import check_round_key, printable
 from pipeline.data.inputs import read_csv_rows
-from pipeline.data.pack import _decode_file
+from pipeline.data.pack import decode_file
 from pipeline.training.ensemble import load_ensemble
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def run(
         progress = tqdm(total=len(files), desc="predict", unit="img", mininterval=1.0)
         for start in range(0, len(files), CHUNK):
             chunk = files[start : start + CHUNK]
-            decoded = [_decode_file(path, options) for path in chunk]
+            decoded = [decode_file(path, options) for path in chunk]
             good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
             probs = np.zeros((0, len(classes)))
             if good:
