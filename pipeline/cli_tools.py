@@ -65,9 +65,22 @@ def init(
     ] = False,
     data_dir: DataOpt = Path("data"),
     params: ParamsOpt = Path("params.yaml"),
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="resnet (a small CNN from scratch) or a timm model name; default: "
+            "tf_efficientnet_lite0 for photos when its weights are at hand"
+        ),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="imagenet (timm's, via the Hugging Face cache), none, or a state dict file"
+        ),
+    ] = None,
 ) -> dict:
     """Bring your own images into data/ (copied, tracked with DVC) and write params that fit
-    them: image size, channels, HSV shifts, one round per pool."""
+    them: image size, channels, HSV shifts, the backbone, one round per pool."""
     from pipeline.tools import init as stage
 
     summary = stage.run(
@@ -78,6 +91,8 @@ def init(
         force=force,
         data_dir=data_dir,
         params_path=params,
+        backbone=backbone,
+        weights=weights,
     )
     typer.echo(stage.describe(summary))
     return summary

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # than with 1 beside one other busy process. Subprocesses (dvc repro, torchrun) inherit it; a
 # value set by the caller wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test reaches the Hugging Face hub, and none finds weights a developer cached: the cache is
+# an empty folder of this test session's (set before anything imports huggingface_hub).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="pipeline-tests-hf-")
 
 # Small and fast, but the same code paths as the demo.
 FAST = {

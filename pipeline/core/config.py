@@ -9,6 +9,7 @@ machinery and the field helpers are pipeline.core.typed).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from ruamel.yaml.error import YAMLError
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.names import check_name, check_round_key
+from pipeline.core.names import check_name, check_round_key, printable
 from pipeline.core.typed import (
     AUTO,
     budgets,
@@ -174,14 +175,51 @@ def transform_names() -> tuple[str, ...]:
     )
 
 
+BACKBONE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    # resnet: the small residual CNN the next keys shape; any other value names a timm model
+    # (pipeline/training/backbones.py), e.g. efficientnet_lite0, resnet18, convnext_atto
+    backbone: str = "resnet"
+    # timm backbones: none (random init) | imagenet (timm's weights, through the Hugging Face
+    # cache) | the path of a file holding a state dict in timm's key names
+    weights: str = "none"
+    # pretrained backbones: train a linear head on frozen features (true), or fine-tune the
+    # whole network with the body at body_lr * the learning rate (false)
+    frozen: bool = False
+    body_lr: float = num(0.1, 0.0, 1.0)
     width: int = num(16, 4, 512)  # channels of the first stage; doubled at every next stage
     blocks: tuple[int, ...] = num((1, 1, 1), 0, 16)  # residual blocks per stage
     kernel_size: int = num(3, 1, 7)
     norm: str = choice("batch", "group", "none")
     dropout: float = num(0.2, 0.0, 0.9)
     activation: str = choice("relu", "leaky_relu")
+
+    def __post_init__(self) -> None:
+        if not BACKBONE_NAME.fullmatch(self.backbone):
+            raise PipelineError(
+                f"train.model.backbone: {printable(self.backbone)} is not a model name: resnet, "
+                f"or a timm model such as efficientnet_lite0"
+            )
+        if not self.weights or "\x00" in self.weights:
+            raise PipelineError("train.model.weights: none, imagenet or the path of a file")
+        if self.backbone == "resnet" and self.weights != "none":
+            raise PipelineError(
+                f"train.model.weights: {printable(self.weights)} needs a timm backbone; the "
+                f"resnet backbone trains from scratch (weights: none)"
+            )
+        if self.frozen and not self.pretrained:
+            raise PipelineError(
+                "train.model.frozen: a frozen backbone needs pretrained weights "
+                "(train.model.weights: imagenet or a file)"
+            )
+
+    @property
+    def pretrained(self) -> bool:
+        """A timm backbone with weights to start from."""
+        return self.backbone != "resnet" and self.weights != "none"
 
 
 @dataclass(frozen=True)
@@ -211,6 +249,13 @@ class TrainConfig:
     num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
     compile: bool = False  # torch.compile the model for training
     nproc: int = num(1, 1, 64)  # processes under torchrun (one per GPU; gloo on CPU)
+
+    def __post_init__(self) -> None:
+        if self.model.frozen and self.nproc > 1:
+            raise PipelineError(
+                "train.nproc: a frozen backbone trains its linear head in one process "
+                "(seconds); set train.nproc: 1, or train.model.frozen: false to fine-tune"
+            )
 
 
 @dataclass(frozen=True)

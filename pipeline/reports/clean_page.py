@@ -19,6 +19,10 @@ def _chosen(metrics: dict) -> dict | None:
     return next((b for b in metrics.get("kfold_budgets", []) if b["chosen"]), None)
 
 
+def _name(budget: dict) -> str:
+    return budget.get("name", f"{budget['min_steps']} steps")
+
+
 def render(
     decided: pd.DataFrame, images: np.ndarray, metrics: dict, limit: int, data_dir: Path
 ) -> str:
@@ -30,7 +34,7 @@ def render(
         ("estimated noise", f"{metrics['estimated_noise_rate']:.1%}"),
         ("label health", f"{metrics['label_health_score']:.2f}"),
         ("out-of-sample accuracy", f"{metrics['out_of_sample_accuracy']:.1%}"),
-        ("K-fold budget", f"{chosen['min_steps']} steps" if (chosen := _chosen(metrics)) else "-"),
+        ("K-fold kept", _name(chosen) if (chosen := _chosen(metrics)) else "-"),
     ]
     if truth:
         summary += [
@@ -54,10 +58,10 @@ def render(
         )
     by_type = report.table(["issue type", "count"], sorted(metrics["issues_by_type"].items()))
     budgets = report.table(
-        ["steps per fold at least", "agreement with the given labels", "log loss", "kept"],
+        ["fold models", "agreement with the given labels", "log loss", "kept"],
         [
             (
-                b["min_steps"],
+                _name(b),
                 f"{b['accuracy']:.1%}",
                 f"{b['log_loss']:.3f}",
                 "yes" if b["chosen"] else "",
@@ -79,7 +83,8 @@ def render(
         + report.cards(summary)
         + f"<h2>Issues by type</h2>{by_type}<h2>Estimated noise per class</h2>{per_class}"
         + "<h2>K-fold budgets tried</h2><p class='muted'>The run whose held-out predictions "
-        "agree best with the given labels is kept (clean.min_steps).</p>"
+        "agree best with the given labels is kept (clean.min_steps; with a pretrained "
+        "backbone, a linear model on its frozen embeddings too).</p>"
         + budgets
         + f"<h2>Most overlapping classes</h2>{pairs}"
         + f"<h2>Flagged samples ({len(flagged)}, showing {min(limit, len(flagged))})</h2>"

@@ -26,7 +26,9 @@ out-of-fold predictions agree best with the given labels (metrics.json `kfold_bu
 
 The embedding model is one model trained, after the K-fold, on the rows a first pass keeps
 (clean.embedding_steps): its embeddings are the one space near-duplicate and outlier scores
-compare in.
+compare in. With a pretrained backbone (train.model.weights) the body's frozen features are that
+space instead, and a logistic regression per fold on them is a K-fold candidate: seconds where
+fine-tuned folds take minutes (pipeline/training/frozen.py).
 
 The stage runs library code: finding the issues in pipeline/data/label_issues.py, the decisions
 and overrides in pipeline/data/label_decisions.py, the page in pipeline/reports/clean_page.py.
@@ -75,6 +77,7 @@ from pipeline.data.quality import checks_for, image_issues
 from pipeline.reports.clean_page import render
 from pipeline.training.ensemble import predict_proba
 from pipeline.training.feed import Samples, training_augmentation
+from pipeline.training.frozen import features
 from pipeline.training.kfold import kfold_pred_probs, recipe
 from pipeline.training.loop import fit
 from pipeline.training.model import build_model
@@ -96,7 +99,7 @@ def embedding_model(
     """
     device = pick_device()
     torch.manual_seed(params.base.seed)
-    model = build_model(params.train.model, params.base.channels, len(classes))
+    model = build_model(params.train.model, params.base.channels, len(classes), pretrained=True)
     fit(
         model,
         Samples(images[trains], labels[trains]),
@@ -143,9 +146,14 @@ def run(
     labels = table["label"].map(classes.index).to_numpy(np.int64)
     train_images = np.ascontiguousarray(images[table["row"].astype(int).to_numpy()])
 
+    # A pretrained backbone's frozen features: a K-fold candidate and the one embedding space.
+    frozen = None
+    if params.train.model.pretrained:
+        body = build_model(params.train.model, params.base.channels, len(classes), pretrained=True)
+        frozen = features(body, train_images, pick_device(), desc="clean: embeddings")
     # Out-of-sample probabilities, with the augmentation policy the final model will use.
     pred_probs, kfold_embeddings, budgets = kfold_pred_probs(
-        train_images, labels, len(classes), params, classes, beside=out_dir
+        train_images, labels, len(classes), params, classes, beside=out_dir, features=frozen
     )
     found = find_issues(labels, pred_probs, filter_by=params.clean.filter_by)
     policy, guard = guarded_policy(labels, pred_probs, cfg.policy, cfg.max_noise_rate)
@@ -168,8 +176,8 @@ def run(
     )
 
     # The embedding model, trained on what a first pass over the label issues keeps.
-    embeddings = kfold_embeddings
-    if cfg.embedding_steps > 0:
+    embeddings = kfold_embeddings if frozen is None else frozen
+    if cfg.embedding_steps > 0 and frozen is None:
         first, _ = apply_overrides(
             decide(
                 issues.assign(issue_types=""),

@@ -287,6 +287,12 @@ def resolve_shape(params: Params, files: list[Path]) -> tuple[Params, dict]:
     if not wanted:
         return params, {}
     shape = fitting_shape(inspect(files, params.ingest.max_image_pixels))
+    backbone = params.train.model.backbone
+    if backbone != "resnet":  # the size its pretrained weights expect, whatever the images
+        from pipeline.training.backbones import input_size
+
+        shape["image_size"] = input_size(backbone)
+        shape["why"]["image_size"] = f"the input size timm's {backbone} was pretrained at"
     chosen = {key: {"value": shape[key], "why": shape["why"][key]} for key in wanted}
     for key, choice in chosen.items():
         log.info("ingest: base.%s auto -> %s (%s)", key, choice["value"], choice["why"])

@@ -1,4 +1,4 @@
-"""train stage: the residual CNN on the cleaned table plus the round's pseudo-labels.
+"""train stage: train.model on the cleaned table plus the round's pseudo-labels.
 
 Reads   the cleaned training table and the validation table (clean stage) + packed images,
         classes.json, the augment stage's policy, the round's pseudo-label input folder
@@ -9,7 +9,9 @@ Writes  <model>/epoch_NNN.pt + ensemble.json  the top-k checkpoints, averaged at
         <live>/                                dvclive metrics and per-epoch plots
 Params  base, train
 
-The loop is pipeline/training/loop.py (`fit`: `train.epochs` epochs of at least `train.min_steps` optimizer
+With a frozen pretrained backbone (train.model.frozen) only the linear head trains, on features
+the body computes once (pipeline/training/frozen.py: no augmentation, one process). Otherwise
+the loop is pipeline/training/loop.py (`fit`: `train.epochs` epochs of at least `train.min_steps` optimizer
 steps in all, early stopping, the top-k checkpoints, resume); the ensemble, pipeline/training/ensemble.py. Batches come from pipeline/training/feed.py (either augmentation
 backend); with train.nproc > 1 the command runs under torchrun and `fit` wraps the model in
 DistributedDataParallel.
@@ -40,7 +42,8 @@ from pipeline.training.calibration import (
     nll,
 )
 from pipeline.training.ensemble import load_ensemble
-from pipeline.training.feed import Samples, distributed, training_augmentation
+from pipeline.training.feed import Samples, current_shard, distributed, training_augmentation
+from pipeline.training.frozen import fit_head
 from pipeline.training.gpu_augment import BatchAugment
 from pipeline.training.loop import FitResult, fit, passes_per_epoch
 from pipeline.training.model import build_model
@@ -145,7 +148,7 @@ def run(
         transforms_dir=augment_dir / "transforms",
     )
     torch.manual_seed(base.seed)
-    model = build_model(cfg.model, base.channels, len(classes))
+    model = build_model(cfg.model, base.channels, len(classes), pretrained=True)
     config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
     fingerprint = fingerprint_of(config, train.images, train.labels, val.labels)
     log.info(
@@ -157,18 +160,24 @@ def run(
         device,
         "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
     )
-    with distributed(device) as shard:
-        result = fit(
-            model,
-            train,
-            val,
-            cfg,
-            seed=base.seed,
-            device=device,
-            augmentation=augmentation,
-            state_dir=state_dir,
-            fingerprint=fingerprint,
+    if cfg.model.frozen:  # a linear head on the pretrained body's features, one process
+        result = fit_head(
+            model, train, val, cfg, seed=base.seed, device=device, state_dir=state_dir
         )
+        shard = current_shard()
+    else:
+        with distributed(device) as shard:
+            result = fit(
+                model,
+                train,
+                val,
+                cfg,
+                seed=base.seed,
+                device=device,
+                augmentation=augmentation,
+                state_dir=state_dir,
+                fingerprint=fingerprint,
+            )
     if shard.rank > 0:
         return {}  # the first process writes every output
     if not result.kept:

@@ -1,6 +1,7 @@
 """init: bring your own images into data/ and write the params that fit them.
 
     python -m pipeline init SRC [--test DIR] [--pool NAME=DIR ...] [--link] [--force]
+                                [--backbone NAME] [--weights imagenet|none|FILE]
 
 SRC is either
   a folder   SRC/<class>/** or SRC/labeled/<class>/**, optional SRC/test/<class>/**,
@@ -11,7 +12,8 @@ SRC is either
 Files are copied (or hard-linked with --link) into data/labeled/, data/test/ and
 data/unlabeled/<pool>/, each tracked with `dvc add`. params.yaml (comments kept) gets
 base.image_size from the images' sizes, base.channels and augment.hsv.p from their colour,
-and one round per pool. Nothing is decoded for training here: ingest still checks every file
+train.model's backbone (pipeline/tools/backbone_choice.py: a pretrained one for photos, with
+--backbone NAME and --weights imagenet|none|FILE to choose) and one round per pool. Nothing is decoded for training here: ingest still checks every file
 and quarantines what it cannot use; init only reads headers (and a sample for colour) to choose
 the params and warn early. A data/ that already holds a dataset is refused unless --force,
 which moves it aside into data-before-init-<time>/, never deletes it.
@@ -47,6 +49,7 @@ from pipeline.data.intake import (
     refuse_overlap,
     staging,
 )
+from pipeline.tools.backbone_choice import choose_backbone
 from pipeline.tools.pools import write_rounds
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,8 @@ def run(
     data_dir: Path = Path("data"),
     params_path: Path = Path("params.yaml"),
     register: bool = True,
+    backbone: str | None = None,
+    weights: str | None = None,
 ) -> dict:
     """Copy the user's images into data_dir, write params from them; returns the summary."""
     source, data_dir = Path(source), Path(data_dir)
@@ -108,6 +113,9 @@ def run(
     max_pixels = load_params(params_path).ingest.max_image_pixels
     stats = inspect([p for p, _, _ in found.labeled + found.test], max_pixels)
     chosen = choose_params(stats)
+    model = choose_backbone(chosen, stats["short_side"]["median"], backbone, weights)
+    chosen |= {k: v for k, v in model.items() if k != "why"}
+    chosen["why"] |= model["why"]
 
     # Copy into a staging folder, then swap it in: until the swap, data/ is untouched, and
     # every change after it (the old data moved aside, params.yaml, dvc add) is undone if the
@@ -309,10 +317,14 @@ def choose_params(stats: dict) -> dict:
 
 def apply_params(params_path: Path, chosen: dict, pools: list[str]) -> None:
     def update(doc) -> None:
-        doc["base"]["image_size"] = chosen["base.image_size"]
-        doc["base"]["channels"] = chosen["base.channels"]
-        doc["augment"]["hsv"]["p"] = chosen["augment.hsv.p"]
-        doc["clean"]["quality"]["low_information"] = chosen["clean.quality.low_information"]
+        for dotted, value in chosen.items():
+            if dotted == "why":
+                continue
+            *parents, last = dotted.split(".")
+            node = doc
+            for key in parents:
+                node = node[key]
+            node[last] = value
 
     edit_yaml(params_path, update)
     write_rounds(params_path, pools)

@@ -50,7 +50,8 @@ def lr_range_test(
     params = with_image_shape(params, samples.images.shape)
     device = pick_device()
     torch.manual_seed(params.base.seed)
-    model = build_model(params.train.model, params.base.channels, n_classes).to(device)
+    model = build_model(params.train.model, params.base.channels, n_classes, pretrained=True)
+    model = model.to(device)
     optimizer = make_optimizer(model, params.train)
     feed = make_feed(samples, augmentation, params.train, device, Shard())
     batches = itertools.chain.from_iterable(
@@ -61,7 +62,7 @@ def lr_range_test(
     for step in tqdm(range(steps), desc="lr-find", unit="step"):
         lr = start * (end / start) ** (step / (steps - 1))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         x, y = next(batches)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)

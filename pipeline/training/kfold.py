@@ -29,6 +29,7 @@ from pipeline.core.processes import job_folder, part_of, spread, usable
 from pipeline.core.typed import parse, to_dict
 from pipeline.training.ensemble import predict_proba
 from pipeline.training.feed import Samples, training_augmentation
+from pipeline.training.frozen import linear_kfold
 from pipeline.training.loop import fit, passes_per_epoch
 from pipeline.training.model import build_model
 
@@ -57,6 +58,7 @@ def kfold_pred_probs(
     classes: list[str],
     *,
     beside: Path | None = None,
+    features: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """pred_probs (N, K) and embeddings (N, D), each row from the fold model that never saw it,
     and the K-fold budgets tried (`budget_scores`).
@@ -64,6 +66,9 @@ def kfold_pred_probs(
     With several budgets (clean.min_steps) the K-fold runs once per budget and keeps the run
     whose out-of-fold predictions agree best with the given labels (`better`): held-out rows
     are never trained on, so this is a cross-validated choice, made before any label is judged.
+    With a pretrained backbone's frozen `features` (N, D), a logistic regression per fold on
+    them is tried first (method "embeddings"); a frozen backbone (train.model.frozen) tries
+    nothing else, a fine-tuned one also fine-tunes the folds at each budget.
     """
     params = with_image_shape(params, images.shape)
     folds = params.clean.folds
@@ -77,6 +82,12 @@ def kfold_pred_probs(
     budgets = distinct_budgets(params, [len(train_idx) for train_idx, _ in splits])
     nproc = usable(min(params.clean.nproc, folds))
     tried, best = [], None
+    if features is not None:
+        pred_probs = linear_kfold(features, labels, n_classes, splits)
+        tried.append({"method": "embeddings", "min_steps": 0, **budget_scores(labels, pred_probs)})
+        best = (tried[-1], pred_probs, features)
+        if params.train.model.frozen:
+            budgets = []
     with contextlib.ExitStack() as stack:
         job = None
         if nproc > 1:  # the processes' inputs, written once for every budget
@@ -87,22 +98,32 @@ def kfold_pred_probs(
             pred_probs, embeddings = one_kfold(
                 images, labels, n_classes, splits, params, classes, min_steps, job, nproc
             )
-            tried.append({"min_steps": min_steps, **budget_scores(labels, pred_probs)})
+            tried.append(
+                {"method": "finetune", "min_steps": min_steps, **budget_scores(labels, pred_probs)}
+            )
             if best is None or better(tried[-1], best[0]):
                 best = (tried[-1], pred_probs, embeddings)
     chosen, pred_probs, embeddings = best
     for score in tried:
         score["chosen"] = score is chosen
+        score["name"] = budget_name(score)
     if len(tried) > 1:
         log.info(
-            "clean: K-fold budgets, out-of-fold agreement with the given labels: %s; keeping %d",
+            "clean: K-fold budgets, out-of-fold agreement with the given labels: %s; keeping %s",
             ", ".join(
-                f"{s['min_steps']} steps {s['accuracy']:.1%} (log loss {s['log_loss']:.3f})"
+                f"{budget_name(s)} {s['accuracy']:.1%} (log loss {s['log_loss']:.3f})"
                 for s in tried
             ),
-            chosen["min_steps"],
+            budget_name(chosen),
         )
     return pred_probs, embeddings, tried
+
+
+def budget_name(score: dict) -> str:
+    """How a tried K-fold is named in logs and reports."""
+    if score.get("method") == "embeddings":
+        return "a linear model on frozen embeddings"
+    return f"{score['min_steps']} steps"
 
 
 def distinct_budgets(params: Params, fold_sizes: list[int]) -> list[int]:
@@ -203,7 +224,7 @@ def fold_predictions(
     for fold in tqdm(folds, desc=f"clean: K-fold, {min_steps} steps", unit="fold"):
         train_idx, held_idx = splits[fold]
         torch.manual_seed(params.base.seed + fold)
-        model = build_model(params.train.model, params.base.channels, len(classes))
+        model = build_model(params.train.model, params.base.channels, len(classes), pretrained=True)
         fit(
             model,
             Samples(images[train_idx], labels[train_idx]),

@@ -39,13 +39,19 @@ log = logging.getLogger(__name__)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on conv/linear weights only: decaying norm scales and biases only hurts.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """Weight decay on conv/linear weights only: decaying norm scales and biases only hurts. A
+    pretrained body learns at train.model.body_lr times the rate of the new head (`lr_scale`)."""
+    body = getattr(model, "body", None) if cfg.model.pretrained else None
+    in_body = {id(p) for p in body.parameters()} if body is not None else set()
+    groups = []
+    for scale, part in ((1.0, False), (cfg.model.body_lr, True)):
+        params = [p for p in model.parameters() if (id(p) in in_body) == part and p.requires_grad]
+        for decay, chosen in (
+            (cfg.weight_decay, [p for p in params if p.ndim > 1]),
+            (0.0, [p for p in params if p.ndim <= 1]),
+        ):
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": decay, "lr_scale": scale})
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     if cfg.optimizer == "adam":
@@ -227,16 +233,16 @@ def fit(
         **({} if lead else {"disable": True}),  # one bar, from the first process
     )
     for epoch in bar:
-        if _should_stop(history, cfg.monitor, cfg.patience):
+        if should_stop(history, cfg.monitor, cfg.patience):
             break
         # 1) reseed everything from (seed, epoch): resuming reproduces an uninterrupted run
         torch.manual_seed(seed * 100_003 + epoch)
         if isinstance(augmentation, dict):
             reseed(augmentation, seed * 100_003 + epoch)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * factor(epoch)
+            group["lr"] = cfg.lr * group["lr_scale"] * factor(epoch)
         # 2) train, 3) validate, 4) diagnose
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        record = {"epoch": epoch + 1, "lr": cfg.lr * factor(epoch)}
         batches = epoch_batches(feed, seed * 7919 + epoch, passes)
         record.update(train_one_epoch(model, batches, optimizer, cfg, device, net=net))
         if lead:
@@ -252,7 +258,7 @@ def fit(
         # 5) keep the top-k checkpoints and a resumable state
         if lead and state_dir is not None:
             if "val_loss" in record:
-                kept = _keep_top_k(state_dir, model, record, kept, cfg)
+                kept = keep_top_k(state_dir, model, record, kept, cfg)
             _save_state(state_dir, model, optimizer, epoch, history, kept, fingerprint)
         if on_epoch:
             on_epoch(record)
@@ -284,7 +290,7 @@ def epoch_batches(feed, seed: int, passes: int) -> Batches:
     return Batches(lambda: itertools.chain.from_iterable(parts), sum(map(len, parts)))
 
 
-def _should_stop(history: list[dict], monitor: str, patience: int) -> bool:
+def should_stop(history: list[dict], monitor: str, patience: int) -> bool:
     if not history or monitor not in history[-1]:
         return False
     best = 0
@@ -294,7 +300,7 @@ def _should_stop(history: list[dict], monitor: str, patience: int) -> bool:
     return len(history) - 1 - best >= patience
 
 
-def _keep_top_k(
+def keep_top_k(
     state_dir: Path, model: nn.Module, record: dict, kept: list[dict], cfg: TrainConfig
 ) -> list[dict]:
     entry = {k: record[k] for k in ("epoch", "val_loss", "val_acc")}

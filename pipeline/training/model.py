@@ -1,4 +1,5 @@
-"""The residual CNN every stage shares; its capacity comes from `train.model`."""
+"""The residual CNN every stage shares unless `train.model.backbone` names a timm model; its
+capacity comes from `train.model`."""
 
 from __future__ import annotations
 
@@ -77,5 +78,16 @@ class ResNet(nn.Module):
         return self.head(self.dropout(self.embed(x)))
 
 
-def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> ResNet:
-    return ResNet(cfg, in_channels, num_classes)
+def build_model(
+    cfg: ModelConfig, in_channels: int, num_classes: int, *, pretrained: bool = False
+) -> nn.Module:
+    """train.model's network: the CNN above, or a timm backbone (pipeline/training/backbones.py)
+    with its starting weights when `pretrained` (a model about to load a checkpoint skips them).
+
+    Every model has embed(x) -> (N, embedding_dim), head (a Linear) and embedding_dim.
+    """
+    if cfg.backbone == "resnet":
+        return ResNet(cfg, in_channels, num_classes)
+    from pipeline.training.backbones import TimmNet
+
+    return TimmNet(cfg, in_channels, num_classes, load=pretrained)

@@ -1,0 +1,83 @@
+"""init's choice of backbone: a pretrained timm model for photos, the small CNN for the rest.
+
+The rule: images whose median short side is at least PHOTO_SIDE px and that are in colour are
+photos; for them init proposes DEFAULT_BACKBONE with ImageNet weights as a frozen feature
+extractor with a linear head (a forward pass per image and stage, no backward: what 2 CPU
+cores afford at 224 px), at the input size its weights were trained at. The proposal stands
+only if the weights can be had here (timm installed, the weights in the Hugging Face cache or
+the hub reachable); otherwise init keeps the CNN and says why. `--backbone` and `--weights`
+choose explicitly; weights asked for that cannot be had are an error, before anything is copied.
+"""
+
+from __future__ import annotations
+
+from pipeline.core.config import ModelConfig
+from pipeline.core.errors import PipelineError
+
+PHOTO_SIDE = 64  # px, median short side from which colour images count as photos
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"  # 4.7M parameters, 224 px, ~0.4 GFLOPs per image
+
+
+def choose_backbone(
+    chosen: dict, short_side: float, backbone: str | None, weights: str | None
+) -> dict:
+    """train.model.backbone, weights and frozen (and base.image_size for a timm backbone),
+    with the reason for each, to add to init's chosen params."""
+    from pipeline.training.backbones import cached_imagenet_file, check_weights, input_size
+
+    photos = chosen["base.channels"] == 3 and short_side >= PHOTO_SIDE
+    asked = backbone is not None or weights is not None
+    if not asked and not photos:
+        return _cnn(f"images under {PHOTO_SIDE} px or grayscale: the small CNN fits them")
+    backbone = backbone or (DEFAULT_BACKBONE if weights != "none" or photos else "resnet")
+    if backbone == "resnet":
+        if weights not in (None, "none"):
+            raise PipelineError("--weights: the resnet backbone trains from scratch (none)")
+        return _cnn("--backbone resnet")
+    weights = weights or "imagenet"
+    if not asked:  # a proposal never waits on the network: the weights are in the cache or not
+        try:
+            cached = cached_imagenet_file(backbone)
+        except PipelineError as exc:  # timm is not installed
+            return _cnn(f"photos, but {exc}")
+        if cached is None:
+            return _cnn(
+                f"photos, but {backbone}'s ImageNet weights are not in the Hugging Face cache: "
+                f"--weights imagenet downloads them, --weights FILE reads a state dict"
+            )
+    cfg = ModelConfig(backbone=backbone, weights=weights, frozen=weights != "none")
+    check_weights(cfg)
+    why = (
+        "--backbone/--weights"
+        if asked
+        else (
+            f"photos (colour, median short side >= {PHOTO_SIDE} px): pretrained features beat a CNN "
+            f"trained from scratch on a few hundred photos"
+        )
+    )
+    return {
+        "train.model.backbone": backbone,
+        "train.model.weights": weights,
+        "train.model.frozen": cfg.frozen,
+        "base.image_size": input_size(backbone),
+        "why": {
+            "train.model.backbone": why,
+            "train.model.weights": "imagenet: timm's, from the Hugging Face cache"
+            if weights == "imagenet"
+            else weights,
+            "train.model.frozen": "a linear head on frozen features: seconds per round on a "
+            "CPU; on a GPU set it to false to fine-tune the whole network"
+            if cfg.frozen
+            else "random weights: the whole network trains",
+            "base.image_size": f"the input size {backbone} was pretrained at",
+        },
+    }
+
+
+def _cnn(why: str) -> dict:
+    return {
+        "train.model.backbone": "resnet",
+        "train.model.weights": "none",
+        "train.model.frozen": False,
+        "why": {"train.model.backbone": why},
+    }
