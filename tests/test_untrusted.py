@@ -318,7 +318,7 @@ def test_init_stopped_after_the_swap_puts_the_old_dataset_back(project, tmp_path
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.tools.init.write_rounds", stop)  # after data/ and half of params
+    monkeypatch.setattr("pipeline.tools.init_params.write_rounds", stop)  # after data/ and half of params
     with pytest.raises(KeyboardInterrupt):
         init(project, tmp_path / "new", force=True)
     assert tree_hash(project) == before

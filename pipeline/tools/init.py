@@ -12,7 +12,7 @@ SRC is either
 Files are copied (or hard-linked with --link) into data/labeled/, data/test/ and
 data/unlabeled/<pool>/, each tracked with `dvc add`. params.yaml (comments kept) gets
 base.image_size from the images' sizes, base.channels and augment.hsv.p from their colour,
-train.model's backbone (pipeline/tools/backbone_choice.py: a pretrained one for photos, with
+train.model's backbone (pipeline/tools/init_params.py: a pretrained one for photos, with
 --backbone NAME and --weights imagenet|none|FILE to choose) and one round per pool. Nothing is decoded for training here: ingest still checks every file
 and quarantines what it cannot use; init only reads headers (and a sample for colour) to choose
 the params and warn early. A data/ that already holds a dataset is refused unless --force,
@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import dvc_add, edit_yaml
+from pipeline.core.io import dvc_add
 from pipeline.core.names import (
     check_name,
     class_name_problem,
@@ -38,7 +38,7 @@ from pipeline.core.names import (
     name_problem,
     printable,
 )
-from pipeline.data.image_stats import fitting_shape, inspect
+from pipeline.data.image_stats import inspect
 from pipeline.data.images import IMAGE_EXTENSIONS, SYSTEM_FILES
 from pipeline.data.inputs import read_csv_rows
 from pipeline.data.intake import (
@@ -49,8 +49,7 @@ from pipeline.data.intake import (
     refuse_overlap,
     staging,
 )
-from pipeline.tools.backbone_choice import choose_backbone
-from pipeline.tools.pools import write_rounds
+from pipeline.tools.init_params import apply_params, choose_backbone, choose_params
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,6 @@ DATASET = (  # what data/ holds of one dataset; --force moves all of it aside
     "added_labels.csv",
 )
 ASIDE_PREFIX = "data-before-init-"  # init --force moves the old dataset to <this><time>/
-TINY_SIDE = 24  # px: below, CleanVision's low-information threshold would flag nearly every image
 
 
 @dataclass
@@ -285,49 +283,6 @@ def check(found: Source) -> None:
     for name, files in found.pools.items():
         if not files:
             raise PipelineError(f"pool {name!r} holds no image files")
-
-
-# --------------------------------------------------------------------------------------------
-# Inspecting the images and choosing params
-
-
-def choose_params(stats: dict) -> dict:
-    """base.image_size, base.channels, augment.hsv.p, clean.quality.low_information and the
-    reason for each."""
-    shape = fitting_shape(stats)
-    colour = shape["channels"] == 3
-    tiny = stats["short_side"]["median"] < TINY_SIDE
-    return {
-        "base.image_size": shape["image_size"],
-        "base.channels": shape["channels"],
-        "augment.hsv.p": 0.5 if colour else 0.0,
-        "clean.quality.low_information": 0.15 if tiny else 0.3,
-        "why": {
-            "clean.quality.low_information": (
-                f"images under {TINY_SIDE} px hold little information by nature"
-                if tiny
-                else "CleanVision's own threshold, which suits images of this size"
-            ),
-            "base.image_size": shape["why"]["image_size"],
-            "base.channels": shape["why"]["channels"],
-            "augment.hsv.p": "HSV shifts for colour images" if colour else "grayscale: no HSV",
-        },
-    }
-
-
-def apply_params(params_path: Path, chosen: dict, pools: list[str]) -> None:
-    def update(doc) -> None:
-        for dotted, value in chosen.items():
-            if dotted == "why":
-                continue
-            *parents, last = dotted.split(".")
-            node = doc
-            for key in parents:
-                node = node[key]
-            node[last] = value
-
-    edit_yaml(params_path, update)
-    write_rounds(params_path, pools)
 
 
 # --------------------------------------------------------------------------------------------

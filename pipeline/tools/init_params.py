@@ -1,19 +1,29 @@
-"""init's choice of backbone: a pretrained timm model for photos, the small CNN for the rest.
+"""init's choice of params from the images it inspected, and their writing into params.yaml.
 
-The rule: images whose median short side is at least PHOTO_SIDE px and that are in colour are
-photos; for them init proposes DEFAULT_BACKBONE with ImageNet weights as a frozen feature
-extractor with a linear head (a forward pass per image and stage, no backward: what 2 CPU
-cores afford at 224 px), at the input size its weights were trained at. The proposal stands
-only if the weights can be had here (timm installed, the weights in the Hugging Face cache or
-the hub reachable); otherwise init keeps the CNN and says why. `--backbone` and `--weights`
+choose_params: base.image_size from the images' sizes, base.channels and augment.hsv.p from
+their colour, clean.quality.low_information from their size.
+
+choose_backbone: a pretrained timm model for photos, the small CNN for the rest. The rule:
+images whose median short side is at least PHOTO_SIDE px and that are in colour are photos; for
+them init proposes DEFAULT_BACKBONE with ImageNet weights as a frozen feature extractor with a
+linear head (a forward pass per image and stage, no backward: what 2 CPU cores afford at
+224 px), at the input size its weights were trained at. The proposal stands only if timm is
+installed and the weights are in the Hugging Face cache (a proposal never waits on the
+network); otherwise init keeps the CNN and says why. `--backbone` and `--weights`
 choose explicitly; weights asked for that cannot be had are an error, before anything is copied.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.core.config import ModelConfig
 from pipeline.core.errors import PipelineError
+from pipeline.core.io import edit_yaml
+from pipeline.data.image_stats import fitting_shape
+from pipeline.tools.pools import write_rounds
 
+TINY_SIDE = 24  # px: below, CleanVision's low-information threshold would flag nearly every image
 PHOTO_SIDE = 64  # px, median short side from which colour images count as photos
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"  # 4.7M parameters, 224 px, ~0.4 GFLOPs per image
 
@@ -81,3 +91,42 @@ def _cnn(why: str) -> dict:
         "train.model.frozen": False,
         "why": {"train.model.backbone": why},
     }
+
+
+def choose_params(stats: dict) -> dict:
+    """base.image_size, base.channels, augment.hsv.p, clean.quality.low_information and the
+    reason for each."""
+    shape = fitting_shape(stats)
+    colour = shape["channels"] == 3
+    tiny = stats["short_side"]["median"] < TINY_SIDE
+    return {
+        "base.image_size": shape["image_size"],
+        "base.channels": shape["channels"],
+        "augment.hsv.p": 0.5 if colour else 0.0,
+        "clean.quality.low_information": 0.15 if tiny else 0.3,
+        "why": {
+            "clean.quality.low_information": (
+                f"images under {TINY_SIDE} px hold little information by nature"
+                if tiny
+                else "CleanVision's own threshold, which suits images of this size"
+            ),
+            "base.image_size": shape["why"]["image_size"],
+            "base.channels": shape["why"]["channels"],
+            "augment.hsv.p": "HSV shifts for colour images" if colour else "grayscale: no HSV",
+        },
+    }
+
+
+def apply_params(params_path: Path, chosen: dict, pools: list[str]) -> None:
+    def update(doc) -> None:
+        for dotted, value in chosen.items():
+            if dotted == "why":
+                continue
+            *parents, last = dotted.split(".")
+            node = doc
+            for key in parents:
+                node = node[key]
+            node[last] = value
+
+    edit_yaml(params_path, update)
+    write_rounds(params_path, pools)
