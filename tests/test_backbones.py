@@ -171,6 +171,20 @@ def test_frozen_backbone_trains_the_head_only_and_cleans_on_embeddings(project, 
     summary = json.loads((project / "train" / "diagnostics.json").read_text())["summary"]
     assert summary["ensemble_val_acc"] > 0.5  # 4 classes: chance is 0.25
 
+    from pipeline.tools import export_model  # one ONNX graph, checked against the ensemble
+
+    exported = export_model.run(model_dir, project / "onnx", params, "r000")
+    assert exported["input"]["image_size"] == 32
+    ort = pytest.importorskip("onnxruntime")
+    from pipeline.core.io import read_array
+    from pipeline.training.ensemble import load_ensemble
+
+    images = np.asarray(read_array(ingest_dir / "images")[:8])
+    session = ort.InferenceSession(str(project / "onnx" / "model.onnx"))
+    onnx_probs = session.run(None, {"images": np.ascontiguousarray(images)})[0]
+    torch_probs = load_ensemble(model_dir).predict(images)
+    assert np.abs(onnx_probs - torch_probs).max() < 1e-4
+
 
 def test_fine_tuning_moves_the_body_at_its_own_learning_rate(tiny_weights, ingested, project):
     from pipeline.training.loop import make_optimizer
