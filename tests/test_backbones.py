@@ -182,7 +182,9 @@ def test_frozen_backbone_trains_the_head_only_and_cleans_on_embeddings(project, 
     images = np.asarray(read_array(ingest_dir / "images")[:8])
     session = ort.InferenceSession(str(project / "onnx" / "model.onnx"))
     onnx_probs = session.run(None, {"images": np.ascontiguousarray(images)})[0]
-    torch_probs = load_ensemble(model_dir).predict(images)
+    ensemble = load_ensemble(model_dir)
+    assert len(ensemble.models) == 2 and len({id(m.body) for m in ensemble.models}) == 1
+    torch_probs = ensemble.predict(images)  # the shared body runs once for both members
     assert np.abs(onnx_probs - torch_probs).max() < 1e-4
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from pipeline.core.config import Params
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path, write_json
-from pipeline.training.ensemble import load_ensemble
+from pipeline.training.ensemble import load_ensemble, shared_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,9 @@ class EnsembleGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # as device.to_input scales
-        probs = torch.stack([F.softmax(m.head(m.embed(x)), dim=1) for m in self.members]).mean(0)
+        feats = shared_embeddings(list(self.members), x)  # a shared frozen body runs once
+        probs = torch.stack([F.softmax(m.head(f), dim=1) for m, f in zip(self.members, feats)])
+        probs = probs.mean(0)
         if self.temperature == 1.0:
             return probs
         return F.softmax(torch.log(probs.clamp_min(1e-12)) / self.temperature, dim=1)

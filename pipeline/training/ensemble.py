@@ -52,7 +52,7 @@ def predict_proba(
             torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])), device
         )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats = [m.embed(x) for m in models]
+            feats = shared_embeddings(models, x)
             logits = [m.head(f).float() for m, f in zip(models, feats)]
         per_model = torch.stack([F.softmax(z, dim=1) for z in logits])
         outs.append(per_model.mean(0).cpu())
@@ -71,6 +71,19 @@ def predict_proba(
         dim = models[0].embedding_dim
         result.append(torch.cat(embeds).numpy() if embeds else np.zeros((0, dim), np.float32))
     return result[0] if len(result) == 1 else tuple(result)
+
+
+def shared_embeddings(models: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each model's embed(x); members that share one body (a frozen backbone's checkpoints,
+    load_ensemble) run it once."""
+    done: dict[int, torch.Tensor] = {}
+    out = []
+    for m in models:
+        key = id(getattr(m, "body", m))
+        if key not in done:
+            done[key] = m.embed(x)
+        out.append(done[key])
+    return out
 
 
 def save_torch(path: Path, obj: dict) -> None:
@@ -133,8 +146,15 @@ def load_ensemble(model_dir: Path) -> Ensemble:
         ckpt = load_checkpoint(model_dir / member["file"])
         model = build_model(cfg, info["channels"], len(info["classes"]))
         model.load_state_dict(ckpt["state_dict"])
+        if cfg.frozen and models and _same(models[0].body, model.body):
+            model.body = models[0].body  # one forward pass of the body for every member
         models.append(model)
     return Ensemble(models, info["classes"], info, model_dir)
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def predict_packed(
