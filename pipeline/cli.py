@@ -104,7 +104,7 @@ def train(
     live: Annotated[Path, typer.Option(help="dvclive folder")] = Path("artifacts/rounds/r000/live"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> dict:
-    """Train the residual CNN; keep the top-k checkpoints as an ensemble; resume after a crash."""
+    """Train train.model (the residual CNN or a timm backbone); keep the top-k checkpoints as an ensemble; resume after a crash."""
     from pipeline.core.io import read_json
     from pipeline.core.processes import launch
     from pipeline.stages import train as stage
