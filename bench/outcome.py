@@ -2,7 +2,9 @@
 
 Regimes (each a fresh temporary project per seed; params.yaml as committed plus the regime's
 own settings):
-  demo       the embedded demo as `python -m pipeline demo-data` writes it
+  demo       the embedded demo as `python -m pipeline demo-data` writes it, trained with the
+             budgets demo-data writes into params.yaml (demo.train_min_steps as
+             train.min_steps, demo.clean_min_steps as clean.min_steps)
   low-label  15% of the non-test digits labeled, 22% of those labels flipped, three pools,
              digits upscaled to 28 px: few labels, many unlabeled images
   colour     colour photos of any size (bench/colour_data.py: crops of the photos scikit-image
@@ -234,11 +236,16 @@ def pipeline_rounds(work: Path, params) -> tuple[list[dict], Path]:
 
 
 def regime_params(regime: str, seed: int, overrides: dict):
-    """params.yaml as committed, plus the regime's settings, `overrides` and the seed."""
-    settings = dict(REGIMES[regime])
+    """params.yaml as committed, plus the regime's settings, `overrides` and the seed. The demo
+    regime trains with the budgets demo-data writes into params.yaml (`demo.budgets` of
+    pipeline/tools/demo.py); `overrides` of train.min_steps or clean.min_steps still win."""
+    settings = {**REGIMES[regime], **overrides, "base.seed": seed}
     if settings.get("train.model.weights") == "LITE0":
         settings["train.model.weights"] = str(lite0_file())
-    return load_params(ROOT / "params.yaml", {**settings, **overrides, "base.seed": seed})
+    params = load_params(ROOT / "params.yaml", settings)
+    if regime != "demo":
+        return params
+    return load_params(ROOT / "params.yaml", {**demo.budgets(params.demo), **settings})
 
 
 def lite0_file() -> Path:

@@ -51,6 +51,11 @@ def test_project_params_load():
         ({"clean": {"min_steps": []}}, "clean.min_steps: expected at least one value"),
         ({"clean": {"min_steps": [150, -1]}}, "clean.min_steps[1]: -1 is out of range"),
         ({"clean": {"min_steps": "long"}}, "clean.min_steps: expected an integer"),
+        ({"demo": {"train_min_steps": -1}}, "demo.train_min_steps: -1 is out of range"),
+        ({"demo": {"train_min_steps": 2.5}}, "demo.train_min_steps: expected an integer"),
+        ({"demo": {"clean_min_steps": []}}, "demo.clean_min_steps: expected at least one value"),
+        ({"demo": {"clean_min_steps": [150, -5]}}, "demo.clean_min_steps[1]: -5 is out of range"),
+        ({"demo": {"clean_min_steps": "short"}}, "demo.clean_min_steps: expected an integer"),
     ],
 )
 def test_refuses_bad_params_with_key_path(tmp_path, extra, expected, record):

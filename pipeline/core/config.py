@@ -47,9 +47,14 @@ class BaseConfig:
 class DemoConfig:
     flip_fraction: float = prob(0.15)  # share of labeled images given a wrong label
     test_fraction: float = num(0.2, 0.05, 0.5)
-    labeled_fraction: float = num(0.5, 0.05, 0.9)  # of what is left after the test split
+    labeled_fraction: float = num(0.1, 0.05, 0.9)  # of what is left after the test split
     pools: int = num(2, 1, 10)  # the rest is split into this many unlabeled pools
     image_px: int = num(8, 8, 256)  # side of the written PNGs; the 8x8 scans are upscaled
+    # The demo's training budgets: demo-data writes them into train.min_steps and
+    # clean.min_steps, so the quick start runs in about two minutes on two cores while the
+    # committed general defaults stay as they are for data a user brings.
+    train_min_steps: int = num(1000, 0, 10_000_000)
+    clean_min_steps: tuple[int, ...] = budgets((150,), 0, 10_000_000)
 
 
 @dataclass(frozen=True)

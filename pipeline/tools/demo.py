@@ -4,7 +4,10 @@ Writes  data/labeled/<class>/   with a known share of flipped labels (demo.flip_
         data/test/<class>/      true labels
         data/unlabeled/pool_NNN/
         data/truth.csv          path,true_label for every image written
-Params  base.seed, demo; `rounds` is set to one round per pool written
+Params  base.seed, demo; writes `rounds` (one round per pool written) and the demo's
+        training budgets: train.min_steps and clean.min_steps become demo.train_min_steps
+        and demo.clean_min_steps (comments kept), so the quick start's rounds run in minutes
+        while the committed general defaults stay as they are for data a user brings
 
 The digits are real 8x8 scans with 17 grey levels shipped inside scikit-learn; nothing is
 downloaded. Written folders are registered with `dvc add` when data/ is inside a DVC repo.
@@ -14,15 +17,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline.core.config import Params
+from pipeline.core.config import DemoConfig, Params
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import dvc_add, write_table
+from pipeline.core.io import dvc_add, edit_yaml, write_table
 from pipeline.tools.pools import write_rounds
 
 log = logging.getLogger(__name__)
@@ -56,12 +60,47 @@ def flip_labels(labels: np.ndarray, fraction: float, n_classes: int, seed: int) 
     return noisy
 
 
+def budgets(demo: DemoConfig) -> dict[str, Any]:
+    """The demo's training budgets as dotted params keys: what demo-data writes into
+    params.yaml, and what bench/outcome.py's demo regime trains with."""
+    return {"train.min_steps": demo.train_min_steps, "clean.min_steps": list(demo.clean_min_steps)}
+
+
+def write_budgets(params_path: Path, demo: DemoConfig) -> None:
+    """Set params.yaml's train.min_steps and clean.min_steps to the demo's budgets (comments,
+    order and a list's flow style kept; a key already at its value is left as written)."""
+    from ruamel.yaml.comments import CommentedSeq
+
+    def replace(doc) -> None:
+        for dotted, value in budgets(demo).items():
+            section, key = dotted.split(".")
+            if doc.get(section) is None:
+                doc[section] = {}
+            current = doc[section].get(key)
+            if not isinstance(value, list):
+                if current != value:
+                    doc[section][key] = value
+            elif isinstance(current, list):
+                if list(current) != value:
+                    current[:] = value  # in place: the list keeps its style and comment
+            elif len(value) == 1:  # one budget may be written as a number, as it was
+                if current != value[0]:
+                    doc[section][key] = value[0]
+            else:
+                seq = CommentedSeq(value)
+                seq.fa.set_flow_style()
+                doc[section][key] = seq
+
+    edit_yaml(params_path, replace)
+
+
 def run(
     data_dir: Path, params: Params, *, register: bool = True, params_path: Path | None = None
 ) -> dict:
     """Write the demo dataset into data_dir; returns counts. Refuses to touch existing data.
 
-    With params_path, its `rounds` become one round per pool written (when they differ).
+    With params_path, its `rounds` become one round per pool written and its train.min_steps
+    and clean.min_steps the demo's budgets (each only when it differs).
     """
     data_dir = Path(data_dir)
     existing = [p for p in ("labeled", "test", "unlabeled", "truth.csv") if (data_dir / p).exists()]
@@ -99,7 +138,13 @@ def run(
     log.info("demo-data: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
     pools = [p for p in parts if p.startswith("pool")]
     if params_path is not None:
+        write_budgets(params_path, params.demo)
         write_rounds(params_path, pools)
+        log.info(
+            "demo-data: %s in %s",
+            ", ".join(f"{k} {v}" for k, v in budgets(params.demo).items()),
+            params_path,
+        )
     if register:
         dvc_add(data_dir, ["labeled", "test", "truth.csv"] + [f"unlabeled/{p}" for p in pools])
     return counts
