@@ -324,6 +324,21 @@ E2E = {
 }
 
 
+def new_project(root: Path) -> Path:
+    """A git + DVC project at root with this checkout's code and dvc.yaml, params.yaml made
+    short (E2E) and no rounds, as a user has it before `init` brings their data."""
+    root.mkdir()
+    for name in ("pipeline", "dvc.yaml", ".gitignore"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
+    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), E2E)
+    raw["rounds"] = {}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    sh(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    return root
+
+
 GIT_IDENTITY = {
     f"GIT_{who}_{what}": value
     for who in ("AUTHOR", "COMMITTER")

@@ -22,11 +22,10 @@ from pipeline.core.errors import PipelineError
 from pipeline.training.model import build_model
 
 from .conftest import (
-    E2E,
     ROOT,
     augment_and_train,
-    deep_update,
     dvc,
+    new_project,
     sh,
     stages_ran,
     train_table,
@@ -249,18 +248,7 @@ def test_init_proposes_a_backbone_only_with_weights_at_hand(tmp_path, tiny_weigh
 
 @pytest.mark.slow
 def test_init_with_weights_from_a_file_then_dvc_repro_trains_the_backbone(tmp_path, tiny_weights):
-    root = tmp_path / "project"
-    root.mkdir()
-    import shutil
-
-    for name in ("pipeline", "dvc.yaml", ".gitignore"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
-    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), E2E)
-    raw["rounds"] = {}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    sh(root, "git", "init", "-q")
-    dvc(root, "init", "-q")
+    root = new_project(tmp_path / "project")
     photos = tmp_path / "photos"
     write_photos(photos, 12)
     write_photos(photos / "unlabeled" / "first", 4, seed=3, flat=True)

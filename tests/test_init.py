@@ -12,11 +12,10 @@ from pipeline.core.errors import PipelineError
 from pipeline.tools.init import run
 
 from .conftest import (
-    E2E,
     REGIONS,
     ROOT,
-    deep_update,
     dvc,
+    new_project,
     sh,
     stages_ran,
     write_digits,
@@ -130,16 +129,7 @@ def test_a_second_init_is_refused_and_force_moves_the_old_dataset_aside(project,
 
 @pytest.mark.slow
 def test_init_then_dvc_repro_on_colour_photos_without_truth_or_overrides(tmp_path):
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("pipeline", "dvc.yaml", ".gitignore"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
-    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), E2E)
-    raw["rounds"] = {}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    sh(root, "git", "init", "-q")
-    dvc(root, "init", "-q")
+    root = new_project(tmp_path / "project")
     photos = tmp_path / "photos"
     write_photos(photos, 12)
     write_photos(photos / "unlabeled" / "first", 4, seed=3, flat=True)

@@ -20,7 +20,7 @@ from pipeline.tools.answers import add_labels
 from pipeline.tools.init import run as init_run
 from pipeline.tools.pools import add_pool
 
-from .conftest import E2E, ROOT, deep_update, dvc, sh, stages_ran, tree_hash, write_photos
+from .conftest import ROOT, dvc, new_project, sh, stages_ran, tree_hash, write_photos
 
 SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- not for the dataset"
 BAD_POOL = "p$(touch PWNED)"
@@ -318,7 +318,9 @@ def test_init_stopped_after_the_swap_puts_the_old_dataset_back(project, tmp_path
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.tools.init_params.write_rounds", stop)  # after data/ and half of params
+    monkeypatch.setattr(
+        "pipeline.tools.init_params.write_rounds", stop
+    )  # after data/ and half of params
     with pytest.raises(KeyboardInterrupt):
         init(project, tmp_path / "new", force=True)
     assert tree_hash(project) == before
@@ -392,18 +394,9 @@ def test_a_bad_option_is_a_usage_error_without_a_traceback():
 
 @pytest.mark.slow
 def test_init_and_dvc_repro_on_a_hostile_folder_run_nothing_from_it(tmp_path, record):
-    root = tmp_path / "project"
-    root.mkdir()
-    for name in ("pipeline", "dvc.yaml", ".gitignore"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / name)
-    raw = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), E2E)
-    raw["rounds"] = {}
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    root = new_project(tmp_path / "project")
     (root / "data").mkdir()
     (root / "data" / "overrides.csv").write_text("path,label\n")
-    sh(root, "git", "init", "-q")
-    dvc(root, "init", "-q")
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "project")
     labeled, pooled = write_hostile(tmp_path / "src", tmp_path / "outside")
