@@ -39,7 +39,7 @@ def choose_backbone(
     asked = backbone is not None or weights is not None
     if not asked and not photos:
         return _cnn(f"images under {PHOTO_SIDE} px or grayscale: the small CNN fits them")
-    backbone = backbone or (DEFAULT_BACKBONE if weights != "none" or photos else "resnet")
+    backbone = backbone or ("resnet" if weights == "none" else DEFAULT_BACKBONE)
     if backbone == "resnet":
         if weights not in (None, "none"):
             raise PipelineError("--weights: the resnet backbone trains from scratch (none)")
@@ -61,8 +61,8 @@ def choose_backbone(
         "--backbone/--weights"
         if asked
         else (
-            f"photos (colour, median short side >= {PHOTO_SIDE} px): pretrained features beat a CNN "
-            f"trained from scratch on a few hundred photos"
+            f"photos (colour, median short side >= {PHOTO_SIDE} px) and the weights are in the "
+            f"cache: ImageNet features (docs/backbones.md)"
         )
     )
     return {
@@ -75,8 +75,8 @@ def choose_backbone(
             "train.model.weights": "imagenet: timm's, from the Hugging Face cache"
             if weights == "imagenet"
             else weights,
-            "train.model.frozen": "a linear head on frozen features: seconds per round on a "
-            "CPU; on a GPU set it to false to fine-tune the whole network"
+            "train.model.frozen": "a linear head on frozen features: one forward pass per "
+            "image and stage, what a CPU affords; on a GPU set it to false to fine-tune"
             if cfg.frozen
             else "random weights: the whole network trains",
             "base.image_size": f"the input size {backbone} was pretrained at",
