@@ -52,7 +52,7 @@ class DemoConfig:
     image_px: int = num(8, 8, 256)  # side of the written PNGs; the 8x8 scans are upscaled
     # The demo's training budgets: demo-data writes them into train.min_steps and
     # clean.min_steps, so the quick start's rounds train in a few minutes on two cores while
-    # committed general defaults stay as they are for data a user brings.
+    # the committed general defaults stay as they are for data a user brings.
     train_min_steps: int = num(1000, 0, 10_000_000)
     clean_min_steps: tuple[int, ...] = budgets((150,), 0, 10_000_000)
 
