@@ -4,7 +4,8 @@ Regimes (each a fresh temporary project per seed; params.yaml as committed plus 
 own settings):
   demo       the embedded demo as `python -m pipeline demo-data` writes it, trained with the
              budgets demo-data writes into params.yaml (demo.train_min_steps as
-             train.min_steps, demo.clean_min_steps as clean.min_steps)
+             train.min_steps, demo.clean_min_steps as clean.min_steps,
+             demo.clean_embedding_steps as clean.embedding_steps)
   low-label  15% of the non-test digits labeled, 22% of those labels flipped, three pools,
              digits upscaled to 28 px: few labels, many unlabeled images
   colour     colour photos of any size (bench/colour_data.py: crops of the photos scikit-image
@@ -238,7 +239,7 @@ def pipeline_rounds(work: Path, params) -> tuple[list[dict], Path]:
 def regime_params(regime: str, seed: int, overrides: dict):
     """params.yaml as committed, plus the regime's settings, `overrides` and the seed. The demo
     regime trains with the budgets demo-data writes into params.yaml (`demo.budgets` of
-    pipeline/tools/demo.py); `overrides` of train.min_steps or clean.min_steps still win."""
+    pipeline/tools/demo.py); `overrides` of those keys still win."""
     settings = {**REGIMES[regime], **overrides, "base.seed": seed}
     if settings.get("train.model.weights") == "LITE0":
         settings["train.model.weights"] = str(lite0_file())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -33,6 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # an empty folder of this test session's (set before anything imports huggingface_hub).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="pipeline-tests-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 # Small and fast, but the same code paths as the demo.
 FAST = {
@@ -314,8 +316,8 @@ def run_pool_round(root: Path, params, *, cleaned: bool, pseudo_params=None) -> 
 # --------------------------------------------------------------------------------------------
 # A real project: git + DVC + the demo data, for the end-to-end tests
 
-# demo-data writes the demo's budgets into train.min_steps and clean.min_steps: these keep the
-# end-to-end project short, on half the digits labeled (a few steps on the quick start's tenth
+# demo-data writes the demo's budgets into train.min_steps, clean.min_steps and
+# clean.embedding_steps: these keep the end-to-end project short, on half the digits labeled (a few steps on the quick start's tenth
 # would train nothing worth pseudo-labeling with)
 E2E = {
     "demo": {"labeled_fraction": 0.5, "train_min_steps": 0, "clean_min_steps": 0},

@@ -1,5 +1,6 @@
 """demo-data: the quick start's dataset, and the short training budgets it writes into
-params.yaml (demo.train_min_steps, demo.clean_min_steps) with every comment kept, leaving the
+params.yaml (demo.train_min_steps, demo.clean_min_steps, demo.clean_embedding_steps) with every
+comment kept, leaving the
 committed general defaults to data a user brings."""
 
 import subprocess
@@ -34,24 +35,27 @@ def test_demo_data_writes_its_budgets_into_params_and_keeps_the_comments(tmp_pat
     before = yaml.safe_load(params_path.read_text())
     params = load_params(params_path)
     assert (before["train"]["min_steps"], before["clean"]["min_steps"]) == (3000, [150, 600])
+    assert before["clean"]["embedding_steps"] == 400
 
     counts = demo.run(tmp_path / "data", params, register=False, params_path=params_path)
 
     text = params_path.read_text()
     after = yaml.safe_load(text)
-    assert after["train"]["min_steps"] == params.demo.train_min_steps == 1000
-    assert after["clean"]["min_steps"] == list(params.demo.clean_min_steps) == [150]
-    assert "  min_steps: [150]" in text  # the list keeps its flow style
+    assert after["train"]["min_steps"] == params.demo.train_min_steps == 200
+    assert after["clean"]["min_steps"] == list(params.demo.clean_min_steps) == [60]
+    assert after["clean"]["embedding_steps"] == params.demo.clean_embedding_steps == 0
+    assert "  min_steps: [60]" in text  # the list keeps its flow style
     for comment in (
         "# optimizer steps at least: a small set is passed over several times an epoch",
         "# optimizer steps per fold at least; of several, the one whose",
-        "# demo-data writes these into train.min_steps and clean.min_steps",
+        "# demo-data writes these into train.min_steps, clean.min_steps and",
         "# seeds numpy",
         "# One entry per unlabeled pool",
     ):
         assert comment in text, comment
     for doc in (after, before):  # nothing else changed
         doc["train"].pop("min_steps"), doc["clean"].pop("min_steps")
+        doc["clean"].pop("embedding_steps")
     assert after == before
     # the demo's share: a tenth of the non-test digits labeled, 15% of those flipped
     non_test = counts["labeled"] + counts["pool_001"] + counts["pool_002"]
@@ -61,10 +65,12 @@ def test_demo_data_writes_its_budgets_into_params_and_keeps_the_comments(tmp_pat
 
 
 def test_budgets_are_written_as_given_and_a_second_write_changes_nothing(params_path):
-    set_keys(params_path, demo={"train_min_steps": 250, "clean_min_steps": [100, 400]})
+    budgets = {"train_min_steps": 250, "clean_min_steps": [100, 400], "clean_embedding_steps": 60}
+    set_keys(params_path, demo=budgets)
     demo.write_budgets(params_path, load_params(params_path).demo)
     params = load_params(params_path)
     assert (params.train.min_steps, params.clean.min_steps) == (250, (100, 400))
+    assert params.clean.embedding_steps == 60
     text = params_path.read_text()
     assert "  min_steps: [100, 400]" in text
     demo.write_budgets(params_path, params.demo)
@@ -105,6 +111,7 @@ def test_a_k_fold_budget_written_as_a_number_is_replaced_in_kind(
         ("train_min_steps", "long", "demo.train_min_steps: expected an integer"),
         ("clean_min_steps", [], "demo.clean_min_steps: expected at least one value"),
         ("clean_min_steps", [150, 2.5], "demo.clean_min_steps[1]: expected an integer"),
+        ("clean_embedding_steps", -5, "demo.clean_embedding_steps: -5 is out of range"),
     ],
 )
 def test_demo_data_refuses_a_bad_budget_before_writing_anything(

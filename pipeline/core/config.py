@@ -50,11 +50,13 @@ class DemoConfig:
     labeled_fraction: float = num(0.1, 0.05, 0.9)  # of what is left after the test split
     pools: int = num(2, 1, 10)  # the rest is split into this many unlabeled pools
     image_px: int = num(8, 8, 256)  # side of the written PNGs; the 8x8 scans are upscaled
-    # The demo's training budgets: demo-data writes them into train.min_steps and
-    # clean.min_steps, so the quick start's rounds train in a few minutes on two cores while
-    # the committed general defaults stay as they are for data a user brings.
-    train_min_steps: int = num(1000, 0, 10_000_000)
-    clean_min_steps: tuple[int, ...] = budgets((150,), 0, 10_000_000)
+    # The demo's training budgets: demo-data writes them into train.min_steps,
+    # clean.min_steps and clean.embedding_steps, so the quick start's rounds train in a few
+    # minutes on two cores while the committed general defaults stay as they are for data a
+    # user brings.
+    train_min_steps: int = num(200, 0, 10_000_000)
+    clean_min_steps: tuple[int, ...] = budgets((60,), 0, 10_000_000)
+    clean_embedding_steps: int = num(0, 0, 10_000_000)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ Writes  data/labeled/<class>/   with a known share of flipped labels (demo.flip_
         data/unlabeled/pool_NNN/
         data/truth.csv          path,true_label for every image written
 Params  base.seed, demo; writes `rounds` (one round per pool written) and the demo's
-        training budgets: train.min_steps and clean.min_steps become demo.train_min_steps
-        and demo.clean_min_steps (comments kept), so the quick start's rounds run in minutes
+        training budgets: train.min_steps, clean.min_steps and clean.embedding_steps become
+        demo.train_min_steps, demo.clean_min_steps and demo.clean_embedding_steps (comments
+        kept), so the quick start's rounds run in minutes
         while the committed general defaults stay as they are for data a user brings
 
 The digits are real 8x8 scans with 17 grey levels shipped inside scikit-learn; nothing is
@@ -63,12 +64,16 @@ def flip_labels(labels: np.ndarray, fraction: float, n_classes: int, seed: int) 
 def budgets(demo: DemoConfig) -> dict[str, Any]:
     """The demo's training budgets as dotted params keys: what demo-data writes into
     params.yaml, and what bench/outcome.py's demo regime trains with."""
-    return {"train.min_steps": demo.train_min_steps, "clean.min_steps": list(demo.clean_min_steps)}
+    return {
+        "train.min_steps": demo.train_min_steps,
+        "clean.min_steps": list(demo.clean_min_steps),
+        "clean.embedding_steps": demo.clean_embedding_steps,
+    }
 
 
 def write_budgets(params_path: Path, demo: DemoConfig) -> None:
-    """Set params.yaml's train.min_steps and clean.min_steps to the demo's budgets (comments,
-    order and a list's flow style kept; a key already at its value is left as written)."""
+    """Set params.yaml's keys of `budgets` to the demo's values (comments, order and a list's
+    flow style kept; a key already at its value is left as written)."""
     from ruamel.yaml.comments import CommentedSeq
 
     def replace(doc) -> None:
@@ -99,8 +104,8 @@ def run(
 ) -> dict:
     """Write the demo dataset into data_dir; returns counts. Refuses to touch existing data.
 
-    With params_path, its `rounds` become one round per pool written and its train.min_steps
-    and clean.min_steps the demo's budgets (each only when it differs).
+    With params_path, its `rounds` become one round per pool written and the keys of
+    `budgets` the demo's values (each only when it differs).
     """
     data_dir = Path(data_dir)
     existing = [p for p in ("labeled", "test", "unlabeled", "truth.csv") if (data_dir / p).exists()]
