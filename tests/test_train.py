@@ -238,6 +238,12 @@ def test_diagnostics_warn_in_plain_language(fast_params):
         for e in range(100)
     ]
     assert diagnostics.diagnose(noisy, fast_params.train) == []
+    # the demo's r000 at c20a28a: 10 mixup steps an epoch, one lucky epoch (0.535) on a plateau
+    plateau = (1.997, 1.534, 1.264, 0.938, 0.719, 0.723, 0.974, 1.021, 0.699, 0.872, 0.861, 0.535)
+    lucky = [{"train_loss": v, "activations": {}} for v in (*plateau, 0.694, 0.7, 0.752, 0.683)]
+    assert diagnostics.diagnose(lucky, fast_params.train) == []
+    risen = [{"train_loss": v, "activations": {}} for v in (*plateau, 0.694, 1.0, 1.1, 1.2)]
+    assert "too high" in " ".join(diagnostics.diagnose(risen, fast_params.train))
     flat = [{"train_loss": v, "activations": {}} for v in (2.302, 2.301, 2.302, 2.300)]
     dead = [
         {"train_loss": v, "activations": {"blocks.0.act1": {"dead_fraction": 0.8}}}

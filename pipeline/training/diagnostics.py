@@ -46,18 +46,23 @@ def activation_stats(model: nn.Module, x: torch.Tensor, bins: np.ndarray) -> dic
 def diagnose(history: list[dict], cfg: TrainConfig) -> list[str]:
     """Plain-language warnings from the tuning checklist.
 
-    A rise is judged on the mean of the last fifth of the epochs against the lowest loss
-    before it, and must give back a tenth of what was gained: the epoch-to-epoch noise of a long
-    run on a small set, near zero loss, is not a rise.
+    A rise is judged on the mean of the last fifth of the epochs against the lowest mean of as
+    many consecutive epochs before it, and must give back a tenth of what was gained: the
+    epoch-to-epoch noise of a long run on a small set, near zero loss, or of a few mixup steps
+    an epoch, is not a rise (one lucky epoch is not the level the loss had reached).
     """
     warnings = []
     losses = np.array([h["train_loss"] for h in history])
     tail = max(3, len(losses) // 5)
     if len(losses) > tail:
-        recent, best = losses[-tail:].mean(), losses[:-tail].min()
+        before = losses[:-tail]
+        width = min(tail, len(before))
+        recent = losses[-tail:].mean()
+        best = np.convolve(before, np.ones(width) / width, mode="valid").min()
         if recent > best + 0.1 * (losses[0] - best) + 1e-3 or losses[-1] > losses[0]:
             warnings.append(
-                f"Training loss rose (lowest {best:.3f}, last {tail} epochs {recent:.3f}): the "
+                f"Training loss rose (lowest {width}-epoch mean {best:.3f}, last {tail} epochs "
+                f"{recent:.3f}): the "
                 f"learning rate train.lr={cfg.lr:g} is probably too high. Try a third of it, or "
                 f"run `python -m pipeline lr-find`."
             )
