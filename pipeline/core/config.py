@@ -342,6 +342,24 @@ class RoundConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Where evaluate and pseudolabel predict: this machine, or a Ray cluster (docs/scaling.md)."""
+
+    engine: str = choice("local", "ray")  # ray: pip install -e '.[ray]'
+    address: str = AUTO  # ray: the cluster's address; auto: RAY_ADDRESS, else a local instance
+    workers: int = num(2, 1, 100_000)  # ray: prediction workers, each loading the ensemble once
+    cpus_per_worker: float = num(1.0, 0.0, 1024.0)
+    gpus_per_worker: float = num(0.0, 0.0, 64.0)
+
+    def __post_init__(self) -> None:
+        if not self.address or any(c.isspace() or not c.isprintable() for c in self.address):
+            raise PipelineError(
+                f"cluster.address: {printable(self.address)} is not an address (auto, "
+                f"ray://host:10001 or host:6379)"
+            )
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -351,6 +369,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pseudolabel: PseudolabelConfig = field(default_factory=PseudolabelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     rounds: dict[str, RoundConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -155,6 +155,7 @@ def run(
         nproc=params.evaluate.nproc,
         beside=out_dir,
         calibrated=False,
+        cluster=params.cluster,
     )
     probs = apply_temperature(raw, ensemble.temperature)
     predicted = probs.argmax(1)

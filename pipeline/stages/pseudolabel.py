@@ -153,7 +153,13 @@ def run(
             writer.extend(new_images[new_rows[start : start + CHUNK]])
         writer.close()
         probs, member_probs, embeddings = predict_packed(
-            ensemble, tmp / "images", nproc=cfg.nproc, beside=out_dir, members=True, embeddings=True
+            ensemble,
+            tmp / "images",
+            nproc=cfg.nproc,
+            beside=out_dir,
+            members=True,
+            embeddings=True,
+            cluster=params.cluster,
         )
         probs = probs.astype(np.float64)  # bars and confidences compare equal once written
         labeled_share = (

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.config import ModelConfig
+from pipeline.core.config import ClusterConfig, ModelConfig
 from pipeline.core.device import pick_device, to_input
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import Rows, atomic_path, read_array, read_json, write_json
@@ -168,9 +168,13 @@ def predict_packed(
     calibrated: bool = True,
     members: bool = False,
     embeddings: bool = False,
+    cluster: ClusterConfig | None = None,
 ):
     """Ensemble.predict over a packed image folder, or its `rows`, streamed: probs (N, K), and
     with members (M, N, K), with embeddings (N, D).
+
+    With cluster.engine ray, Ray Data workers predict it (pipeline/training/ray_predict.py);
+    nproc is then unused.
 
     With nproc > 1, as many processes under torchrun each predict a contiguous block of whole
     batches (processes.block) and this process gathers them: the batches one process makes, so
@@ -180,6 +184,15 @@ def predict_packed(
     packed = read_array(images)
     view = packed if rows is None else Rows(packed, rows)
     options = {"calibrated": calibrated, "members": members, "embeddings": embeddings}
+    if cluster is not None and cluster.engine == "ray" and len(view):
+        from pipeline.training.ray_predict import predict_on_ray
+
+        if ensemble.folder is None:
+            raise ValueError("Ray workers load the ensemble: use one from load_ensemble")
+        every = np.arange(len(packed)) if rows is None else np.asarray(rows, np.int64)
+        return predict_on_ray(
+            cluster, ensemble.folder, images, every, batch_size=batch_size, options=options
+        )
     nproc = usable(min(nproc, -(-len(view) // batch_size)))  # a process per batch at most
     if nproc <= 1:
         return ensemble.predict(view, batch_size=batch_size, **options)

@@ -1,0 +1,136 @@
+"""cluster.engine: ray: evaluate's and pseudolabel's prediction as Ray Data workers on a local
+Ray instance (2 CPUs) gives what one local process gives, number for number, even when a worker
+is killed mid-run; a node that cannot read the project is refused in one line.
+
+Needs `pip install -e '.[ray]'` (.ci/run installs it); skipped without it.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.core.config import ClusterConfig, load_params
+from pipeline.core.errors import PipelineError
+from pipeline.stages import ingest, pseudolabel
+from pipeline.training.ensemble import load_ensemble, predict_packed
+
+from .conftest import (
+    augment_and_train,
+    train_table,
+    tree_hash,
+    write_digits,
+    write_params,
+    write_pool,
+)
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")  # a dependency of ray's
+
+pytestmark = pytest.mark.slow  # a Ray instance and its workers per test module
+
+RAY = ClusterConfig(engine="ray", workers=2)
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+@pytest.fixture(scope="module")
+def round0(tmp_path_factory):
+    """A trained round r000 over 3 digit classes, 30 test images and a pool of 60."""
+    root = tmp_path_factory.mktemp("ray")
+    params = load_params(write_params(root))
+    data = root / "data"
+    write_digits(data, {0: "zero", 1: "one", 2: "two"}, 30, test_per_class=10)
+    write_pool(data / "unlabeled" / "pool", 200, 260)
+    ingest.run(data, root / "ingest", params)
+    augment_and_train(root, root / "ingest", train_table(root / "ingest"), params)
+    pseudolabel.init_pseudo(root / "init", root / "ingest" / "images")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_prediction_equals_local_in_row_order(round0, local_ray):
+    """Batches of 4, so both workers predict several: probabilities, the members' (M, N, K)
+    and the embeddings come back in the order of the rows asked for."""
+    ensemble = load_ensemble(round0 / "model")
+    images = round0 / "ingest" / "images"
+    rows = np.arange(0, 120, 3)[::-1]  # any rows, in any order
+    options = {"members": True, "embeddings": True, "batch_size": 4}
+    local = predict_packed(ensemble, images, rows, **options)
+    on_ray = predict_packed(ensemble, images, rows, cluster=RAY, **options)
+    members, dim = len(ensemble.models), ensemble.models[0].embedding_dim
+    assert [a.shape for a in on_ray] == [(40, 3), (members, 40, 3), (40, dim)]
+    for a, b in zip(local, on_ray):
+        assert np.array_equal(a, b)
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_the_numbers_do_not_change(
+    round0, local_ray, record
+):
+    ensemble = load_ensemble(round0 / "model")
+    images = round0 / "ingest" / "images"
+    local = predict_packed(ensemble, images, batch_size=1)
+    result: dict = {}
+    run = threading.Thread(
+        target=lambda: result.update(
+            probs=predict_packed(ensemble, images, batch_size=1, cluster=RAY)
+        )
+    )
+    run.start()
+    killed = None
+    while run.is_alive() and killed is None:  # the first worker process to appear
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "MapWorker" in " ".join(proc.info["cmdline"] or []):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed = proc.info["pid"]
+                break
+        time.sleep(0.05)
+    assert killed is not None, "the prediction ended before any worker could be killed"
+    run.join()
+    assert np.array_equal(result["probs"], local)
+    record("fault", "a Ray prediction worker killed mid-run", "replaced; the same numbers")
+
+
+def test_a_node_that_cannot_read_the_project_is_refused_in_one_line(round0, local_ray, tmp_path):
+    ensemble = load_ensemble(round0 / "model")
+    ensemble.folder = tmp_path / "elsewhere"  # as a node without the shared path sees it
+    with pytest.raises(PipelineError) as caught:
+        predict_packed(ensemble, round0 / "ingest" / "images", cluster=RAY)
+    message = str(caught.value)
+    assert message.startswith("cluster: node ") and "\n" not in message
+    assert f"cannot read {tmp_path / 'elsewhere'}" in message
+
+
+def test_evaluate_and_pseudolabel_stages_on_ray_write_what_local_writes(round0):
+    """The stages as `dvc repro` runs them (each starts its own local Ray): every output file
+    byte for byte."""
+    for engine in ("local", "ray"):
+        write_params(round0, {"cluster": {"engine": engine}})
+        for command in (
+            f"evaluate --round r000 --model model --ingest ingest --train-report train "
+            f"--out evaluate-{engine}",
+            f"pseudolabel --round r001 --pool pool --previous r000 --pseudo-in init "
+            f"--model model --ingest ingest --out pseudo-{engine} --report report-{engine} "
+            f"--data-dir data",
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "pipeline", *command.split()],
+                cwd=round0,
+                capture_output=True,
+                text=True,
+                env=ONE_THREAD,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+    assert "on Ray, 2 workers" in done.stderr
+    for name in ("evaluate", "report", "pseudo"):
+        assert tree_hash(round0 / f"{name}-local") == tree_hash(round0 / f"{name}-ray"), name
