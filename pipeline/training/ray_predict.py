@@ -90,14 +90,22 @@ def check_nodes(ray, paths: list[Path]) -> None:
 class _Predictor:
     """A Ray Data worker: the ensemble loaded once; each item is one batch start."""
 
-    def __init__(self, model: str, images: str, rows: np.ndarray, batch_size: int, options: dict):
+    def __init__(
+        self,
+        model: str,
+        images: str,
+        rows: np.ndarray,
+        batch_size: int,
+        options: dict,
+        threads: int,
+    ):
         import torch
 
         from pipeline.core.device import pick_device
         from pipeline.core.io import read_array
         from pipeline.training.ensemble import load_ensemble
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(threads)
         self.ensemble = load_ensemble(Path(model))
         self.packed = read_array(Path(images))
         self.rows, self.batch_size, self.options = rows, batch_size, options
@@ -146,13 +154,19 @@ def predict_on_ray(
     )
     dataset = ray.data.from_items(starts, override_num_blocks=len(starts)).map_batches(
         _Predictor,
-        fn_constructor_args=(str(model), str(images), rows, batch_size, options),
+        fn_constructor_args=(
+            str(model),
+            str(images),
+            rows,
+            batch_size,
+            options,
+            max(1, int(cluster.cpus_per_worker)),
+        ),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cluster.workers),
         num_cpus=cluster.cpus_per_worker,
         num_gpus=cluster.gpus_per_worker,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cluster.cpus_per_worker)))}},
     )
     collected: dict[str, list] = {}
     try:
