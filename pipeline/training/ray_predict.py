@@ -147,10 +147,11 @@ def predict_on_ray(
     context.enable_progress_bars = False
     starts = [{"start": s} for s in range(0, len(rows), batch_size)]
     log.info(
-        "prediction: %d images in %d batches on Ray, %d workers",
+        "prediction: %d images on Ray, %d workers (%d batches of at most %d)",
         len(rows),
-        len(starts),
         cluster.workers,
+        len(starts),
+        batch_size,
     )
     dataset = ray.data.from_items(starts, override_num_blocks=len(starts)).map_batches(
         _Predictor,
