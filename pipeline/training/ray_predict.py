@@ -63,11 +63,11 @@ def _missing(paths: list[str]) -> tuple[str, list[str]]:
 
 
 def check_nodes(ray, paths: list[Path]) -> None:
-    """Every live node with CPUs reads `paths` (absolute, as this process names them), or a
-    PipelineError naming the first node and path that it cannot."""
+    """Every live node with CPUs reads `paths` (absolute), or a PipelineError naming the first
+    node and path that it cannot."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    wanted = [str(Path(p).resolve()) for p in paths]
+    wanted = [str(p) for p in paths]
     probe = ray.remote(num_cpus=0)(_missing)
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
     answers = ray.get(
@@ -141,6 +141,7 @@ def predict_on_ray(
     """`predict_packed`'s result for `rows` of the packed folder `images`, predicted by
     cluster.workers Ray Data actors with the ensemble saved in `model`."""
     ray = connect(cluster)
+    model, images = Path(model).resolve(), Path(images).resolve()  # the same on every node
     check_nodes(ray, [model, images])
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results in input order
