@@ -348,7 +348,7 @@ class ClusterConfig:
     engine: str = choice("local", "ray")  # ray: pip install -e '.[ray]'
     address: str = AUTO  # ray: the cluster's address; auto: RAY_ADDRESS, else a local instance
     workers: int = num(2, 1, 100_000)  # ray: prediction workers, each loading the ensemble once
-    cpus_per_worker: float = num(1.0, 0.0, 1024.0)
+    cpus_per_worker: float = num(1.0, 0.0, 1024.0, open_lo=True)
     gpus_per_worker: float = num(0.0, 0.0, 64.0)
 
     def __post_init__(self) -> None:
