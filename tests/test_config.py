@@ -56,6 +56,10 @@ def test_project_params_load():
         ({"demo": {"clean_min_steps": []}}, "demo.clean_min_steps: expected at least one value"),
         ({"demo": {"clean_min_steps": [150, -5]}}, "demo.clean_min_steps[1]: -5 is out of range"),
         ({"demo": {"clean_min_steps": "short"}}, "demo.clean_min_steps: expected an integer"),
+        ({"cluster": {"engine": "spark"}}, "cluster.engine: 'spark' is not one of local, ray"),
+        ({"cluster": {"address": "head 6379"}}, "cluster.address: head 6379 is not an address"),
+        ({"cluster": {"workers": 0}}, "cluster.workers: 0 is out of range"),
+        ({"cluster": {"cpus_per_worker": 0}}, "cluster.cpus_per_worker: 0.0 is out of range"),
     ],
 )
 def test_refuses_bad_params_with_key_path(tmp_path, extra, expected, record):
