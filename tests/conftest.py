@@ -348,6 +348,24 @@ GIT_IDENTITY = {
 }
 
 
+# The stages' own command line, one CPU thread a process: training's float rounding depends on
+# the thread count, so runs compared number for number run at the same threads
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def pipeline_cli(cwd: Path, command: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline <command>` in cwd, one thread per process; it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *command.split()],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=ONE_THREAD,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def sh(cwd, *args, check=True):
     env = {**os.environ, **GIT_IDENTITY}
     result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env)

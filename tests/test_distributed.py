@@ -7,9 +7,6 @@ thread count, so one process is compared with several at the same threads per pr
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ from pipeline.training.ensemble import load_ensemble, predict_packed
 
 from .conftest import (
     augment_and_train,
+    pipeline_cli,
     train_table,
     tree_hash,
     write_digits,
@@ -33,21 +31,6 @@ from .conftest import (
 )
 
 pytestmark = pytest.mark.slow  # torchrun: several processes per test
-
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-
-
-def pipeline_cli(cwd: Path, command: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline <command>` in cwd, one thread per process; it must succeed."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", *command.split()],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=ONE_THREAD,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def same_outputs(one: Path, two: Path) -> None:

@@ -7,8 +7,6 @@ Needs `pip install -e '.[ray]'` (.ci/run installs it); skipped without it.
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +20,7 @@ from pipeline.training.ensemble import load_ensemble, predict_packed
 
 from .conftest import (
     augment_and_train,
+    pipeline_cli,
     train_table,
     tree_hash,
     write_digits,
@@ -35,7 +34,6 @@ psutil = pytest.importorskip("psutil")  # a dependency of ray's
 pytestmark = pytest.mark.slow  # a Ray instance and its workers per test module
 
 RAY = ClusterConfig(engine="ray", workers=2)
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +121,7 @@ def test_evaluate_and_pseudolabel_stages_on_ray_write_what_local_writes(round0):
             f"--model model --ingest ingest --out pseudo-{engine} --report report-{engine} "
             f"--data-dir data",
         ):
-            done = subprocess.run(
-                [sys.executable, "-m", "pipeline", *command.split()],
-                cwd=round0,
-                capture_output=True,
-                text=True,
-                env=ONE_THREAD,
-            )
-            assert done.returncode == 0, done.stderr[-3000:]
+            done = pipeline_cli(round0, command)
     assert "on Ray, 2 workers" in done.stderr
     for name in ("evaluate", "report", "pseudo"):
         assert tree_hash(round0 / f"{name}-local") == tree_hash(round0 / f"{name}-ray"), name
