@@ -110,10 +110,7 @@ def train(
     from pipeline.stages import train as stage
 
     loaded = load_params(params)
-    if loaded.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
-        launch(loaded.train.nproc, sys.argv[1:])
-        return read_json(report / "diagnostics.json")["summary"]
-    return stage.run(
+    stage_args = dict(
         table_path=table,
         val_path=val,
         images_path=ingest_dir / "images",
@@ -126,6 +123,13 @@ def train(
         state_dir=model.parent / f".{model.name}.state",
         params=loaded,
     )
+    if loaded.cluster.engine == "ray" and not loaded.train.model.frozen:
+        stage.run_on_ray(stage_args)
+        return read_json(report / "diagnostics.json")["summary"]
+    if loaded.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
+        launch(loaded.train.nproc, sys.argv[1:])
+        return read_json(report / "diagnostics.json")["summary"]
+    return stage.run(**stage_args)
 
 
 @app.command()

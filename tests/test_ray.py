@@ -1,32 +1,41 @@
-"""cluster.engine: ray: evaluate's and pseudolabel's prediction as Ray Data workers on a local
-Ray instance (2 CPUs) gives what one local process gives, number for number, even when a worker
-is killed mid-run; a node that cannot read the project is refused in one line.
+"""cluster.engine: ray on a local Ray instance (2 CPUs): evaluate's and pseudolabel's prediction
+as Ray Data workers gives what one local process gives, number for number, even when a worker
+is killed mid-run; a node that cannot read the project is refused in one line; the clean
+stage's K-fold as Ray tasks writes what the local K-fold writes; the train stage as a 2-worker
+Ray Train TorchTrainer writes the checkpoints torchrun's 2 processes write, bit for bit.
 
 Needs `pip install -e '.[ray]'` (.ci/run installs it); skipped without it.
 """
 
+import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.core.config import ClusterConfig, load_params
 from pipeline.core.errors import PipelineError
-from pipeline.stages import ingest, pseudolabel
+from pipeline.stages import augment, ingest, pseudolabel
 from pipeline.training.ensemble import load_ensemble, predict_packed
 
 from .conftest import (
+    ONE_THREAD,
     augment_and_train,
+    ingest_digits,
     pipeline_cli,
     train_table,
     tree_hash,
     write_digits,
     write_params,
     write_pool,
+    write_truth,
 )
+from .test_train import train_command
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")  # a dependency of ray's
@@ -125,3 +134,61 @@ def test_evaluate_and_pseudolabel_stages_on_ray_write_what_local_writes(round0):
     assert "on Ray, 2 workers" in done.stderr
     for name in ("evaluate", "report", "pseudo"):
         assert tree_hash(round0 / f"{name}-local") == tree_hash(round0 / f"{name}-ray"), name
+
+
+def test_the_kfold_as_ray_tasks_writes_what_the_local_kfold_writes(project):
+    """3 folds at two budgets, at most 2 folds at a time, each a task on one CPU (one thread,
+    as the local run has): every output of the clean stage byte for byte."""
+    data = project / "data"
+    truth = write_digits(data, {0: "zero", 1: "one", 2: "two"}, 30, flip=0.1, test_per_class=5)
+    write_truth(data, truth)
+    ingest.run(data, project / "ingest", load_params(project / "params.yaml"))
+    for engine in ("local", "ray"):
+        clean_params = {"embedding_steps": 0, "min_steps": [0, 60]}
+        write_params(project, {"clean": clean_params, "cluster": {"engine": engine}})
+        done = pipeline_cli(project, f"clean --ingest ingest --data-dir data --out clean-{engine}")
+    assert "clean: K-fold at 60 steps on Ray, 3 folds, at most 2 at a time" in done.stderr
+    assert "SIGTERM" not in done.stderr  # cleanlab's forked pool, ended quietly
+    assert tree_hash(project / "clean-local") == tree_hash(project / "clean-ray")
+    budgets = json.loads((project / "clean-ray" / "metrics.json").read_text())["kfold_budgets"]
+    assert [b["min_steps"] for b in budgets] == [0, 60]
+
+
+def test_training_on_ray_writes_what_torchrun_writes(project):
+    """2 Ray Train workers against `train.nproc: 2` under torchrun, each process on one
+    thread: the same shards, seeds and gradient all-reduce, so the same checkpoints bit for
+    bit, and the round's metrics written once, by the first worker."""
+    ingested = ingest_digits(project)
+    table = train_table(ingested)
+    recipe = {"epochs": 4, "patience": 100}
+    runs = {"torchrun": {"train": {**recipe, "nproc": 2}}}
+    runs["ray"] = {"train": recipe, "cluster": {"engine": "ray", "workers": 2}}
+    for name, extra in runs.items():
+        write_params(project, extra)
+        if name == "torchrun":
+            params = load_params(project / "params.yaml")
+            images, classes = ingested / "images", ingested / "classes.json"
+            augment.run(table, images, classes, project / "artifacts" / "augment", params)
+        done = subprocess.run(
+            train_command(table, ingested, name),
+            cwd=project,
+            capture_output=True,
+            text=True,
+            env=ONE_THREAD,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "train: 2 workers on Ray (DistributedDataParallel)" in done.stderr
+    rounds, reports = project / "artifacts" / "rounds", project / "artifacts" / "reports"
+    kept = sorted(p.name for p in (rounds / "torchrun" / "model").glob("*.pt"))
+    assert kept and kept == sorted(p.name for p in (rounds / "ray" / "model").glob("*.pt"))
+    for name in kept:
+        a, b = (torch.load(rounds / r / "model" / name)["state_dict"] for r in ("torchrun", "ray"))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+    first, second = (
+        json.loads((reports / r / "train" / "diagnostics.json").read_text())
+        for r in ("torchrun", "ray")
+    )
+    assert first["summary"] == second["summary"] and len(second["history"]) == 4
+    metrics = json.loads((rounds / "ray" / "live" / "metrics.json").read_text())
+    assert metrics["ensemble_val_acc"] == first["summary"]["ensemble_val_acc"]
+    assert not [p for p in project.rglob("*") if ".parts." in p.name or p.name.endswith(".state")]

@@ -343,11 +343,12 @@ class RoundConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where evaluate and pseudolabel predict: this machine, or a Ray cluster (docs/scaling.md)."""
+    """Where the clean stage's K-fold, training and prediction run: this machine, or a Ray
+    cluster (docs/scaling.md)."""
 
     engine: str = choice("local", "ray")  # ray: pip install -e '.[ray]'
     address: str = AUTO  # ray: the cluster's address; auto: RAY_ADDRESS, else a local instance
-    workers: int = num(2, 1, 100_000)  # ray: prediction workers, each loading the ensemble once
+    workers: int = num(2, 1, 100_000)  # ray: prediction workers, K-fold tasks, DDP workers
     cpus_per_worker: float = num(1.0, 0.0, 1024.0, open_lo=True)
     gpus_per_worker: float = num(0.0, 0.0, 64.0)
 

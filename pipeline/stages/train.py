@@ -14,7 +14,8 @@ the body computes once (pipeline/training/frozen.py: no augmentation, one proces
 the loop is pipeline/training/loop.py (`fit`: `train.epochs` epochs of at least `train.min_steps` optimizer
 steps in all, early stopping, the top-k checkpoints, resume); the ensemble, pipeline/training/ensemble.py. Batches come from pipeline/training/feed.py (either augmentation
 backend); with train.nproc > 1 the command runs under torchrun and `fit` wraps the model in
-DistributedDataParallel.
+DistributedDataParallel; with cluster.engine: ray, so do cluster.workers Ray Train workers
+(`run_on_ray`).
 """
 
 from __future__ import annotations
@@ -229,6 +230,14 @@ def run(
         summary["val_ece_after"],
     )
     return summary
+
+
+def run_on_ray(stage_args: dict) -> None:
+    """`run(**stage_args)` as cluster.workers Ray Train workers (cluster.engine: ray): the same
+    DistributedDataParallel `fit` as under torchrun (pipeline/training/ray_fit.py)."""
+    from pipeline.training.ray_fit import train_on_ray
+
+    train_on_ray(run, stage_args)
 
 
 def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:

@@ -50,9 +50,13 @@ def current_shard() -> Shard:
 @contextmanager
 def distributed(device: torch.device) -> Iterator[Shard]:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPU) when it started several
-    processes; yields this process's Shard. Alone, it does nothing and yields Shard()."""
+    processes; yields this process's Shard. Alone, it does nothing and yields Shard(). In a
+    group someone else set up and owns (Ray Train's workers), it yields that group's Shard."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield Shard()
+        return
+    if dist.is_available() and dist.is_initialized():
+        yield current_shard()
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -6,7 +6,8 @@ a model that never saw its label. With several budgets in clean.min_steps it run
 budget and keeps the run whose out-of-fold predictions agree best with the given labels: too
 long a run memorizes the wrong labels it should find (digits), too short a one leaves hard
 images underfit (photos). With clean.nproc > 1 the folds are spread over processes under
-torchrun (`kfold_part`, the hidden `kfold-part` command).
+torchrun (`kfold_part`, the hidden `kfold-part` command); with cluster.engine: ray each fold is
+a Ray task (pipeline/training/ray_fit.py), and clean.nproc is not used.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def kfold_pred_probs(
         )
     splits = fold_splits(labels, params)
     budgets = distinct_budgets(params, [len(train_idx) for train_idx, _ in splits])
-    nproc = usable(min(params.clean.nproc, folds))
+    on_ray = params.cluster.engine == "ray"
+    nproc = 1 if on_ray else usable(min(params.clean.nproc, folds))
     tried, best = [], None
     if features is not None:
         pred_probs = linear_kfold(features, labels, n_classes, splits)
@@ -171,12 +173,16 @@ def one_kfold(
     """The K-fold at one budget: (pred_probs (N, K), embeddings (N, D)).
 
     With a job folder (clean.nproc > 1; images.npy and labels.npy in it) the folds run in
-    `nproc` processes under torchrun (fold f in process f mod nproc: kfold_part), each seeded
-    and trained as here, so on a CPU the numbers are the same bit for bit (given the same
-    threads per process).
+    `nproc` processes under torchrun (fold f in process f mod nproc: kfold_part); with
+    cluster.engine: ray, as Ray tasks (ray_fit.kfold_on_ray). Each is seeded and trained as
+    here, so on a CPU the numbers are the same bit for bit (given the same threads per process).
     """
     folds = params.clean.folds
-    if job is not None:
+    if params.cluster.engine == "ray":
+        from pipeline.training.ray_fit import kfold_on_ray
+
+        results = kfold_on_ray(fold_predictions, images, labels, splits, params, classes, min_steps)
+    elif job is not None:
         write_json(
             job / "job.json",
             {"params": to_dict(params), "classes": classes, "min_steps": min_steps},

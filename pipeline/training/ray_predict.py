@@ -40,6 +40,9 @@ def connect(cluster: ClusterConfig):
             "(or set cluster.engine: local)"
         ) from None
     if not ray.is_initialized():
+        # Processes this one forks (cleanlab's pool) inherit Ray's crash handler, which prints
+        # a stack trace when their pool ends them with SIGTERM: a scare, not an error.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         address = cluster.address
         if address == "auto":
             address = os.environ.get("RAY_ADDRESS") or None  # None: start a local instance
@@ -85,6 +88,21 @@ def check_nodes(ray, paths: list[Path]) -> None:
                 f"node must see the project at the same path (a shared filesystem, "
                 f"docs/scaling.md)"
             )
+
+
+def one_line(exc: Exception, what: str) -> PipelineError:
+    """A failure on Ray as one line: a worker's own PipelineError as it is (a RayTaskError
+    wraps it as `cause`; Ray Train's WorkerGroupError holds each worker's in
+    `worker_failures`), anything else named with `what`."""
+    causes = [exc, getattr(exc, "cause", None)]
+    causes += list(getattr(exc, "worker_failures", {}).values())
+    for cause in causes:
+        cause = getattr(cause, "cause", None) or cause  # a worker's RayTaskError
+        if isinstance(cause, PipelineError):
+            return PipelineError(str(cause))
+    cause = getattr(exc, "cause", None) or exc
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return PipelineError(f"{what} failed: {type(cause).__name__}: {first}")
 
 
 class _Predictor:
@@ -175,11 +193,8 @@ def predict_on_ray(
         for part in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for name, values in part.items():
                 collected.setdefault(name, []).append(values)
-    except Exception as exc:  # a RayTaskError wraps the worker's own
-        cause = getattr(exc, "cause", None) or exc
-        if isinstance(cause, PipelineError):
-            raise PipelineError(str(cause)) from None
-        raise PipelineError(f"prediction on Ray failed: {type(cause).__name__}: {cause}") from None
+    except Exception as exc:
+        raise one_line(exc, "prediction on Ray") from None
     out = [np.concatenate(collected["probs"])]
     if options["members"]:
         out.append(np.moveaxis(np.concatenate(collected["members"]), 0, 1))
