@@ -154,30 +154,45 @@ def test_the_kfold_as_ray_tasks_writes_what_the_local_kfold_writes(project):
     assert [b["min_steps"] for b in budgets] == [0, 60]
 
 
-def test_training_on_ray_writes_what_torchrun_writes(project):
+def test_training_on_ray_writes_what_torchrun_writes_even_after_a_worker_is_killed(project, record):
     """2 Ray Train workers against `train.nproc: 2` under torchrun, each process on one
-    thread: the same shards, seeds and gradient all-reduce, so the same checkpoints bit for
-    bit, and the round's metrics written once, by the first worker."""
+    thread: the same shards, seeds and gradient all-reduce. One Ray worker is SIGKILLed once
+    the second epoch's checkpoint is saved; the group restarts, `fit` resumes from the last
+    checkpoint, and the checkpoints are the same bit for bit, the metrics written once."""
     ingested = ingest_digits(project)
     table = train_table(ingested)
-    recipe = {"epochs": 4, "patience": 100}
-    runs = {"torchrun": {"train": {**recipe, "nproc": 2}}}
-    runs["ray"] = {"train": recipe, "cluster": {"engine": "ray", "workers": 2}}
-    for name, extra in runs.items():
-        write_params(project, extra)
-        if name == "torchrun":
-            params = load_params(project / "params.yaml")
-            images, classes = ingested / "images", ingested / "classes.json"
-            augment.run(table, images, classes, project / "artifacts" / "augment", params)
-        done = subprocess.run(
-            train_command(table, ingested, name),
-            cwd=project,
-            capture_output=True,
-            text=True,
-            env=ONE_THREAD,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-    assert "train: 2 workers on Ray (DistributedDataParallel)" in done.stderr
+    recipe = {"epochs": 6, "patience": 100}
+    write_params(project, {"train": {**recipe, "nproc": 2}})
+    images, classes = ingested / "images", ingested / "classes.json"
+    params = load_params(project / "params.yaml")
+    augment.run(table, images, classes, project / "artifacts" / "augment", params)
+    command = train_command(table, ingested, "torchrun")
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    write_params(project, {"train": recipe, "cluster": {"engine": "ray", "workers": 2}})
+    state = project / "artifacts" / "rounds" / "ray" / ".model.state"
+    run = subprocess.Popen(
+        train_command(table, ingested, "ray"),
+        cwd=project,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ONE_THREAD,
+    )
+    killed = None
+    while run.poll() is None and killed is None:
+        if (state / "epoch_002.pt").exists():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed = proc.info["pid"]
+                    break
+        time.sleep(0.05)
+    stderr = run.communicate()[1]
+    assert run.returncode == 0, stderr[-3000:]
+    assert killed is not None, "training ended before a worker could be killed"
+    assert "train: 2 workers on Ray (DistributedDataParallel)" in stderr
+
     rounds, reports = project / "artifacts" / "rounds", project / "artifacts" / "reports"
     kept = sorted(p.name for p in (rounds / "torchrun" / "model").glob("*.pt"))
     assert kept and kept == sorted(p.name for p in (rounds / "ray" / "model").glob("*.pt"))
@@ -188,7 +203,8 @@ def test_training_on_ray_writes_what_torchrun_writes(project):
         json.loads((reports / r / "train" / "diagnostics.json").read_text())
         for r in ("torchrun", "ray")
     )
-    assert first["summary"] == second["summary"] and len(second["history"]) == 4
+    assert first["summary"] == second["summary"] and len(second["history"]) == 6
     metrics = json.loads((rounds / "ray" / "live" / "metrics.json").read_text())
     assert metrics["ensemble_val_acc"] == first["summary"]["ensemble_val_acc"]
     assert not [p for p in project.rglob("*") if ".parts." in p.name or p.name.endswith(".state")]
+    record("fault", "a Ray Train worker killed mid-training", "resumed; the same checkpoints")
