@@ -15,8 +15,10 @@ own settings):
   photo      distinct objects (bench/photo_data.py: each class its own photo or object, from the
              photos scikit-image, scikit-learn and matplotlib ship): 40 labeled per class, 15%
              mislabeled, two pools of 400, 400 test; the from-scratch CNN as `colour` trains it
-  photo-pretrained, colour-pretrained
-             the same data as photo / colour, with what init writes for photos: a frozen
+  photo-few  the photo regime with 20 labeled per class (200, 30 of them mislabeled): fewer
+             labels, as many unlabeled and test images
+  photo-pretrained, colour-pretrained, photo-few-pretrained
+             the same data as photo / colour / photo-few, with what init writes for photos: a frozen
              tf_efficientnet_lite0 with real ImageNet weights (bench/lite0_weights.py) at 224 px;
              adds `probe`, a logistic regression on its features of the labeled rows as given
   mnist      real handwritten digits nobody tuned on (bench/mnist_data.py: the 5,000 MNIST
@@ -31,11 +33,11 @@ Per seed, all trained with the same recipe and scored on the same test split:
              labels) -> r000's model labels pool 1 -> train r001 -> r001's model re-scores pools
              1 and 2 -> train r002 -> ...
 plus the clean stage's flagged precision / recall, and per round the share of all pool images so
-far in the pseudo-label set it trained on, that set's accuracy, and the validation accuracy every choice is made on. The test
-split is only reported.
+far in the pseudo-label set it trained on, that set's accuracy, and the validation accuracy
+every choice is made on. The test split is only reported.
 
-    python bench/outcome.py [--regimes demo low-label colour mnist photo ...] [--seeds 0 1 2]
-                            [--baselines noisy true ceiling] [--set key=value ...]
+    python bench/outcome.py [--regimes demo low-label colour mnist photo photo-few ...]
+                            [--seeds 0 1 2] [--baselines noisy true ceiling] [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ REGIMES = {
     "photo-pretrained": PRETRAINED,
     "colour-pretrained": PRETRAINED,
 }
+REGIMES["photo-few"] = REGIMES["photo"]  # the same photos, 20 labeled per class (FEW_LABELS)
+REGIMES["photo-few-pretrained"] = PRETRAINED
+FEW_LABELS = ["--per-class", "20"]
 
 
 def write_data(regime: str, data: Path, params) -> None:
@@ -106,7 +111,8 @@ def write_data(regime: str, data: Path, params) -> None:
     elif regime.startswith("photo"):
         import photo_data
 
-        photo_data.main(["--out", str(data), "--seed", str(params.base.seed)])
+        few = FEW_LABELS if regime.startswith("photo-few") else []
+        photo_data.main(["--out", str(data), "--seed", str(params.base.seed), *few])
     elif regime == "mnist":
         import mnist_data
 
