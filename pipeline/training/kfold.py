@@ -81,8 +81,7 @@ def kfold_pred_probs(
         )
     splits = fold_splits(labels, params)
     budgets = distinct_budgets(params, [len(train_idx) for train_idx, _ in splits])
-    on_ray = params.cluster.engine == "ray"
-    nproc = 1 if on_ray else usable(min(params.clean.nproc, folds))
+    nproc = 1 if params.cluster.engine == "ray" else usable(min(params.clean.nproc, folds))
     tried, best = [], None
     if features is not None:
         pred_probs = linear_kfold(features, labels, n_classes, splits)

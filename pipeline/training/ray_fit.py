@@ -42,10 +42,9 @@ def _fold(fold_predictions, images, labels, splits, fold, params, classes, min_s
     import torch
 
     torch.set_num_threads(threads)
-    folds = fold_predictions(
-        images, labels, splits, range(fold, fold + 1), params, classes, min_steps
+    return next(
+        fold_predictions(images, labels, splits, range(fold, fold + 1), params, classes, min_steps)
     )
-    return next(iter(folds))
 
 
 def kfold_on_ray(
