@@ -162,6 +162,8 @@ def run(
         "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
     )
     if cfg.model.frozen:  # a linear head on the pretrained body's features, one process
+        if params.cluster.engine == "ray":
+            log.info("train: a frozen backbone's head trains in this process, not on Ray")
         result = fit_head(
             model, train, val, cfg, seed=base.seed, device=device, state_dir=state_dir
         )
