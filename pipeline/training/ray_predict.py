@@ -39,6 +39,7 @@ def connect(cluster: ClusterConfig):
             "cluster.engine is ray but Ray is not installed: pip install -e '.[ray]' "
             "(or set cluster.engine: local)"
         ) from None
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plans and timings: noise here
     if not ray.is_initialized():
         # Processes this one forks (cleanlab's pool) inherit Ray's crash handler, which prints
         # a stack trace when their pool ends them with SIGTERM: a scare, not an error.
