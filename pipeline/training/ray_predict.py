@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 def connect(cluster: ClusterConfig):
     """ray, connected to cluster.address ("auto": RAY_ADDRESS, else a new local instance)."""
+    # Processes this one forks (cleanlab's pool) inherit Ray's crash handler, which prints a
+    # stack trace when their pool ends them with SIGTERM: a scare, not an error. Ray reads the
+    # switch once, when it is first imported.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         import ray
         import ray.data  # noqa: F401  (the extra's ray[data], not bare ray)
@@ -41,9 +45,6 @@ def connect(cluster: ClusterConfig):
         ) from None
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plans and timings: noise here
     if not ray.is_initialized():
-        # Processes this one forks (cleanlab's pool) inherit Ray's crash handler, which prints
-        # a stack trace when their pool ends them with SIGTERM: a scare, not an error.
-        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         address = cluster.address
         if address == "auto":
             address = os.environ.get("RAY_ADDRESS") or None  # None: start a local instance
