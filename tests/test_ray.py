@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -134,6 +135,28 @@ def test_evaluate_and_pseudolabel_stages_on_ray_write_what_local_writes(round0):
     assert "on Ray, 2 workers" in done.stderr
     for name in ("evaluate", "report", "pseudo"):
         assert tree_hash(round0 / f"{name}-local") == tree_hash(round0 / f"{name}-ray"), name
+
+
+def test_the_local_engine_never_imports_ray(round0):
+    """With Ray installed and `cluster.engine: local`, a stage that predicts never imports it
+    (Python's own import log of the stage's process)."""
+    write_params(round0, {"cluster": {"engine": "local"}})
+    command = "evaluate --round r000 --model model --ingest ingest --train-report train --out e"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline", *command.split()],
+        cwd=round0,
+        capture_output=True,
+        text=True,
+        env=ONE_THREAD,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {
+        line.rsplit("|", 1)[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert {"torch", "pipeline.training.ensemble"} <= imported  # the log is the stage's
+    assert not [name for name in imported if name == "ray" or name.startswith("ray.")]
 
 
 def test_the_kfold_as_ray_tasks_writes_what_the_local_kfold_writes(project):
