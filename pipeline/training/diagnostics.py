@@ -47,26 +47,32 @@ def diagnose(history: list[dict], cfg: TrainConfig) -> list[str]:
     """Plain-language warnings from the tuning checklist.
 
     A rise is judged on the mean of the last fifth of the epochs against the lowest mean of as
-    many consecutive epochs before it, and must give back a tenth of what was gained: the
-    epoch-to-epoch noise of a long run on a small set, near zero loss, or of a few mixup steps
-    an epoch, is not a rise (one lucky epoch is not the level the loss had reached).
+    many consecutive epochs before it, and must give back a tenth of what was gained and more
+    than the loss's epoch-to-epoch noise (the median change from one epoch to the next): the
+    noise of a long run on a small set, near zero loss, of a few mixup steps an epoch, or of a
+    frozen backbone's head that has converged within its first epoch, is not a rise (one lucky
+    epoch is not the level the loss had reached). The last epoch above the first is a rise when
+    it is above by twice the noise.
     """
     warnings = []
     losses = np.array([h["train_loss"] for h in history])
+    noise = float(np.median(np.abs(np.diff(losses)))) if len(losses) > 1 else 0.0
     tail = max(3, len(losses) // 5)
     if len(losses) > tail:
         before = losses[:-tail]
         width = min(tail, len(before))
         recent = losses[-tail:].mean()
         best = np.convolve(before, np.ones(width) / width, mode="valid").min()
-        if recent > best + 0.1 * (losses[0] - best) + 1e-3 or losses[-1] > losses[0]:
+        given_back = recent - best > max(0.1 * (losses[0] - best), noise) + 1e-3
+        if given_back or losses[-1] > losses[0] + 2 * noise:
             warnings.append(
                 f"Training loss rose (lowest {width}-epoch mean {best:.3f}, last {tail} epochs "
                 f"{recent:.3f}): the "
                 f"learning rate train.lr={cfg.lr:g} is probably too high. Try a third of it, or "
                 f"run `python -m pipeline lr-find`."
             )
-    if len(losses) >= 3 and abs(losses[0] - losses[-1]) < 0.01 * abs(losses[0]):
+    flat = abs(losses[0] - losses[-1]) < 0.01 * abs(losses[0]) and noise < 0.01 * abs(losses[0])
+    if len(losses) >= 3 and flat:
         warnings.append(
             f"Training loss stayed flat ({losses[0]:.3f} -> {losses[-1]:.3f}): the learning rate "
             f"train.lr={cfg.lr:g} is probably too low, or the model cannot fit the labels."
