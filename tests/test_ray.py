@@ -46,6 +46,15 @@ pytestmark = pytest.mark.slow  # a Ray instance and its workers per test module
 RAY = ClusterConfig(engine="ray", workers=2)
 
 
+def kill_one(name: str) -> int | None:
+    """SIGKILL the first process whose command line holds `name`: its pid, or None."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if name in " ".join(proc.info["cmdline"] or []):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            return proc.info["pid"]
+    return None
+
+
 @pytest.fixture(scope="module")
 def round0(tmp_path_factory):
     """A trained round r000 over 3 digit classes, 30 test images and a pool of 60."""
@@ -97,11 +106,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_numbers_do_not_change(
     run.start()
     killed = None
     while run.is_alive() and killed is None:  # the first worker process to appear
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if "MapWorker" in " ".join(proc.info["cmdline"] or []):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed = proc.info["pid"]
-                break
+        killed = kill_one("MapWorker")
         time.sleep(0.05)
     assert killed is not None, "the prediction ended before any worker could be killed"
     run.join()
@@ -205,11 +210,7 @@ def test_training_on_ray_writes_what_torchrun_writes_even_after_a_worker_is_kill
     killed = None
     while run.poll() is None and killed is None:
         if (state / "epoch_002.pt").exists():
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed = proc.info["pid"]
-                    break
+            killed = kill_one("RayTrainWorker")
         time.sleep(0.05)
     stderr = run.communicate()[1]
     assert run.returncode == 0, stderr[-3000:]
