@@ -141,13 +141,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kfold-images", type=int, default=2000, help="0: skip")
-    parser.add_argument("--predict-images", type=int, default=30_000, help="0: skip")
+    skip = "0: skip (and keep what --out holds for it)"
+    parser.add_argument("--kfold-images", type=int, default=2000, help=skip)
+    parser.add_argument("--predict-images", type=int, default=30_000, help=skip)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ray_cluster.json")
     args = parser.parse_args()
     os.environ["TQDM_DISABLE"] = "1"
-    result = {}
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         params = yaml.safe_load((ROOT / "params.yaml").read_text())

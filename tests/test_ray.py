@@ -124,6 +124,18 @@ def test_a_node_that_cannot_read_the_project_is_refused_in_one_line(round0, loca
     assert f"cannot read {tmp_path / 'elsewhere'}" in message
 
 
+def test_more_workers_than_the_cluster_holds_are_refused_in_one_line(round0, local_ray):
+    too_many = ClusterConfig(engine="ray", workers=3)  # local_ray has 2 CPUs
+    with pytest.raises(PipelineError) as caught:
+        predict_packed(
+            load_ensemble(round0 / "model"), round0 / "ingest" / "images", cluster=too_many
+        )
+    assert str(caught.value) == (
+        "cluster: 3 workers x 1 CPU each need 3 CPUs, the Ray cluster has 2: lower "
+        "cluster.workers or cluster.cpus_per_worker, or add nodes"
+    )
+
+
 def test_evaluate_and_pseudolabel_stages_on_ray_write_what_local_writes(round0):
     """The stages as `dvc repro` runs them (each starts its own local Ray): every output file
     byte for byte."""
@@ -216,6 +228,7 @@ def test_training_on_ray_writes_what_torchrun_writes_even_after_a_worker_is_kill
     assert run.returncode == 0, stderr[-3000:]
     assert killed is not None, "training ended before a worker could be killed"
     assert "train: 2 workers on Ray (DistributedDataParallel)" in stderr
+    assert "train: ensemble of " in stderr  # the first worker's summary, logged by the driver
 
     rounds, reports = project / "artifacts" / "rounds", project / "artifacts" / "reports"
     kept = sorted(p.name for p in (rounds / "torchrun" / "model").glob("*.pt"))
@@ -232,3 +245,16 @@ def test_training_on_ray_writes_what_torchrun_writes_even_after_a_worker_is_kill
     assert metrics["ensemble_val_acc"] == first["summary"]["ensemble_val_acc"]
     assert not [p for p in project.rglob("*") if ".parts." in p.name or p.name.endswith(".state")]
     record("fault", "a Ray Train worker killed mid-training", "resumed; the same checkpoints")
+
+    # An error of the pipeline's own, met by every worker: one line, and no restart of the group
+    write_params(
+        project, {"train": {**recipe, "batch_size": 1}, "cluster": {"engine": "ray", "workers": 2}}
+    )
+    failed = subprocess.run(
+        train_command(table, ingested, "bad"), cwd=project, capture_output=True, text=True
+    )
+    assert failed.returncode == 1
+    last = failed.stderr.strip().splitlines()[-1]
+    assert "train.batch_size 1 is smaller than the 2 training processes" in last, last
+    assert "Traceback" not in failed.stderr
+    assert not (rounds / "bad" / "model").exists()

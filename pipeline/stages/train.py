@@ -220,18 +220,22 @@ def run(
     write_live(live_dir, result.history, summary)
     write_report(report_dir, result, config, summary, per_class)
     shutil.rmtree(state_dir, ignore_errors=True)
-    for warning in result.warnings:
+    log_outcome(summary, result.warnings, len(result.kept))
+    return summary
+
+
+def log_outcome(summary: dict, warnings: list[str], members: int) -> None:
+    for warning in warnings:
         log.warning("warning: %s", warning)
     log.info(
         "train: ensemble of %d checkpoints, validation accuracy %.3f, temperature %.2f "
         "(validation ECE %.3f -> %.3f)",
-        len(result.kept),
+        members,
         summary["ensemble_val_acc"],
         summary["temperature"],
         summary["val_ece_before"],
         summary["val_ece_after"],
     )
-    return summary
 
 
 def run_on_ray(stage_args: dict) -> None:
@@ -240,6 +244,11 @@ def run_on_ray(stage_args: dict) -> None:
     from pipeline.training.ray_fit import train_on_ray
 
     train_on_ray(run, stage_args)
+    report_dir = stage_args["report_dir"]  # the workers' own log lines stay on their nodes
+    diagnostics = read_json(report_dir / "diagnostics.json")
+    log_outcome(
+        diagnostics["summary"], read_json(report_dir / "warnings.json"), len(diagnostics["kept"])
+    )
 
 
 def write_live(live_dir: Path, history: list[dict], summary: dict) -> None:

@@ -71,8 +71,7 @@ def diagnose(history: list[dict], cfg: TrainConfig) -> list[str]:
                 f"learning rate train.lr={cfg.lr:g} is probably too high. Try a third of it, or "
                 f"run `python -m pipeline lr-find`."
             )
-    flat = abs(losses[0] - losses[-1]) < 0.01 * abs(losses[0]) and noise < 0.01 * abs(losses[0])
-    if len(losses) >= 3 and flat:
+    if len(losses) >= 3 and abs(losses[0] - losses[-1]) < 0.01 * abs(losses[0]):
         warnings.append(
             f"Training loss stayed flat ({losses[0]:.3f} -> {losses[-1]:.3f}): the learning rate "
             f"train.lr={cfg.lr:g} is probably too low, or the model cannot fit the labels."

@@ -206,8 +206,9 @@ def per_rank_batch(batch_size: int, shard: Shard) -> int:
     """Each of `world` processes takes an equal share of train.batch_size."""
     if batch_size < shard.world:
         raise PipelineError(
-            f"train.batch_size {batch_size} is smaller than train.nproc {shard.world}: "
-            f"every process needs at least one image per step"
+            f"train.batch_size {batch_size} is smaller than the {shard.world} training "
+            f"processes (train.nproc, or cluster.workers on Ray): every process needs at least "
+            f"one image per step"
         )
     return batch_size // shard.world
 

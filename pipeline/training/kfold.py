@@ -91,7 +91,11 @@ def kfold_pred_probs(
             budgets = []
     with contextlib.ExitStack() as stack:
         job = None
-        if nproc > 1:  # the processes' inputs, written once for every budget
+        if params.cluster.engine == "ray" and budgets:  # in Ray's object store, once
+            from pipeline.training.ray_fit import kfold_on_ray_session
+
+            job = stack.enter_context(kfold_on_ray_session(images, labels, splits, params.cluster))
+        elif nproc > 1:  # the processes' inputs, written once for every budget
             job = stack.enter_context(job_folder(beside))
             np.save(job / "images.npy", images)
             np.save(job / "labels.npy", labels)
@@ -166,21 +170,22 @@ def one_kfold(
     params: Params,
     classes: list[str],
     min_steps: int,
-    job: Path | None,
+    job,
     nproc: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The K-fold at one budget: (pred_probs (N, K), embeddings (N, D)).
 
-    With a job folder (clean.nproc > 1; images.npy and labels.npy in it) the folds run in
-    `nproc` processes under torchrun (fold f in process f mod nproc: kfold_part); with
-    cluster.engine: ray, as Ray tasks (ray_fit.kfold_on_ray). Each is seeded and trained as
-    here, so on a CPU the numbers are the same bit for bit (given the same threads per process).
+    With cluster.engine: ray `job` is a ray_fit.KFoldOnRay and the folds run as Ray tasks
+    (ray_fit.kfold_on_ray); with a job folder (clean.nproc > 1; images.npy and labels.npy in
+    it) in `nproc` processes under torchrun (fold f in process f mod nproc: kfold_part). Each is
+    seeded and trained as here, so on a CPU the numbers are the same bit for bit (given the
+    same threads per process).
     """
     folds = params.clean.folds
     if params.cluster.engine == "ray":
         from pipeline.training.ray_fit import kfold_on_ray
 
-        results = kfold_on_ray(fold_predictions, images, labels, splits, params, classes, min_steps)
+        results = kfold_on_ray(fold_predictions, job, params, classes, min_steps)
     elif job is not None:
         write_json(
             job / "job.json",

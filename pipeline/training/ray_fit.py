@@ -3,10 +3,10 @@
 K-fold: one Ray task per fold, cluster.cpus_per_worker CPUs and cluster.gpus_per_worker GPUs
 each, at most cluster.workers at a time. A task runs the very `fold_predictions` a local process
 runs, seeded by its fold number, with as many threads as it has CPUs: on CPUs the out-of-fold
-probabilities equal a local run's with the same threads, bit for bit. The labeled images reach
-the workers through Ray's object store (put once), so the K-fold needs no shared path. A task
-whose worker dies is run again (Ray's task retries, RETRIES times); an error of the pipeline's
-own is one line and is not retried.
+probabilities equal a local run's with the same threads, bit for bit. The labeled images, labels
+and folds reach the workers through Ray's object store (put once for every budget), so the
+K-fold needs no shared path. A task whose worker dies is run again (Ray's task retries, RETRIES
+times); an error of the pipeline's own is one line and is not retried.
 
 Train: Ray Train's TorchTrainer starts cluster.workers workers in one process group (gloo on
 CPUs, NCCL on GPUs), and each runs the train stage's own `run`: the DistributedDataParallel
@@ -15,22 +15,28 @@ workers read the packed images and the first one writes the checkpoints, the mod
 report at the project's own paths, so the project must be on a path every node mounts at the
 same place (`check_nodes`, before any work). A lost worker restarts the whole group (Ray Train's
 FailureConfig, RETRIES times), and `fit` resumes from the last epoch checkpoint in the model's
-state folder, as after a crash of a local run.
+state folder, as after a crash of a local run; an error of the pipeline's own is passed to the
+driver and is not retried.
 
 Ray is imported only here and in ray_predict.py, and only when chosen: pip install -e '.[ray]'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.core.config import ClusterConfig, Params
+from pipeline.core.errors import PipelineError
 from pipeline.core.processes import job_folder
-from pipeline.training.ray_predict import check_nodes, connect, one_line
+from pipeline.training.ray_predict import check_nodes, connect, one_line, session
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +53,35 @@ def _fold(fold_predictions, images, labels, splits, fold, params, classes, min_s
     )
 
 
+@dataclass
+class KFoldOnRay:
+    """A connected Ray and the K-fold's inputs in its object store, put there once for every
+    budget and read by every task."""
+
+    ray: Any
+    images: Any
+    labels: Any
+    splits: Any
+    folds: int
+
+
+@contextlib.contextmanager
+def kfold_on_ray_session(images: np.ndarray, labels: np.ndarray, splits: list, cluster):
+    """KFoldOnRay for the clean stage's budgets; a Ray instance started for them is shut down
+    at the end, before cleanlab forks its workers from this process."""
+    with session(cluster) as ray:
+        yield KFoldOnRay(
+            ray,
+            ray.put(np.ascontiguousarray(images)),
+            ray.put(labels),
+            ray.put(splits),
+            len(splits),
+        )
+
+
 def kfold_on_ray(
     fold_predictions,
-    images: np.ndarray,
-    labels: np.ndarray,
-    splits: list[tuple[np.ndarray, np.ndarray]],
+    inputs: KFoldOnRay,
     params: Params,
     classes: list[str],
     min_steps: int,
@@ -59,24 +89,23 @@ def kfold_on_ray(
     """Each fold's (probs (H, K), embeddings (H, D)) in fold order, every fold a Ray task
     running `fold_predictions` (pipeline.training.kfold's) for that fold alone."""
     cluster: ClusterConfig = params.cluster
-    ray = connect(cluster)
+    ray = inputs.ray
     task = ray.remote(_fold).options(
         num_cpus=cluster.cpus_per_worker,
         num_gpus=cluster.gpus_per_worker,
         max_retries=RETRIES,
         retry_exceptions=False,
     )
-    shared = ray.put(np.ascontiguousarray(images))
     threads = max(1, int(cluster.cpus_per_worker))
-    todo, running, done = list(range(len(splits))), {}, {}
+    todo, running, done = list(range(inputs.folds)), {}, {}
     log.info(
         "clean: K-fold at %d steps on Ray, %d folds, at most %d at a time",
         min_steps,
-        len(splits),
+        inputs.folds,
         cluster.workers,
     )
     with tqdm(
-        total=len(splits), desc=f"clean: K-fold on Ray, {min_steps} steps", unit="fold"
+        total=inputs.folds, desc=f"clean: K-fold on Ray, {min_steps} steps", unit="fold"
     ) as bar:
         try:
             while todo or running:
@@ -84,9 +113,9 @@ def kfold_on_ray(
                     fold = todo.pop(0)
                     ref = task.remote(
                         fold_predictions,
-                        shared,
-                        labels,
-                        splits,
+                        inputs.images,
+                        inputs.labels,
+                        inputs.splits,
                         fold,
                         params,
                         classes,
@@ -102,7 +131,7 @@ def kfold_on_ray(
             for ref in running:
                 ray.cancel(ref, force=True)
             raise one_line(exc, "the clean stage's K-fold on Ray") from None
-    return [done[fold] for fold in range(len(splits))]
+    return [done[fold] for fold in range(inputs.folds)]
 
 
 def _train_worker(config: dict) -> None:
@@ -111,7 +140,13 @@ def _train_worker(config: dict) -> None:
     import torch
 
     torch.set_num_threads(config["threads"])
-    config["run"](**config["stage_args"])
+    try:
+        config["run"](**config["stage_args"])
+    except PipelineError as exc:
+        # Ray Train would start the group again for any error; the pipeline's own (bad inputs,
+        # a diverged run: every worker meets it at the same point) goes to the driver instead
+        rank = os.environ.get("RANK", "0")
+        (Path(config["errors"]) / f"error-{rank}.txt").write_text(str(exc))
 
 
 def train_on_ray(run, stage_args: dict) -> None:
@@ -151,6 +186,7 @@ def train_on_ray(run, stage_args: dict) -> None:
                 "run": run,
                 "stage_args": stage_args,
                 "threads": max(1, int(cluster.cpus_per_worker)),
+                "errors": str(storage),
             },
             scaling_config=ScalingConfig(
                 num_workers=cluster.workers,
@@ -167,3 +203,5 @@ def train_on_ray(run, stage_args: dict) -> None:
             trainer.fit()
         except Exception as exc:
             raise one_line(exc, "training on Ray") from None
+        for error in sorted(storage.glob("error-*.txt")):
+            raise PipelineError(error.read_text())

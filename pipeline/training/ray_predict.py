@@ -16,9 +16,11 @@ Ray is imported only here, and only when chosen: `pip install -e '.[ray]'`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +62,35 @@ def connect(cluster: ClusterConfig):
                 f"cluster.address {address}: cannot connect to Ray ({exc}); start the cluster "
                 f"(`ray start --head`, docs/scaling.md) or set cluster.engine: local"
             ) from None
+    check_capacity(ray, cluster)
     return ray
+
+
+@contextlib.contextmanager
+def session(cluster: ClusterConfig):
+    """connect(cluster); a Ray instance this process started is shut down at the end."""
+    started_here = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    ray = connect(cluster)
+    try:
+        yield ray
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def check_capacity(ray, cluster: ClusterConfig) -> None:
+    """The cluster's CPUs and GPUs hold cluster.workers workers at once, or a PipelineError: Ray
+    would wait for them without end (a training group starts only whole). Counts the nodes that
+    are up now; an autoscaling cluster's nodes must be started first."""
+    have = ray.cluster_resources()
+    for resource, each in (("CPU", cluster.cpus_per_worker), ("GPU", cluster.gpus_per_worker)):
+        need = cluster.workers * each
+        if need > have.get(resource, 0):
+            raise PipelineError(
+                f"cluster: {cluster.workers} workers x {each:g} {resource} each need "
+                f"{need:g} {resource}s, the Ray cluster has {have.get(resource, 0):g}: lower "
+                f"cluster.workers or cluster.{resource.lower()}s_per_worker, or add nodes"
+            )
 
 
 def _missing(paths: list[str]) -> tuple[str, list[str]]:
@@ -96,13 +126,13 @@ def one_line(exc: Exception, what: str) -> PipelineError:
     """A failure on Ray as one line: a worker's own PipelineError as it is (a RayTaskError
     wraps it as `cause`; Ray Train's WorkerGroupError holds each worker's in
     `worker_failures`), anything else named with `what`."""
-    causes = [exc, getattr(exc, "cause", None)]
-    causes += list(getattr(exc, "worker_failures", {}).values())
-    for cause in causes:
+    failures = list(getattr(exc, "worker_failures", {}).values())
+    for cause in [exc, getattr(exc, "cause", None), *failures]:
         cause = getattr(cause, "cause", None) or cause  # a worker's RayTaskError
         if isinstance(cause, PipelineError):
             return PipelineError(str(cause))
-    cause = getattr(exc, "cause", None) or exc
+    cause = failures[0] if failures else exc  # a worker's own error, not the group's summary
+    cause = getattr(cause, "cause", None) or cause
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     return PipelineError(f"{what} failed: {type(cause).__name__}: {first}")
 
