@@ -23,6 +23,7 @@ from pipeline.core.config import ClusterConfig, load_params
 from pipeline.core.errors import PipelineError
 from pipeline.stages import augment, ingest, pseudolabel
 from pipeline.training.ensemble import load_ensemble, predict_packed
+from pipeline.training.ray_fit import train_on_ray
 
 from .conftest import (
     ONE_THREAD,
@@ -134,6 +135,12 @@ def test_more_workers_than_the_cluster_holds_are_refused_in_one_line(round0, loc
         "cluster: 3 workers x 1 CPU each need 3 CPUs, the Ray cluster has 2: lower "
         "cluster.workers or cluster.cpus_per_worker, or add nodes"
     )
+
+
+def test_training_on_ray_takes_whole_gpus_one_a_worker(project):
+    params = load_params(write_params(project, {"cluster": {"gpus_per_worker": 0.5}}))
+    with pytest.raises(PipelineError, match=r"^cluster.gpus_per_worker 0.5: training on Ray"):
+        train_on_ray(None, {"params": params})
 
 
 def test_evaluate_and_pseudolabel_stages_on_ray_write_what_local_writes(round0):

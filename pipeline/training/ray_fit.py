@@ -36,7 +36,13 @@ from tqdm import tqdm
 from pipeline.core.config import ClusterConfig, Params
 from pipeline.core.errors import PipelineError
 from pipeline.core.processes import job_folder
-from pipeline.training.ray_predict import check_nodes, connect, one_line, session
+from pipeline.training.ray_predict import (
+    check_nodes,
+    connect,
+    one_line,
+    only_granted_gpus,
+    session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ RETRIES = 3  # a fold's task, or the training group, started again after a lost 
 
 def _fold(fold_predictions, images, labels, splits, fold, params, classes, min_steps, threads):
     """A Ray task: one fold's (probs, embeddings) for the rows it held out."""
+    only_granted_gpus(params.cluster.gpus_per_worker)
     import torch
 
     torch.set_num_threads(threads)
@@ -137,6 +144,7 @@ def kfold_on_ray(
 def _train_worker(config: dict) -> None:
     """A Ray Train worker: the train stage's run, in the process group Ray Train set up (it
     sets RANK, WORLD_SIZE and LOCAL_RANK, which pick_device and `distributed` read)."""
+    only_granted_gpus(config["stage_args"]["params"].cluster.gpus_per_worker)
     import torch
 
     torch.set_num_threads(config["threads"])
@@ -155,6 +163,11 @@ def train_on_ray(run, stage_args: dict) -> None:
     them, by the first worker."""
     params: Params = stage_args["params"]
     cluster = params.cluster
+    if cluster.gpus_per_worker not in (0, 1):
+        raise PipelineError(
+            f"cluster.gpus_per_worker {cluster.gpus_per_worker:g}: training on Ray takes 0 or 1 "
+            f"GPU a worker (one DistributedDataParallel process per GPU, as under torchrun)"
+        )
     ray = connect(cluster)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

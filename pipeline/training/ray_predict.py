@@ -122,6 +122,13 @@ def check_nodes(ray, paths: list[Path]) -> None:
             )
 
 
+def only_granted_gpus(gpus: float) -> None:
+    """In a Ray worker: with no GPU granted (cluster.gpus_per_worker: 0), hide the node's GPUs,
+    which Ray leaves visible, so torch stays on the CPUs Ray counted. Before torch touches CUDA."""
+    if not gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def one_line(exc: Exception, what: str) -> PipelineError:
     """A failure on Ray as one line: a worker's own PipelineError as it is (a RayTaskError
     wraps it as `cause`; Ray Train's WorkerGroupError holds each worker's in
@@ -148,7 +155,9 @@ class _Predictor:
         batch_size: int,
         options: dict,
         threads: int,
+        gpus: float,
     ):
+        only_granted_gpus(gpus)
         import torch
 
         from pipeline.core.device import pick_device
@@ -213,6 +222,7 @@ def predict_on_ray(
             batch_size,
             options,
             max(1, int(cluster.cpus_per_worker)),
+            cluster.gpus_per_worker,
         ),
         batch_size=1,
         batch_format="numpy",
