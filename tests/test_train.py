@@ -229,6 +229,11 @@ def test_a_malicious_pickle_checkpoint_is_refused(tmp_path, record):
     )
 
 
+def plateau_with(rng, epochs: int) -> list[dict]:
+    """A loss level at 0.5 from the first epoch, with Gaussian noise (sd 0.02) each epoch."""
+    return [{"train_loss": 0.5 + 0.02 * rng.standard_normal()} for _ in range(epochs)]
+
+
 def test_diagnostics_warn_in_plain_language(fast_params):
     rising = [{"train_loss": v, "activations": {}} for v in (1.0, 1.2, 1.5, 1.9, 2.4)]
     # a long run on a small set: noisy from epoch to epoch, but falling
@@ -254,6 +259,14 @@ def test_diagnostics_warn_in_plain_language(fast_params):
         assert diagnostics.diagnose(head, fast_params.train) == []
         gave_up = [{"train_loss": v, "activations": {}} for v in (*converged, 0.62, 0.66, 0.7)]
         assert "too high" in " ".join(diagnostics.diagnose(gave_up, fast_params.train))
+    # a loss that has stopped falling, with noise: rarely a rise, whatever the run's length
+    rng = np.random.default_rng(0)
+    alarms = sum(
+        "rose" in " ".join(diagnostics.diagnose(plateau_with(rng, n), fast_params.train))
+        for n in (8, 12, 20, 50)
+        for _ in range(100)
+    )
+    assert alarms <= 16  # of 400: 9 with this rule, 332 with the one at 1b64a4c
     flat = [{"train_loss": v, "activations": {}} for v in (2.302, 2.301, 2.302, 2.300)]
     dead = [
         {"train_loss": v, "activations": {"blocks.0.act1": {"dead_fraction": 0.8}}}
