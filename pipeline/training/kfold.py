@@ -92,9 +92,9 @@ def kfold_pred_probs(
     with contextlib.ExitStack() as stack:
         job = None
         if params.cluster.engine == "ray" and budgets:  # in Ray's object store, once
-            from pipeline.training.ray_fit import kfold_on_ray_session
+            from pipeline.training.ray_fit import kfold_inputs_on_ray
 
-            job = stack.enter_context(kfold_on_ray_session(images, labels, splits, params.cluster))
+            job = stack.enter_context(kfold_inputs_on_ray(images, labels, splits, params.cluster))
         elif nproc > 1:  # the processes' inputs, written once for every budget
             job = stack.enter_context(job_folder(beside))
             np.save(job / "images.npy", images)

@@ -39,9 +39,9 @@ from pipeline.core.processes import job_folder
 from pipeline.training.ray_predict import (
     check_nodes,
     connect,
+    connected,
     one_line,
     only_granted_gpus,
-    session,
 )
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,10 @@ class KFoldOnRay:
 
 
 @contextlib.contextmanager
-def kfold_on_ray_session(images: np.ndarray, labels: np.ndarray, splits: list, cluster):
+def kfold_inputs_on_ray(images: np.ndarray, labels: np.ndarray, splits: list, cluster):
     """KFoldOnRay for the clean stage's budgets; a Ray instance started for them is shut down
     at the end, before cleanlab forks its workers from this process."""
-    with session(cluster) as ray:
+    with connected(cluster) as ray:
         yield KFoldOnRay(
             ray,
             ray.put(np.ascontiguousarray(images)),

@@ -67,7 +67,7 @@ def connect(cluster: ClusterConfig):
 
 
 @contextlib.contextmanager
-def session(cluster: ClusterConfig):
+def connected(cluster: ClusterConfig):
     """connect(cluster); a Ray instance this process started is shut down at the end."""
     started_here = "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
     ray = connect(cluster)
