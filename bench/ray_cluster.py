@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ingest import generate  # noqa: E402
 from bench.run import measured  # noqa: E402
-from bench.scale import write_ensemble  # noqa: E402
+from bench.scale import KFOLD_CALL, write_ensemble  # noqa: E402
 
 VARIANTS = {
     "local": {},
@@ -63,19 +63,10 @@ if params.cluster.engine == "ray":
 KFOLD = (
     START
     + """
-from pipeline.core.io import read_array, read_json, read_table
-from pipeline.training.kfold import kfold_pred_probs
 params = load_params("params.yaml", {**settings, "clean.nproc": nproc, "clean.min_steps": 150})
-classes = read_json(ingest + "/classes.json")
-manifest = read_table(ingest + "/manifest.csv")
-rows = manifest[manifest["split"] == "train"].sample(n, random_state=0)  # every class
-labels = rows["label"].map(classes.index).to_numpy()
-images = read_array(ingest + "/images")[rows["row"].astype(int).to_numpy()]
-start = time.perf_counter()
-probs, embeddings, _ = kfold_pred_probs(images, labels, len(classes), params, classes)
-seconds = time.perf_counter() - start
-np.savez(out + ".npz", probs=probs, embeddings=embeddings)
-json.dump({"call_seconds": seconds, "ray_start_seconds": ray_start}, open(out + ".json", "w"))
+"""
+    + KFOLD_CALL
+    + """json.dump({"call_seconds": seconds, "ray_start_seconds": ray_start}, open(out + ".json", "w"))
 """
 )
 

@@ -83,13 +83,11 @@ fit(model, Samples(images, labels), None, params.train, seed=0, device=torch.dev
 """
 
 
-KFOLD = """
-import json, sys, time, numpy as np
-from pipeline.training.kfold import kfold_pred_probs
-from pipeline.core.config import load_params
+# The K-fold over n labeled images of `ingest` with `params`, timed (`seconds`), its outputs in
+# out.npz; shared with bench/ray_cluster.py.
+KFOLD_CALL = """
 from pipeline.core.io import read_array, read_json, read_table
-ingest, nproc, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-params = load_params("params.yaml", {"clean.nproc": nproc, "clean.min_steps": 150})
+from pipeline.training.kfold import kfold_pred_probs
 classes = read_json(ingest + "/classes.json")
 manifest = read_table(ingest + "/manifest.csv")
 rows = manifest[manifest["split"] == "train"].sample(n, random_state=0)  # every class
@@ -99,8 +97,19 @@ start = time.perf_counter()
 probs, embeddings, _ = kfold_pred_probs(images, labels, len(classes), params, classes)
 seconds = time.perf_counter() - start
 np.savez(out + ".npz", probs=probs, embeddings=embeddings)
-json.dump({"call_seconds": seconds}, open(out + ".json", "w"))
 """
+
+KFOLD = (
+    """
+import json, sys, time, numpy as np
+from pipeline.core.config import load_params
+ingest, nproc, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+params = load_params("params.yaml", {"clean.nproc": nproc, "clean.min_steps": 150})
+"""
+    + KFOLD_CALL
+    + """json.dump({"call_seconds": seconds}, open(out + ".json", "w"))
+"""
+)
 
 PREDICT = """
 import json, sys, time, numpy as np
