@@ -241,7 +241,10 @@ def test_training_on_ray_writes_what_torchrun_writes_even_after_a_worker_is_kill
     kept = sorted(p.name for p in (rounds / "torchrun" / "model").glob("*.pt"))
     assert kept and kept == sorted(p.name for p in (rounds / "ray" / "model").glob("*.pt"))
     for name in kept:
-        a, b = (torch.load(rounds / r / "model" / name)["state_dict"] for r in ("torchrun", "ray"))
+        a, b = (
+            torch.load(rounds / r / "model" / name, weights_only=True)["state_dict"]
+            for r in ("torchrun", "ray")
+        )
         assert all(torch.equal(a[key], b[key]) for key in a), name
     first, second = (
         json.loads((reports / r / "train" / "diagnostics.json").read_text())
