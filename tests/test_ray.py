@@ -184,8 +184,9 @@ def test_the_local_engine_never_imports_ray(round0):
 
 
 def test_the_kfold_as_ray_tasks_writes_what_the_local_kfold_writes(project):
-    """3 folds at two budgets, at most 2 folds at a time, each a task on one CPU (one thread,
-    as the local run has): every output of the clean stage byte for byte."""
+    """3 folds at two budgets on 2 workers, each fold a task on one CPU (one thread, as the
+    local run has): every output of the clean stage byte for byte, and no stack trace from
+    cleanlab's forked pool."""
     data = project / "data"
     truth = write_digits(data, {0: "zero", 1: "one", 2: "two"}, 30, flip=0.1, test_per_class=5)
     write_truth(data, truth)
