@@ -64,10 +64,12 @@ from pipeline.stages import augment, clean, evaluate, ingest, pseudolabel, train
 from pipeline.tools import demo  # noqa: E402
 
 # What init writes for photos: real ImageNet EfficientNet-Lite0 weights (bench/lite0_weights.py
-# converts them from a pip package; the file is made once, in the temp folder), frozen, 224 px.
+# converts them from a pip package; the file is made once, in the temp folder), frozen, 224 px,
+# HSV shifts for colour (the from-scratch CNN trained beside it, train.model.fallback, uses them).
 PRETRAINED = {
     "base.channels": 3,
     "base.image_size": 224,
+    "augment.hsv.p": 0.5,
     "train.model.backbone": "tf_efficientnet_lite0",
     "train.model.weights": "LITE0",
     "train.model.frozen": True,

@@ -145,7 +145,14 @@ def test_frozen_backbone_trains_the_head_only_and_cleans_on_embeddings(project, 
         project,
         {
             "base": {"image_size": 32, "channels": 3},
-            "train": {"model": {"backbone": TINY, "weights": str(tiny_weights), "frozen": True}},
+            "train": {
+                "model": {
+                    "backbone": TINY,
+                    "weights": str(tiny_weights),
+                    "frozen": True,
+                    "fallback": "none",  # the CNN beside it: the next test
+                }
+            },
         },
     )
     write_photos(project / "data" / "labeled", 24, seed=0)
@@ -187,6 +194,72 @@ def test_frozen_backbone_trains_the_head_only_and_cleans_on_embeddings(project, 
     assert np.abs(onnx_probs - torch_probs).max() < 1e-4
 
 
+def test_a_backbone_that_loses_on_validation_gives_way_to_the_cnn(project, tmp_path, tiny_weights):
+    """Weights that carry no information (all zero: every image gets the same features) against
+    the from-scratch CNN trained beside them on the same rows: validation keeps the CNN, says
+    why, and every later step (prediction, export) uses it at the backbone's packed size."""
+    from pipeline.core.io import read_array
+    from pipeline.stages import ingest
+    from pipeline.training.ensemble import load_ensemble
+
+    useless = tmp_path / "zeros.pt"
+    torch.save({k: torch.zeros_like(v) for k, v in torch.load(tiny_weights).items()}, useless)
+    model = {"backbone": TINY, "weights": str(useless), "frozen": True}  # fallback: the default
+    write_params(project, {"base": {"image_size": 64, "channels": 3}, "train": {"model": model}})
+    write_photos(project / "data" / "labeled", 24, seed=0)
+    write_photos(project / "data" / "test", 6, seed=1)
+    params = load_params(project / "params.yaml")
+    ingest_dir = project / "artifacts" / "ingest"
+    ingest.run(project / "data", ingest_dir, params)
+
+    model_dir = augment_and_train(project, ingest_dir, train_table(ingest_dir), params)
+    summary = json.loads((project / "train" / "diagnostics.json").read_text())["summary"]
+    assert summary["kept_model"] == "resnet"
+    assert summary["val_acc_backbone"] == pytest.approx(0.25, abs=0.1)  # one class for all
+    assert summary["val_acc_cnn"] > summary["val_acc_backbone"] + 0.2
+    assert summary["ensemble_val_acc"] == summary["val_acc_cnn"]
+    warning = json.loads((project / "train" / "warnings.json").read_text())[0]
+    assert warning.startswith("kept the from-scratch CNN") and TINY in warning
+    info = json.loads((model_dir / "ensemble.json").read_text())
+    assert (
+        info["model"]["backbone"] == "resnet" and info["config"]["train"]["model"] == info["model"]
+    )
+    assert (info["image_size"], info["input_px"]) == (64, 32)
+
+    ensemble = load_ensemble(model_dir)
+    images = np.asarray(read_array(ingest_dir / "images")[:8])  # 64 px, as packed
+    probs = ensemble.predict(images)
+    assert probs.shape == (8, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    cnn = ensemble.models[0].eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    halved = x.reshape(2, 3, 32, 2, 32, 2).mean((3, 5))  # each 2x2 block averaged
+    with torch.no_grad():
+        assert torch.allclose(cnn.embed(x), cnn.embed(halved), atol=1e-5)  # sees 32 px
+
+    from pipeline.tools import export_model
+
+    export_model.run(model_dir, project / "onnx", params, "r000")
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(project / "onnx" / "model.onnx"))
+    onnx_probs = session.run(None, {"images": np.ascontiguousarray(images)})[0]
+    assert np.abs(onnx_probs - probs).max() < 1e-4
+
+
+def test_validation_decides_between_backbone_and_cnn_and_a_tie_keeps_the_backbone():
+    from pipeline.stages.train import choose
+
+    labels = np.array([0, 1, 1, 0])
+    right, one_wrong = np.eye(2)[labels], np.eye(2)[[0, 1, 1, 1]]
+    assert choose("b", labels, one_wrong, right)["kept_model"] == "resnet"
+    kept = choose("b", labels, right, one_wrong)
+    assert kept["kept_model"] == "b" and (kept["val_acc_backbone"], kept["val_acc_cnn"]) == (
+        1.0,
+        0.75,
+    )
+    assert choose("b", labels, right, right)["kept_model"] == "b"
+    assert "from-scratch CNN beside it 0.750" in kept["why"]
+
+
 def test_fine_tuning_moves_the_body_at_its_own_learning_rate(tiny_weights, ingested, project):
     from pipeline.training.loop import make_optimizer
 
@@ -199,7 +272,8 @@ def test_fine_tuning_moves_the_body_at_its_own_learning_rate(tiny_weights, inges
     assert {scales[id(p)] for p in model.body.parameters()} == {0.1}
     assert {scales[id(p)] for p in model.head.parameters()} == {1.0}
 
-    write_params(project, {"train": {"model": {"backbone": TINY, "weights": str(tiny_weights)}}})
+    model = {"backbone": TINY, "weights": str(tiny_weights), "fallback": "none"}
+    write_params(project, {"train": {"model": model}})
     params = load_params(project / "params.yaml")
     model_dir = augment_and_train(project, ingested, train_table(ingested), params)
     info = json.loads((model_dir / "ensemble.json").read_text())
@@ -265,7 +339,11 @@ def test_init_with_weights_from_a_file_then_dvc_repro_trains_the_backbone(tmp_pa
     ran = stages_ran(dvc(root, "repro").stdout)
     assert {"ingest", "clean", "train", "evaluate", "pseudolabel@r001", "summarize"} <= ran
     info = json.loads((root / "artifacts/rounds/r001/model/ensemble.json").read_text())
-    assert info["model"]["backbone"] == TINY and info["image_size"] == 32
+    trained = json.loads((root / "artifacts/reports/r001/train/diagnostics.json").read_text())
+    kept = trained["summary"]["kept_model"]  # validation chose between the two it trained
+    assert kept in (TINY, "resnet") and info["model"]["backbone"] == kept
+    assert {"val_acc_backbone", "val_acc_cnn"} <= set(trained["summary"])
+    assert info["image_size"] == 32
     summary = json.loads((root / "artifacts/summary/metrics.json").read_text())
     assert summary["last_round"] == "r001" and summary["test_accuracy"] > 0.4  # 4 classes
 

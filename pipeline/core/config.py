@@ -197,6 +197,9 @@ class ModelConfig:
     # whole network with the body at body_lr * the learning rate (false)
     frozen: bool = False
     body_lr: float = num(0.1, 0.0, 1.0)
+    # timm backbones: each round also trains the CNN below (resnet) on the same rows, its input
+    # averaged down to 32 px, and keeps whichever scores higher on validation | none: not
+    fallback: str = choice("resnet", "none")
     width: int = num(16, 4, 512)  # channels of the first stage; doubled at every next stage
     blocks: tuple[int, ...] = num((1, 1, 1), 0, 16)  # residual blocks per stage
     kernel_size: int = num(3, 1, 7)

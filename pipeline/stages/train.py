@@ -20,6 +20,7 @@ DistributedDataParallel; with cluster.engine: ray, so do cluster.workers Ray Tra
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,11 +44,11 @@ from pipeline.training.calibration import (
     nll,
 )
 from pipeline.training.ensemble import load_ensemble
-from pipeline.training.feed import Samples, current_shard, distributed, training_augmentation
+from pipeline.training.feed import Samples, distributed, training_augmentation
 from pipeline.training.frozen import fit_head
 from pipeline.training.gpu_augment import BatchAugment
 from pipeline.training.loop import FitResult, fit, passes_per_epoch
-from pipeline.training.model import build_model
+from pipeline.training.model import FALLBACK_PX, build_model, fallback_cnn
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,7 @@ def run(
         device,
         transforms_dir=augment_dir / "transforms",
     )
-    torch.manual_seed(base.seed)
-    model = build_model(cfg.model, base.channels, len(classes), pretrained=True)
     config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
-    fingerprint = fingerprint_of(config, train.images, train.labels, val.labels)
     log.info(
         "train: %d human + %d offline + %d pseudo images, %d validation, device %s, %s augmentation",
         counts["human"],
@@ -161,15 +159,17 @@ def run(
         device,
         "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
     )
-    if cfg.model.frozen:  # a linear head on the pretrained body's features, one process
-        if params.cluster.engine == "ray":
-            log.info("train: a frozen backbone's head trains in this process, not on Ray")
-        result = fit_head(
-            model, train, val, cfg, seed=base.seed, device=device, state_dir=state_dir
-        )
-        shard = current_shard()
-    else:
-        with distributed(device) as shard:
+    cnn = fallback_cnn(cfg.model)
+    with distributed(device) as shard:
+        torch.manual_seed(base.seed)
+        model = build_model(cfg.model, base.channels, len(classes), pretrained=True)
+        if cfg.model.frozen:  # a linear head on the pretrained body's features
+            if shard.world > 1:
+                log.info("train: each of the %d processes trains the whole head", shard.world)
+            result = fit_head(
+                model, train, val, cfg, seed=base.seed, device=device, state_dir=state_dir
+            )
+        else:
             result = fit(
                 model,
                 train,
@@ -179,29 +179,57 @@ def run(
                 device=device,
                 augmentation=augmentation,
                 state_dir=state_dir,
-                fingerprint=fingerprint,
+                fingerprint=fingerprint_of(config, train.images, train.labels, val.labels),
+            )
+        if cnn is not None:  # the from-scratch CNN beside the backbone, on the same rows
+            cnn_cfg = dataclasses.replace(cfg, model=cnn)
+            torch.manual_seed(base.seed)
+            cnn_result = fit(
+                build_model(cnn, base.channels, len(classes), input_px=FALLBACK_PX),
+                train,
+                val,
+                cnn_cfg,
+                seed=base.seed,
+                device=device,
+                augmentation=augmentation,
+                state_dir=state_dir / "cnn",
+                fingerprint=fingerprint_of(
+                    config, to_dict(cnn), train.images, train.labels, val.labels
+                ),
+                desc="train (CNN beside the backbone)",
             )
     if shard.rank > 0:
         return {}  # the first process writes every output
     if not result.kept:
         raise PipelineError("training kept no checkpoint: the validation split is empty")
 
-    # The ensemble's own validation score, next to the best single checkpoint's.
+    common = {"classes": classes, "channels": base.channels, "image_size": base.image_size}
+    source = state_dir  # where the kept model's checkpoints are
+    info = assemble(source, result, {**common, "model": to_dict(cfg.model), "config": config})
+    raw = load_ensemble(source).predict(val.images, device, calibrated=False)
+    choice: dict = {}
+    if cnn is not None:
+        cnn_config = {**config, "train": to_dict(cnn_cfg)}
+        cnn_info = {**common, "model": to_dict(cnn), "input_px": FALLBACK_PX}
+        cnn_info = assemble(state_dir / "cnn", cnn_result, {**cnn_info, "config": cnn_config})
+        cnn_raw = load_ensemble(state_dir / "cnn").predict(val.images, device, calibrated=False)
+        choice = choose(cfg.model.backbone, val.labels, raw, cnn_raw)
+        if choice["kept_model"] == "resnet":
+            source, result, info, raw, config = (
+                state_dir / "cnn",
+                cnn_result,
+                cnn_info,
+                cnn_raw,
+                cnn_config,
+            )
+            result.warnings.insert(0, choice["why"])
+        else:
+            log.info("train: %s", choice["why"])
+
     with atomic_dir(model_dir) as tmp:
         for entry in result.kept:
-            shutil.copy2(state_dir / entry["file"], tmp / entry["file"])
-        info = {
-            "members": result.kept,
-            "classes": classes,
-            "model": to_dict(cfg.model),
-            "channels": base.channels,
-            "image_size": base.image_size,
-            "config": config,
-        }
-        write_json(tmp / "ensemble.json", info)
+            shutil.copy2(source / entry["file"], tmp / entry["file"])
         # Calibrate: one temperature for the averaged probabilities, fitted on validation.
-        ensemble = load_ensemble(tmp)
-        raw = ensemble.predict(val.images, device, calibrated=False)
         info["temperature"] = fit_temperature(val.labels, raw)
         write_json(tmp / "ensemble.json", info)
     calibrated = apply_temperature(raw, info["temperature"])
@@ -216,12 +244,43 @@ def run(
         "val_ece_after": expected_calibration_error(val.labels, calibrated)[0],
         "train_size": len(train),
         **{f"train_size_{k}": v for k, v in counts.items()},
+        **{k: v for k, v in choice.items() if k != "why"},
     }
     write_live(live_dir, result.history, summary)
     write_report(report_dir, result, config, summary, per_class)
     shutil.rmtree(state_dir, ignore_errors=True)
     log_outcome(summary, result.warnings, len(result.kept))
     return summary
+
+
+def assemble(folder: Path, result: FitResult, info: dict) -> dict:
+    """Write folder/ensemble.json for the checkpoints `result` kept there; returns it."""
+    info = {"members": result.kept, **info}
+    write_json(folder / "ensemble.json", info)
+    return info
+
+
+def choose(backbone: str, labels: np.ndarray, backbone_probs, cnn_probs) -> dict:
+    """The backbone's ensemble against the CNN's on validation: the CNN is kept only when its
+    accuracy is higher (a tie keeps the backbone, whose features cleaned the labels)."""
+    scores = {
+        "val_acc_backbone": float((backbone_probs.argmax(1) == labels).mean()),
+        "val_acc_cnn": float((cnn_probs.argmax(1) == labels).mean()),
+    }
+    a, b = scores["val_acc_backbone"], scores["val_acc_cnn"]
+    if b > a:
+        return {
+            "kept_model": "resnet",
+            **scores,
+            "why": f"kept the from-scratch CNN: {b:.3f} validation accuracy against {a:.3f} for "
+            f"{backbone} (train.model.fallback)",
+        }
+    return {
+        "kept_model": backbone,
+        **scores,
+        "why": f"kept {backbone}: {a:.3f} validation accuracy, the from-scratch CNN beside it "
+        f"{b:.3f}",
+    }
 
 
 def log_outcome(summary: dict, warnings: list[str], members: int) -> None:

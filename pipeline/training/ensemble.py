@@ -144,7 +144,9 @@ def load_ensemble(model_dir: Path) -> Ensemble:
     models = []
     for member in info["members"]:
         ckpt = load_checkpoint(model_dir / member["file"])
-        model = build_model(cfg, info["channels"], len(info["classes"]))
+        model = build_model(
+            cfg, info["channels"], len(info["classes"]), input_px=info.get("input_px", 0)
+        )
         model.load_state_dict(ckpt["state_dict"])
         if cfg.frozen and models and _same(models[0].body, model.body):
             model.body = models[0].body  # one forward pass of the body for every member

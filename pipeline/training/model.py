@@ -3,7 +3,10 @@ capacity comes from `train.model`."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.core.config import ModelConfig
@@ -45,11 +48,21 @@ class ResidualBlock(nn.Module):
         return self.act2(y + self.shortcut(x))
 
 
-class ResNet(nn.Module):
-    """stem -> stages of residual blocks (stage i: width * 2**i channels) -> pool -> linear."""
+# The side, in px, of the CNN trained beside a timm backbone (train.model.fallback): what
+# base.image_size auto gives the CNN for photos.
+FALLBACK_PX = 32
 
-    def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int):
+
+class ResNet(nn.Module):
+    """stem -> stages of residual blocks (stage i: width * 2**i channels) -> pool -> linear.
+
+    With `input_px`, larger inputs are first averaged down to input_px x input_px (the CNN
+    trained beside a timm backbone sees that backbone's packed images).
+    """
+
+    def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int, input_px: int = 0):
         super().__init__()
+        self.input_px = input_px
         pad = cfg.kernel_size // 2
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, cfg.width, cfg.kernel_size, 1, pad, bias=cfg.norm == "none"),
@@ -72,6 +85,8 @@ class ResNet(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, embedding_dim): used for duplicates and outliers."""
+        if self.input_px and x.shape[-1] > self.input_px:
+            x = F.interpolate(x, size=(self.input_px, self.input_px), mode="area")
         return self.pool(self.blocks(self.stem(x))).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,15 +94,28 @@ class ResNet(nn.Module):
 
 
 def build_model(
-    cfg: ModelConfig, in_channels: int, num_classes: int, *, pretrained: bool = False
+    cfg: ModelConfig,
+    in_channels: int,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    input_px: int = 0,
 ) -> nn.Module:
-    """train.model's network: the CNN above, or a timm backbone (pipeline/training/backbones.py)
-    with its starting weights when `pretrained` (a model about to load a checkpoint skips them).
+    """train.model's network: the CNN above (averaging its input down to `input_px` when set),
+    or a timm backbone (pipeline/training/backbones.py) with its starting weights when
+    `pretrained` (a model about to load a checkpoint skips them).
 
     Every model has embed(x) -> (N, embedding_dim), head (a Linear) and embedding_dim.
     """
     if cfg.backbone == "resnet":
-        return ResNet(cfg, in_channels, num_classes)
+        return ResNet(cfg, in_channels, num_classes, input_px)
     from pipeline.training.backbones import TimmNet
 
     return TimmNet(cfg, in_channels, num_classes, load=pretrained)
+
+
+def fallback_cnn(cfg: ModelConfig) -> ModelConfig | None:
+    """The CNN trained beside cfg's timm backbone (train.model.fallback), or None."""
+    if cfg.backbone == "resnet" or cfg.fallback == "none":
+        return None
+    return dataclasses.replace(cfg, backbone="resnet", weights="none", frozen=False)
