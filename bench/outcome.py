@@ -142,6 +142,7 @@ def prepare(regime: str, work: Path, params) -> dict:
 
 def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo) -> dict:
     ing = work / "ingest"
+    started = time.perf_counter()
     summary = train.run(
         table_path=table,
         val_path=val,
@@ -155,6 +156,7 @@ def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo
         state_dir=work / name / ".state",
         params=params,
     )
+    train_seconds = time.perf_counter() - started
     metrics = evaluate.run(
         work / name / "model",
         ing,
@@ -170,6 +172,11 @@ def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo
         "ece_before": metrics["ece_uncalibrated"],
         "ece_after": metrics["ece"],
         "epochs": summary["epochs_run"],
+        "train_seconds": train_seconds,
+        # train.model.fallback: the network validation kept, and both candidates' scores
+        **{
+            k: summary[k] for k in ("kept_model", "val_acc_backbone", "val_acc_cnn") if k in summary
+        },
     }
 
 

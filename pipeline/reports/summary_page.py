@@ -60,6 +60,7 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
         rows.append(
             [
                 report.esc(r.round),
+                report.esc("CNN" if r.model == "resnet" else r.model),
                 _n(r.train_human),
                 _n(r.train_pseudo),
                 f"{r.val_accuracy:.3f}",
@@ -91,6 +92,7 @@ def render(table, diffs, reports, clean_dir, ingest_dir, out_dir, folder, advice
         + report.table(
             [
                 "round",
+                "model",
                 "human",
                 "pseudo",
                 "val acc",

@@ -35,6 +35,11 @@ def collect_rounds(reports: Path) -> pd.DataFrame:
             if (folder / "train" / "diagnostics.json").is_file()
             else {}
         )
+        config = (
+            read_json(folder / "train" / "config.json")
+            if (folder / "train" / "config.json").is_file()
+            else {}
+        )
         pseudo = (
             read_json(folder / "pseudolabel" / "metrics.json")
             if (folder / "pseudolabel" / "metrics.json").is_file()
@@ -43,6 +48,9 @@ def collect_rounds(reports: Path) -> pd.DataFrame:
         rows.append(
             {
                 "round": folder.name,
+                # the network the round kept: train.model.backbone, or resnet when validation
+                # preferred the CNN trained beside it (train.model.fallback)
+                "model": config.get("train", {}).get("model", {}).get("backbone", ""),
                 "train_human": train.get("train_size_human", np.nan),
                 "train_pseudo": train.get("train_size_pseudo", np.nan),
                 "val_accuracy": train.get("ensemble_val_acc", np.nan),
