@@ -108,7 +108,6 @@ def train(
     from pipeline.core.io import read_json
     from pipeline.core.processes import launch
     from pipeline.stages import train as stage
-    from pipeline.training.model import fallback_cnn
 
     loaded = load_params(params)
     stage_args = dict(
@@ -124,8 +123,7 @@ def train(
         state_dir=model.parent / f".{model.name}.state",
         params=loaded,
     )
-    net = loaded.train.model  # a frozen head alone trains here; a CNN beside it, on Ray
-    if loaded.cluster.engine == "ray" and (not net.frozen or fallback_cnn(net)):
+    if loaded.cluster.engine == "ray" and not loaded.train.model.frozen:
         stage.run_on_ray(stage_args)
         return read_json(report / "diagnostics.json")["summary"]
     if loaded.train.nproc > 1 and "LOCAL_RANK" not in os.environ:  # not yet under torchrun

@@ -164,8 +164,8 @@ def run(
         torch.manual_seed(base.seed)
         model = build_model(cfg.model, base.channels, len(classes), pretrained=True)
         if cfg.model.frozen:  # a linear head on the pretrained body's features
-            if shard.world > 1:
-                log.info("train: each of the %d processes trains the whole head", shard.world)
+            if params.cluster.engine == "ray":
+                log.info("train: a frozen backbone's round trains in this process, not on Ray")
             result = fit_head(
                 model, train, val, cfg, seed=base.seed, device=device, state_dir=state_dir
             )
