@@ -65,7 +65,7 @@ from pipeline.tools import demo  # noqa: E402
 
 # What init writes for photos: real ImageNet EfficientNet-Lite0 weights (bench/lite0_weights.py
 # converts them from a pip package; the file is made once, in the temp folder), frozen, 224 px,
-# HSV shifts for colour (the from-scratch CNN trained beside it, train.model.fallback, uses them).
+# HSV shifts for colour (the from-scratch CNN trained beside it, train.fallback, uses them).
 PRETRAINED = {
     "base.channels": 3,
     "base.image_size": 224,
@@ -173,7 +173,7 @@ def train_and_test(work: Path, name: str, table: Path, val: Path, params, pseudo
         "ece_after": metrics["ece"],
         "epochs": summary["epochs_run"],
         "train_seconds": train_seconds,
-        # train.model.fallback: the network validation kept, and both candidates' scores
+        # train.fallback: the network validation kept, and both candidates' scores
         **{
             k: summary[k] for k in ("kept_model", "val_acc_backbone", "val_acc_cnn") if k in summary
         },

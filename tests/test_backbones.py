@@ -29,6 +29,7 @@ from .conftest import (
     sh,
     stages_ran,
     train_table,
+    val_table,
     write_params,
     write_photos,
 )
@@ -150,8 +151,8 @@ def test_frozen_backbone_trains_the_head_only_and_cleans_on_embeddings(project, 
                     "backbone": TINY,
                     "weights": str(tiny_weights),
                     "frozen": True,
-                    "fallback": "none",  # the CNN beside it: the next test
-                }
+                },
+                "fallback": "none",  # the CNN beside it: the next test
             },
         },
     )
@@ -198,13 +199,14 @@ def test_a_backbone_that_loses_on_validation_gives_way_to_the_cnn(project, tmp_p
     """Weights that carry no information (all zero: every image gets the same features) against
     the from-scratch CNN trained beside them on the same rows: validation keeps the CNN, says
     why, and every later step (prediction, export) uses it at the backbone's packed size."""
-    from pipeline.core.io import read_array
+    from pipeline.core.io import read_array, read_table
     from pipeline.stages import ingest
+    from pipeline.training.calibration import fit_temperature
     from pipeline.training.ensemble import load_ensemble
 
     useless = tmp_path / "zeros.pt"
     torch.save({k: torch.zeros_like(v) for k, v in torch.load(tiny_weights).items()}, useless)
-    model = {"backbone": TINY, "weights": str(useless), "frozen": True}  # fallback: the default
+    model = {"backbone": TINY, "weights": str(useless), "frozen": True}  # train.fallback: resnet
     write_params(project, {"base": {"image_size": 64, "channels": 3}, "train": {"model": model}})
     write_photos(project / "data" / "labeled", 24, seed=0)
     write_photos(project / "data" / "test", 6, seed=1)
@@ -212,7 +214,8 @@ def test_a_backbone_that_loses_on_validation_gives_way_to_the_cnn(project, tmp_p
     ingest_dir = project / "artifacts" / "ingest"
     ingest.run(project / "data", ingest_dir, params)
 
-    model_dir = augment_and_train(project, ingest_dir, train_table(ingest_dir), params)
+    table = train_table(ingest_dir)
+    model_dir = augment_and_train(project, ingest_dir, table, params)
     summary = json.loads((project / "train" / "diagnostics.json").read_text())["summary"]
     assert summary["kept_model"] == "resnet"
     assert summary["val_acc_backbone"] == pytest.approx(0.25, abs=0.1)  # one class for all
@@ -227,6 +230,12 @@ def test_a_backbone_that_loses_on_validation_gives_way_to_the_cnn(project, tmp_p
     assert (info["image_size"], info["input_px"]) == (64, 32)
 
     ensemble = load_ensemble(model_dir)
+    val = read_table(val_table(table))  # every row scored
+    val_images = np.asarray(read_array(ingest_dir / "images")[val["row"].astype(int).to_numpy()])
+    raw = ensemble.predict(val_images, calibrated=False)
+    classes = json.loads((ingest_dir / "classes.json").read_text())
+    labels = val["label"].map(classes.index).to_numpy()
+    assert info["temperature"] == pytest.approx(fit_temperature(labels, raw))  # the CNN's own
     images = np.asarray(read_array(ingest_dir / "images")[:8])  # 64 px, as packed
     probs = ensemble.predict(images)
     assert probs.shape == (8, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
@@ -272,8 +281,8 @@ def test_fine_tuning_moves_the_body_at_its_own_learning_rate(tiny_weights, inges
     assert {scales[id(p)] for p in model.body.parameters()} == {0.1}
     assert {scales[id(p)] for p in model.head.parameters()} == {1.0}
 
-    model = {"backbone": TINY, "weights": str(tiny_weights), "fallback": "none"}
-    write_params(project, {"train": {"model": model}})
+    model = {"backbone": TINY, "weights": str(tiny_weights)}
+    write_params(project, {"train": {"model": model, "fallback": "none"}})
     params = load_params(project / "params.yaml")
     model_dir = augment_and_train(project, ingested, train_table(ingested), params)
     info = json.loads((model_dir / "ensemble.json").read_text())
@@ -313,6 +322,8 @@ def test_init_proposes_a_backbone_only_with_weights_at_hand(tmp_path, tiny_weigh
     params = load_params(project / "params.yaml")
     assert (params.train.model.backbone, params.train.model.weights) == (TINY, str(tiny_weights))
     assert params.train.model.frozen and params.base.image_size == 160  # its pretrained size
+    assert params.train.fallback == "resnet"
+    assert "small CNN" in summary["params"]["why"]["train.fallback"]
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"x")
     with pytest.raises(PipelineError, match="is not a state dict file"):

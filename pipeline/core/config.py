@@ -197,9 +197,6 @@ class ModelConfig:
     # whole network with the body at body_lr * the learning rate (false)
     frozen: bool = False
     body_lr: float = num(0.1, 0.0, 1.0)
-    # timm backbones: each round also trains the CNN below (resnet) on the same rows, its input
-    # averaged down to 32 px, and keeps whichever scores higher on validation | none: not
-    fallback: str = choice("resnet", "none")
     width: int = num(16, 4, 512)  # channels of the first stage; doubled at every next stage
     blocks: tuple[int, ...] = num((1, 1, 1), 0, 16)  # residual blocks per stage
     kernel_size: int = num(3, 1, 7)
@@ -259,12 +256,17 @@ class TrainConfig:
     num_workers: int = num(0, 0, 64)  # DataLoader workers (CPU: 0 is fastest on small images)
     compile: bool = False  # torch.compile the model for training
     nproc: int = num(1, 1, 64)  # processes under torchrun (one per GPU; gloo on CPU)
+    # timm backbones: each round also trains the CNN train.model shapes (resnet) on the same
+    # rows, its input averaged down to 32 px, and keeps whichever scores higher on validation
+    # | none: the backbone alone. Not under train.model, which the clean stage reads.
+    fallback: str = choice("resnet", "none")
 
     def __post_init__(self) -> None:
         if self.model.frozen and self.nproc > 1:
             raise PipelineError(
-                "train.nproc: a frozen backbone trains its linear head in one process "
-                "(seconds); set train.nproc: 1, or train.model.frozen: false to fine-tune"
+                "train.nproc: a frozen backbone's round trains in one process (its linear "
+                "head, and the CNN beside it); set train.nproc: 1, or train.model.frozen: false "
+                "to fine-tune"
             )
 
 

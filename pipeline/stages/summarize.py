@@ -49,7 +49,7 @@ def collect_rounds(reports: Path) -> pd.DataFrame:
             {
                 "round": folder.name,
                 # the network the round kept: train.model.backbone, or resnet when validation
-                # preferred the CNN trained beside it (train.model.fallback)
+                # preferred the CNN trained beside it (train.fallback)
                 "model": config.get("train", {}).get("model", {}).get("backbone", ""),
                 "train_human": train.get("train_size_human", np.nan),
                 "train_pseudo": train.get("train_size_pseudo", np.nan),
@@ -101,11 +101,17 @@ def run(reports: Path, clean_dir: Path, ingest_dir: Path, out_dir: Path) -> dict
     }
     advice = ""
     if best["round"] != last["round"]:
+        why = (
+            f"the two rounds kept different networks ({best['model']} and {last['model']}, "
+            f"train.fallback)"
+            if best["model"] != last["model"]
+            else "the pseudo-labels added since did not help on validation"
+        )
         advice = (
             f"round {best['round']} scores higher on validation ({best['val_accuracy']:.3f}) "
-            f"than the last round {last['round']} ({last['val_accuracy']:.3f}): the pseudo-labels "
-            f"added since did not help on validation. Use artifacts/rounds/{best['round']}/model, "
-            f"or look at the pseudo-labels (`python -m pipeline review`)"
+            f"than the last round {last['round']} ({last['val_accuracy']:.3f}): {why}. Use "
+            f"artifacts/rounds/{best['round']}/model, or look at the pseudo-labels "
+            f"(`python -m pipeline review`)"
         )
         log.warning("summarize: WARNING %s", advice)
     with atomic_dir(out_dir) as tmp:

@@ -11,11 +11,19 @@ Params  base, train
 
 With a frozen pretrained backbone (train.model.frozen) only the linear head trains, on features
 the body computes once (pipeline/training/frozen.py: no augmentation, one process). Otherwise
-the loop is pipeline/training/loop.py (`fit`: `train.epochs` epochs of at least `train.min_steps` optimizer
-steps in all, early stopping, the top-k checkpoints, resume); the ensemble, pipeline/training/ensemble.py. Batches come from pipeline/training/feed.py (either augmentation
-backend); with train.nproc > 1 the command runs under torchrun and `fit` wraps the model in
-DistributedDataParallel; with cluster.engine: ray, so do cluster.workers Ray Train workers
-(`run_on_ray`).
+the loop is pipeline/training/loop.py (`fit`: `train.epochs` epochs of at least
+`train.min_steps` optimizer steps in all, early stopping, the top-k checkpoints, resume); the
+ensemble, pipeline/training/ensemble.py. Batches come from pipeline/training/feed.py (either
+augmentation backend); with train.nproc > 1 the command runs under torchrun and `fit` wraps the
+model in DistributedDataParallel; with cluster.engine: ray, so do cluster.workers Ray Train
+workers (`run_on_ray`).
+
+With a timm backbone and train.fallback: resnet, the from-scratch CNN also trains on the
+same rows (checkpoints in <state>/cnn; its input averaged down to FALLBACK_PX inside the
+network) and `choose` keeps whichever ensemble scores higher on validation. ensemble.json,
+config.json and the reports describe the kept one (ensemble.json's input_px: the CNN's);
+diagnostics.json's summary holds kept_model, val_acc_backbone and val_acc_cnn; keeping the CNN
+is a warning.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ from pipeline.training.feed import Samples, distributed, training_augmentation
 from pipeline.training.frozen import fit_head
 from pipeline.training.gpu_augment import BatchAugment
 from pipeline.training.loop import FitResult, fit, passes_per_epoch
-from pipeline.training.model import FALLBACK_PX, build_model, fallback_cnn
+from pipeline.training.model import FALLBACK_PX, build_model, downsample, fallback_cnn
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +150,9 @@ def run(
     counts = {k: int(v) for k, v in per_class.sum().items()} | {"val": len(val)}
     device = pick_device()
     saved = read_json(augment_dir / "params.json")["augment"]  # the policy the augment stage saved
+    policy = parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment")
     augmentation = training_augmentation(
-        parse(AugmentConfig, saved, f"{augment_dir / 'params.json'}: augment"),
-        base,
-        classes,
-        device,
-        transforms_dir=augment_dir / "transforms",
+        policy, base, classes, device, transforms_dir=augment_dir / "transforms"
     )
     config = {"base": to_dict(base), "train": to_dict(cfg), "classes": classes, "counts": counts}
     log.info(
@@ -159,7 +164,7 @@ def run(
         device,
         "gpu" if isinstance(augmentation, BatchAugment) else "albumentations",
     )
-    cnn = fallback_cnn(cfg.model)
+    cnn = fallback_cnn(cfg)
     with distributed(device) as shard:
         torch.manual_seed(base.seed)
         model = build_model(cfg.model, base.channels, len(classes), pretrained=True)
@@ -181,17 +186,21 @@ def run(
                 state_dir=state_dir,
                 fingerprint=fingerprint_of(config, train.images, train.labels, val.labels),
             )
+        del model  # its checkpoints are on disk; the device's memory goes to the CNN
         if cnn is not None:  # the from-scratch CNN beside the backbone, on the same rows
+            # It trains and augments at its own size, as it would alone; prediction averages
+            # the packed images down inside the network.
             cnn_cfg = dataclasses.replace(cfg, model=cnn)
+            small = dataclasses.replace(base, image_size=FALLBACK_PX)
             torch.manual_seed(base.seed)
             cnn_result = fit(
                 build_model(cnn, base.channels, len(classes), input_px=FALLBACK_PX),
-                train,
-                val,
+                Samples(downsample(train.images, FALLBACK_PX), train.labels),
+                Samples(downsample(val.images, FALLBACK_PX), val.labels),
                 cnn_cfg,
                 seed=base.seed,
                 device=device,
-                augmentation=augmentation,
+                augmentation=training_augmentation(policy, small, classes, device),
                 state_dir=state_dir / "cnn",
                 fingerprint=fingerprint_of(
                     config, to_dict(cnn), train.images, train.labels, val.labels
@@ -209,7 +218,7 @@ def run(
     raw = load_ensemble(source).predict(val.images, device, calibrated=False)
     choice: dict = {}
     if cnn is not None:
-        cnn_config = {**config, "train": to_dict(cnn_cfg)}
+        cnn_config = {**config, "train": to_dict(cnn_cfg), "input_px": FALLBACK_PX}
         cnn_info = {**common, "model": to_dict(cnn), "input_px": FALLBACK_PX}
         cnn_info = assemble(state_dir / "cnn", cnn_result, {**cnn_info, "config": cnn_config})
         cnn_raw = load_ensemble(state_dir / "cnn").predict(val.images, device, calibrated=False)
@@ -223,8 +232,6 @@ def run(
                 cnn_config,
             )
             result.warnings.insert(0, choice["why"])
-        else:
-            log.info("train: %s", choice["why"])
 
     with atomic_dir(model_dir) as tmp:
         for entry in result.kept:
@@ -260,9 +267,13 @@ def assemble(folder: Path, result: FitResult, info: dict) -> dict:
     return info
 
 
-def choose(backbone: str, labels: np.ndarray, backbone_probs, cnn_probs) -> dict:
-    """The backbone's ensemble against the CNN's on validation: the CNN is kept only when its
-    accuracy is higher (a tie keeps the backbone, whose features cleaned the labels)."""
+def choose(
+    backbone: str, labels: np.ndarray, backbone_probs: np.ndarray, cnn_probs: np.ndarray
+) -> dict:
+    """The backbone's ensemble against the CNN's on the validation rows (labels (N,), each
+    ensemble's probabilities (N, K)): the CNN is kept only when its accuracy is higher (a tie
+    keeps the backbone, whose features cleaned the labels). Returns kept_model (the backbone's
+    name or resnet), val_acc_backbone, val_acc_cnn and why, a sentence."""
     scores = {
         "val_acc_backbone": float((backbone_probs.argmax(1) == labels).mean()),
         "val_acc_cnn": float((cnn_probs.argmax(1) == labels).mean()),
@@ -273,7 +284,7 @@ def choose(backbone: str, labels: np.ndarray, backbone_probs, cnn_probs) -> dict
             "kept_model": "resnet",
             **scores,
             "why": f"kept the from-scratch CNN: {b:.3f} validation accuracy against {a:.3f} for "
-            f"{backbone} (train.model.fallback)",
+            f"{backbone} (train.fallback)",
         }
     return {
         "kept_model": backbone,
@@ -286,6 +297,13 @@ def choose(backbone: str, labels: np.ndarray, backbone_probs, cnn_probs) -> dict
 def log_outcome(summary: dict, warnings: list[str], members: int) -> None:
     for warning in warnings:
         log.warning("warning: %s", warning)
+    if summary.get("kept_model", "resnet") != "resnet":  # keeping the CNN is a warning above
+        log.info(
+            "train: kept %s: %.3f validation accuracy, the from-scratch CNN beside it %.3f",
+            summary["kept_model"],
+            summary["val_acc_backbone"],
+            summary["val_acc_cnn"],
+        )
     log.info(
         "train: ensemble of %d checkpoints, validation accuracy %.3f, temperature %.2f "
         "(validation ECE %.3f -> %.3f)",

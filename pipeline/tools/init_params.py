@@ -69,6 +69,7 @@ def choose_backbone(
         "train.model.backbone": backbone,
         "train.model.weights": weights,
         "train.model.frozen": cfg.frozen,
+        "train.fallback": "resnet",
         "base.image_size": input_size(backbone),
         "why": {
             "train.model.backbone": why,
@@ -79,6 +80,8 @@ def choose_backbone(
             "image and stage, what a CPU affords; on a GPU set it to false to fine-tune"
             if cfg.frozen
             else "random weights: the whole network trains",
+            "train.fallback": "each round also trains the small CNN at 32 px and keeps it "
+            "where it scores higher on validation; none: the backbone alone",
             "base.image_size": f"the input size {backbone} was pretrained at",
         },
     }

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.core.config import ModelConfig
+from pipeline.core.config import ModelConfig, TrainConfig
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -48,7 +49,7 @@ class ResidualBlock(nn.Module):
         return self.act2(y + self.shortcut(x))
 
 
-# The side, in px, of the CNN trained beside a timm backbone (train.model.fallback): what
+# The side, in px, of the CNN trained beside a timm backbone (train.fallback): what
 # base.image_size auto gives the CNN for photos.
 FALLBACK_PX = 32
 
@@ -114,8 +115,21 @@ def build_model(
     return TimmNet(cfg, in_channels, num_classes, load=pretrained)
 
 
-def fallback_cnn(cfg: ModelConfig) -> ModelConfig | None:
-    """The CNN trained beside cfg's timm backbone (train.model.fallback), or None."""
-    if cfg.backbone == "resnet" or cfg.fallback == "none":
+def downsample(images: np.ndarray, px: int, *, batch: int = 256) -> np.ndarray:
+    """Images (N, H, W, C) uint8 averaged down to px x px, as ResNet.embed averages its input
+    (rounded back to uint8): the CNN beside a backbone trains and augments at its own size."""
+    if images.shape[1] <= px:
+        return np.ascontiguousarray(images)
+    out = np.empty((len(images), px, px, images.shape[3]), np.uint8)
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
+        x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(px, px), mode="area")
+        out[start : start + batch] = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def fallback_cnn(cfg: TrainConfig) -> ModelConfig | None:
+    """The CNN trained beside cfg.model's timm backbone (train.fallback), or None."""
+    if cfg.model.backbone == "resnet" or cfg.fallback == "none":
         return None
-    return dataclasses.replace(cfg, backbone="resnet", weights="none", frozen=False)
+    return dataclasses.replace(cfg.model, backbone="resnet", weights="none", frozen=False)
