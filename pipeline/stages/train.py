@@ -19,8 +19,9 @@ model in DistributedDataParallel; with cluster.engine: ray, so do cluster.worker
 workers (`run_on_ray`).
 
 With a timm backbone and train.fallback: resnet, the from-scratch CNN also trains on the
-same rows (checkpoints in <state>/cnn; its input averaged down to FALLBACK_PX inside the
-network) and `choose` keeps whichever ensemble scores higher on validation. ensemble.json,
+same rows, averaged down to FALLBACK_PX and augmented at that size (checkpoints in <state>/cnn;
+at prediction the network averages the packed images down itself), and `choose` keeps
+whichever ensemble scores higher on validation. ensemble.json,
 config.json and the reports describe the kept one (ensemble.json's input_px: the CNN's);
 diagnostics.json's summary holds kept_model, val_acc_backbone and val_acc_cnn; keeping the CNN
 is a warning.
