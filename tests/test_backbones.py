@@ -205,7 +205,10 @@ def test_a_backbone_that_loses_on_validation_gives_way_to_the_cnn(project, tmp_p
     from pipeline.training.ensemble import load_ensemble
 
     useless = tmp_path / "zeros.pt"
-    torch.save({k: torch.zeros_like(v) for k, v in torch.load(tiny_weights).items()}, useless)
+    torch.save(
+        {k: torch.zeros_like(v) for k, v in torch.load(tiny_weights, weights_only=True).items()},
+        useless,
+    )
     model = {"backbone": TINY, "weights": str(useless), "frozen": True}  # train.fallback: resnet
     write_params(project, {"base": {"image_size": 64, "channels": 3}, "train": {"model": model}})
     write_photos(project / "data" / "labeled", 24, seed=0)
