@@ -86,8 +86,8 @@ class ResNet(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, embedding_dim): used for duplicates and outliers."""
-        if self.input_px and x.shape[-1] > self.input_px:
-            x = F.interpolate(x, size=(self.input_px, self.input_px), mode="area")
+        if self.input_px:
+            x = average_down(x, self.input_px)
         return self.pool(self.blocks(self.stem(x))).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +115,14 @@ def build_model(
     return TimmNet(cfg, in_channels, num_classes, load=pretrained)
 
 
+def average_down(x: torch.Tensor, px: int) -> torch.Tensor:
+    """(N, C, H, W) larger than px averaged down to (N, C, px, px) (area averaging); smaller
+    inputs unchanged. The one rule for the CNN beside a backbone, in training and prediction."""
+    if x.shape[-1] <= px:
+        return x
+    return F.interpolate(x, size=(px, px), mode="area")
+
+
 def downsample(images: np.ndarray, px: int, *, batch: int = 256) -> np.ndarray:
     """Images (N, H, W, C) uint8 averaged down to px x px, as ResNet.embed averages its input
     (rounded back to uint8): the CNN beside a backbone trains and augments at its own size."""
@@ -123,7 +131,7 @@ def downsample(images: np.ndarray, px: int, *, batch: int = 256) -> np.ndarray:
     out = np.empty((len(images), px, px, images.shape[3]), np.uint8)
     for start in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch]))
-        x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(px, px), mode="area")
+        x = average_down(x.permute(0, 3, 1, 2).float(), px)
         out[start : start + batch] = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
     return out
 
